@@ -1,0 +1,1 @@
+"""mmrl_megatron: reinforcement learning for vision-language models on megatron-core."""

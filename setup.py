@@ -1,0 +1,38 @@
+"""Install: pip install -e ".[test]" (CPU) or pip install ".[all]" inside the Docker image (GPU)."""
+from setuptools import find_packages, setup
+
+SGLANG_VERSION = "0.5.23"
+
+setup(
+    name="mmrl_megatron",
+    version="0.1.0",
+    description="Reinforcement learning for vision-language models on megatron-core",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mmrl_megatron", "mmrl_megatron.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "pyarrow>=15",
+        "pillow>=10",
+        "pyyaml>=6",
+        "omegaconf>=2.3,<3",
+        "math-verify>=0.7",
+        "tqdm>=4.66",
+        "tenacity>=8",
+        "matplotlib>=3.8",
+        "wandb>=0.17",
+        "tensorboard>=2.15",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # Transformer Engine needs a CUDA build matched to torch; apex has no PyPI wheel (the PyPI
+        # "apex" is an unrelated package) and is built from NVIDIA/apex source in the Dockerfile.
+        "te": ["transformer-engine[pytorch]>=2.4"],
+        "sglang": [f"sglang[srt]=={SGLANG_VERSION}"],
+        "mpi": ["mpi4py>=3.1"],
+        "all": [f"sglang[srt]=={SGLANG_VERSION}", "transformer-engine[pytorch]>=2.4", "mpi4py>=3.1"],
+    },
+)
