@@ -1,0 +1,78 @@
+"""YAML + `key=value` overrides -> a validated `Config`, merged by OmegaConf against the schema."""
+import difflib
+import os
+from dataclasses import fields, is_dataclass
+from typing import Iterable, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .errors import ConfigError
+from .schema import Config
+
+
+def all_keys(schema=Config, prefix: str = "") -> List[str]:
+    """Every dotted key the schema accepts, e.g. 'rollout.sglang.urls'."""
+    keys = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            keys.extend(all_keys(type(default), key + "."))
+    return keys
+
+
+def closest_key(key: str) -> Optional[str]:
+    """The valid key most like `key`, judged on the full dotted name and on its last part."""
+    known = all_keys()
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in known}
+    match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+    return leaves[match[0]] if match else None
+
+
+def _explain(error: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(error, "full_key", None) or "?"
+    first_line = str(error).splitlines()[0]
+    if isinstance(error, ConfigKeyError):
+        suggestion = closest_key(key)
+        hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+        return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+    if isinstance(error, ValidationError):
+        return ConfigError(f"bad value for config key '{key}' in {source}: {first_line}")
+    return ConfigError(f"config error at '{key}' in {source}: {first_line}")
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
+    """Schema defaults, then the YAML file, then `key=value` overrides (later wins)."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as error:
+            raise _explain(error, path) from None
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. trainer.steps=5)")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise _explain(error, "command-line overrides") from None
+
+
+def save_resolved(config: Config, run_dir: str) -> str:
+    """Write the fully resolved config to run_dir/config.yaml, so a run can be reproduced from it."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    with open(path + ".tmp", "w") as handle:
+        handle.write(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    os.replace(path + ".tmp", path)
+    return path

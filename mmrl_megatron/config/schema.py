@@ -1,0 +1,182 @@
+"""The typed configuration: one dataclass per section, defaults that run the CPU demo.
+
+Every field is documented where it is declared; YAML files and `key=value` overrides can only set
+fields that exist here (see loader.py), so this file is the reference for what can be configured.
+"""
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = ""  # Hugging Face directory (config.json, safetensors, tokenizer, preprocessor)
+    mcore_checkpoint: Optional[str] = None  # megatron-core dist checkpoint to load instead of hf_path's weights
+    family: Literal["auto", "qwen2_5_vl", "kimi_vl"] = "auto"  # auto: read from config.json model_type
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    attention_backend: Literal["auto", "sdpa", "te"] = "auto"  # auto: TE when importable, else SDPA
+    freeze_vision_tower: bool = False
+    freeze_merger: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"
+    moe_router_bias_update_rate: float = 0.0  # 0 keeps the expert bias fixed during RL
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    expert: int = 1
+    expert_tensor: Optional[int] = None  # None: same as tensor
+    data: Optional[int] = None  # None: world size / (tensor * pipeline * context)
+    sequence_parallel: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    rotation_degrees: float = 0.0  # uniform in [-d, d]; 0 disables
+    crop_fraction: float = 0.0  # random crop keeping at least (1 - f) of each side; 0 disables
+
+
+@dataclass
+class DataConfig:
+    train_files: List[str] = field(default_factory=list)
+    val_files: List[str] = field(default_factory=list)
+    prompts_per_step: int = 8  # global, across data-parallel ranks
+    max_prompt_length: int = 1024  # tokens, image tokens included
+    overlong_prompt: Literal["filter", "truncate"] = "filter"
+    min_pixels: int = 3136
+    max_pixels: int = 401408
+    shuffle: bool = True
+    seed: int = 1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class SGLangConfig:
+    urls: List[str] = field(default_factory=list)  # servers the user started; empty: launch our own
+    tensor_parallel: int = 1
+    mem_fraction_static: float = 0.6
+    enable_memory_saver: bool = True  # needed for release/resume in colocation
+    host: str = "127.0.0.1"
+    start_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0
+    max_retries: int = 3
+    max_restarts: int = 2
+    extra_args: List[str] = field(default_factory=list)
+    weight_sync: Literal["tensor", "distributed"] = "tensor"  # colocated CUDA IPC, or NCCL broadcast
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["embedded", "sglang"] = "embedded"
+    n: int = 4  # samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 64
+    stop: List[str] = field(default_factory=list)
+    max_batch_size: int = 256  # sequences decoded together by the embedded engine
+    release_memory: bool = True  # free KV cache (and weights) during training phases
+    verify_weight_sync: bool = False  # compare engine tensors with the actor's after each sync
+    sync_bucket_mb: int = 512
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: Literal["grpo", "gae", "rloo", "reinforce_plus_plus"] = "grpo"
+    norm_adv_by_std: bool = True
+    gamma: float = 1.0
+    lam: float = 1.0
+    policy_loss: Literal["ppo", "gspo"] = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # DAPO clip-higher uses 0.28
+    dual_clip: Optional[float] = None  # e.g. 3.0; None disables
+    loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_coef: float = 0.0  # 0 disables the reference model
+    kl_in_reward: bool = False  # penalise the reward instead of adding a loss term
+    entropy_coef: float = 0.0
+    tis_cap: Optional[float] = None  # truncated importance sampling cap on rollout/trainer ratio
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
+    max_refill_rounds: int = 3
+    overlong_buffer: int = 0  # DAPO overlong shaping window in tokens; 0 disables
+    overlong_penalty: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    use_distributed_optimizer: bool = True
+    offload_during_rollout: bool = False
+
+
+@dataclass
+class ActorConfig:
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    micro_batch_tokens: int = 8192  # token budget per packed micro-batch
+    mini_batches_per_step: int = 1  # optimizer steps per RL step
+    ppo_epochs: int = 1
+    offload_reference: bool = False
+
+
+@dataclass
+class CriticConfig:
+    hf_path: Optional[str] = None  # None: initialise from the actor's weights
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5))
+    value_clip: Optional[float] = 0.2
+
+
+@dataclass
+class RewardConfig:
+    function: str = "boxed_math"  # a built-in name, or "path/to/file.py:function_name"
+    format_weight: float = 0.0  # weight of the format reward added to the answer reward
+    timeout_s: float = 10.0
+    reward_model: Optional[str] = None  # HF directory of a VLM reward model
+    reward_model_weight: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 10
+    warmup_sft_steps: int = 0  # supervised steps on ground truth before RL (the tiny demo uses it)
+    run_dir: str = "runs/default"
+    save_every: int = 0  # 0: only at the end
+    resume: str = "auto"  # auto | never | a checkpoint directory
+    export_hf: bool = False
+    seed: int = 1234
+    eval_every: int = 0
+    max_nonfinite_skips: int = 3
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    project: str = "mmrl_megatron"
+    run_name: Optional[str] = None
+    console: bool = True
+    wandb: bool = True
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    tensorboard: bool = False
+    plot_at_end: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,81 @@
+"""Checks that need more than the schema: the parallel layout against the world size and the model."""
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import ConfigError
+from .schema import Config
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions a parallel layout must divide."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_experts: int = 0
+
+
+def read_model_shape(hf_path: str) -> ModelShape:
+    """Read the language-model dimensions from config.json (flat 4.x or nested 5.x `text_config`)."""
+    path = os.path.join(hf_path, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"model.hf_path: {path} does not exist; point model.hf_path at a Hugging Face model directory")
+    with open(path) as handle:
+        config = json.load(handle)
+    text = config.get("text_config") or config
+    heads = text.get("num_attention_heads", config.get("num_attention_heads"))
+    return ModelShape(
+        num_layers=text.get("num_hidden_layers", config.get("num_hidden_layers")),
+        num_attention_heads=heads,
+        num_key_value_heads=text.get("num_key_value_heads") or heads,
+        num_experts=text.get("n_routed_experts") or 0,
+    )
+
+
+def resolve_data_parallel(config: Config, world_size: int) -> int:
+    """Fill parallel.data from the world size, or check the one given; raises ConfigError naming every factor."""
+    p = config.parallel
+    for key in ("tensor", "pipeline", "context", "expert"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(p, key)}")
+    model_parallel = p.tensor * p.pipeline * p.context
+    factors = f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} x parallel.context={p.context}"
+    if p.data is None:
+        if world_size % model_parallel:
+            raise ConfigError(f"{factors} = {model_parallel} does not divide the world size {world_size}; "
+                              "change parallel.tensor/pipeline/context or the number of processes")
+        return world_size // model_parallel
+    if model_parallel * p.data != world_size:
+        raise ConfigError(f"{factors} x parallel.data={p.data} = {model_parallel * p.data} != world size {world_size}; "
+                          "set parallel.data=null to derive it or change the factors")
+    return p.data
+
+
+def validate_layout(config: Config, world_size: int, shape: Optional[ModelShape]) -> int:
+    """Check the layout against the world size and the model; returns the data-parallel size."""
+    data_parallel = resolve_data_parallel(config, world_size)
+    p = config.parallel
+    if shape is not None:
+        if shape.num_attention_heads % p.tensor:
+            raise ConfigError(f"parallel.tensor={p.tensor} does not divide the model's "
+                              f"{shape.num_attention_heads} attention heads; choose a divisor")
+        if shape.num_layers % p.pipeline:
+            raise ConfigError(f"parallel.pipeline={p.pipeline} does not divide the model's "
+                              f"{shape.num_layers} layers; choose a divisor")
+        if p.expert > 1 and shape.num_experts % p.expert:
+            raise ConfigError(f"parallel.expert={p.expert} does not divide the model's {shape.num_experts} experts")
+    if p.expert > 1 and (data_parallel * p.context * p.tensor) % p.expert:
+        raise ConfigError(f"parallel.expert={p.expert} must divide data x context x tensor "
+                          f"= {data_parallel * p.context * p.tensor}")
+    if config.rollout.n < 1:
+        raise ConfigError(f"rollout.n must be at least 1, got {config.rollout.n}")
+    if config.data.prompts_per_step % data_parallel:
+        raise ConfigError(f"data.prompts_per_step={config.data.prompts_per_step} must be divisible by the "
+                          f"data-parallel size {data_parallel} (all samples of a prompt stay on one rank)")
+    if config.algorithm.advantage == "gae" and config.algorithm.policy_loss == "gspo":
+        raise ConfigError("algorithm.policy_loss=gspo uses sequence-level ratios and cannot take the "
+                          "token-level advantages of algorithm.advantage=gae; use policy_loss=ppo")
+    return data_parallel
