@@ -1,0 +1,2 @@
+class RolloutError(RuntimeError):
+    """A rollout backend failed; the message names the server, request or tensor and what to do."""

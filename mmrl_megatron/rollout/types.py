@@ -1,0 +1,37 @@
+"""What goes into and comes out of any rollout engine (embedded or SGLang)."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # independent samples per request
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 64
+    stop_token_ids: List[int] = field(default_factory=list)  # generation ends after emitting one
+    stop: List[str] = field(default_factory=list)  # stop strings, matched on decoded text
+    seed: Optional[int] = None
+
+
+@dataclass
+class RolloutRequest:
+    """One prompt. `prompt_ids` has the chat template applied and image pads already expanded."""
+
+    prompt_ids: List[int]
+    pixel_values: Optional[torch.Tensor] = None  # [patches, channels * temporal * patch * patch]
+    image_grid_thw: Optional[torch.Tensor] = None  # [images, 3]
+    images: List[bytes] = field(default_factory=list)  # the encoded images, for engines that process them
+    prompt_text: Optional[str] = None  # templated text with one pad per image, for engines that take text
+
+
+@dataclass
+class RolloutResult:
+    request_index: int
+    sample_index: int  # 0..n-1 within the request
+    response_ids: List[int]
+    logprobs: List[float]  # per response token, under the sampling temperature
+    finish_reason: str  # "stop" | "length" | "abort"
