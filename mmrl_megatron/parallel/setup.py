@@ -25,6 +25,16 @@ class ParallelLayout:
         return self.tensor * self.pipeline * self.context * self.data
 
 
+def layout_from_config(config, world_size: int, shape) -> ParallelLayout:
+    """The validated layout for `config` (a config.Config) on `world_size` ranks; raises ConfigError naming the key."""
+    from ..config.validate import validate_layout
+
+    data = validate_layout(config, world_size, shape)
+    p = config.parallel
+    return ParallelLayout(tensor=p.tensor, pipeline=p.pipeline, context=p.context, expert=p.expert,
+                          expert_tensor=p.expert_tensor or p.tensor, data=data)
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """CUDA when available (or asked for), else the CPU; the backend follows the device."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):

@@ -88,3 +88,10 @@ def test_resolved_config_round_trips(tmp_path):
     config = load_config(None, ["rollout.n=3", "algorithm.dual_clip=3.0"])
     path = save_resolved(config, str(tmp_path / "run"))
     assert load_config(path) == config
+
+
+def test_layout_from_config_fills_derived_sizes():
+    from mmrl_megatron.parallel import ParallelLayout, layout_from_config
+
+    config = load_config(None, ["parallel.tensor=2", "parallel.pipeline=2", "data.prompts_per_step=2"])
+    assert layout_from_config(config, 8, SHAPE) == ParallelLayout(tensor=2, pipeline=2, expert_tensor=2, data=2)
