@@ -1,0 +1,6 @@
+"""The weight bridge: the actor's megatron shards -> HF-named full tensors -> buckets -> a rollout engine."""
+from .buckets import bucket_by_bytes
+from .errors import BridgeError
+from .weight_bridge import SyncStats, WeightBridge
+
+__all__ = ["BridgeError", "SyncStats", "WeightBridge", "bucket_by_bytes"]
