@@ -67,6 +67,14 @@ class SGLangConfig:
 
 
 @dataclass
+class EmbeddedEngineConfig:
+    cuda_graphs: bool = True  # capture the decode step per batch-size bucket (GPU only)
+    offload_weights: bool = False  # release_memory also moves the engine's weights to CPU
+    prefill_tokens: int = 16384  # padded prompt tokens per batched prefill (bounds activation memory)
+    cache_tokens: int = 0  # KV-cache length per sequence; 0: grow to the longest prompt + max_new_tokens
+
+
+@dataclass
 class RolloutConfig:
     backend: Literal["embedded", "sglang"] = "embedded"
     n: int = 4  # samples per prompt
@@ -80,6 +88,7 @@ class RolloutConfig:
     verify_weight_sync: bool = False  # compare engine tensors with the actor's after each sync
     sync_bucket_mb: int = 512
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
 
 
 @dataclass

@@ -14,6 +14,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_token_ids: List[int] = field(default_factory=list)  # generation ends after emitting one
     stop: List[str] = field(default_factory=list)  # stop strings, matched on decoded text
+    ignore_eos: bool = False  # True: the model's end-of-sequence ids do not stop generation (benchmarks)
     seed: Optional[int] = None
 
 
