@@ -1,0 +1,8 @@
+"""verl-format parquet prompts for vision-language RL: parsing, image processing, M-RoPE positions."""
+from mmrl_megatron.data.dataset import PromptDataset
+from mmrl_megatron.data.errors import DataError
+from mmrl_megatron.data.processor import PromptProcessor
+from mmrl_megatron.data.rope import rope_positions
+from mmrl_megatron.data.types import PromptSample
+
+__all__ = ["DataError", "PromptDataset", "PromptProcessor", "PromptSample", "rope_positions"]

@@ -1,0 +1,47 @@
+"""M-RoPE position ids for Qwen2.5-VL sequences, computed without a model object.
+
+Equal to transformers' `Qwen2_5_VLModel.get_rope_index` for images (the tests compare them); written
+here because the trainer needs positions for packed sequences, one sequence at a time, without
+instantiating the Hugging Face model or building `mm_token_type_ids`.
+"""
+import torch
+
+
+def _image_starts(ids: torch.Tensor, image_token_id: int, vision_start_token_id: int) -> torch.Tensor:
+    """Token indices where an image's pad tokens begin (each image follows a vision-start token)."""
+    follows_start = torch.zeros_like(ids, dtype=torch.bool)
+    follows_start[1:] = ids[:-1] == vision_start_token_id
+    return torch.nonzero(follows_start & (ids == image_token_id)).view(-1)
+
+
+def rope_positions(input_ids, image_grid_thw, spatial_merge_size: int, image_token_id: int,
+                   vision_start_token_id: int) -> torch.Tensor:
+    """LongTensor[3, T] (temporal, height, width) positions for one unpadded sequence of T tokens.
+
+    Text tokens advance all three rows by one; the tokens of image i (grid_t*grid_h*grid_w / merge^2
+    copies of `image_token_id` after a vision-start token) take their grid coordinates offset by the
+    running position, after which text resumes at that position + max(grid_h, grid_w) / merge.
+    `image_grid_thw` is [num_images, 3] in patches, as the image processor returns it.
+    """
+    ids = torch.as_tensor(input_ids).view(-1)
+    length = ids.numel()
+    starts = _image_starts(ids, image_token_id, vision_start_token_id).tolist()
+    grids = [] if image_grid_thw is None else torch.as_tensor(image_grid_thw).view(-1, 3).tolist()
+    if len(starts) != len(grids):
+        raise ValueError(f"{len(starts)} images in the token ids but {len(grids)} rows in image_grid_thw")
+    pieces, cursor, position = [], 0, 0
+    for start, (grid_t, grid_h, grid_w) in zip(starts, grids):
+        text_length = start - cursor
+        pieces.append(torch.arange(text_length).expand(3, text_length) + position)
+        position += text_length
+        height, width = grid_h // spatial_merge_size, grid_w // spatial_merge_size
+        count = grid_t * height * width
+        if start + count > length or not bool((ids[start:start + count] == image_token_id).all()):
+            raise ValueError(f"image at token {start} should span {count} image tokens (grid {grid_t}x{grid_h}x{grid_w})")
+        temporal, row, column = torch.meshgrid(torch.arange(grid_t), torch.arange(height), torch.arange(width),
+                                               indexing="ij")
+        pieces.append(torch.stack([temporal, row, column]).reshape(3, -1) + position)
+        position += max(height, width)
+        cursor = start + count
+    pieces.append(torch.arange(length - cursor).expand(3, length - cursor) + position)
+    return torch.cat(pieces, dim=1).long()
