@@ -1,0 +1,61 @@
+"""Validate data files before a long job: parse every row, decode every image and, given a model directory,
+apply its processor and the prompt-length limit. Prints each skipped row with its reason and the usable count.
+
+    python -m mmrl_megatron.data.check data/train.parquet [more.parquet] [--model DIR] [--max-prompt-length N]
+
+Exit status 0 when at least one row is usable, 1 otherwise.
+"""
+import argparse
+import sys
+from typing import Optional
+
+from mmrl_megatron.config.schema import DataConfig
+from mmrl_megatron.data.errors import DataError, SkippedRow
+from mmrl_megatron.data.format import parse_row
+from mmrl_megatron.data.images import decode_images
+from mmrl_megatron.data.processor import PromptProcessor
+from mmrl_megatron.data.source import ParquetSource
+
+
+def check_file(path: str, processor: Optional[PromptProcessor]) -> int:
+    """Print the problems of one file and return its number of usable rows."""
+    try:
+        source = ParquetSource([path])
+    except DataError as error:
+        print(error)
+        return 0
+    usable = 0
+    for row_number, row in source.file_rows(path):
+        try:
+            parsed = parse_row(row)
+            if processor is None:
+                decode_images(parsed.images)
+            else:
+                processor.process(parsed, index=row_number)
+            usable += 1
+        except SkippedRow as skipped:
+            print(f"{path} row {row_number}: {skipped.reason}: {skipped}")
+    print(f"{path}: {usable} usable of {source.num_rows} rows")
+    return usable
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--model", help="model directory: also apply its processor and the length limit")
+    defaults = DataConfig()
+    parser.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length)
+    parser.add_argument("--min-pixels", type=int, default=defaults.min_pixels)
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels)
+    args = parser.parse_args(argv)
+    processor = None
+    if args.model:
+        processor = PromptProcessor(args.model, DataConfig(max_prompt_length=args.max_prompt_length,
+                                                           min_pixels=args.min_pixels, max_pixels=args.max_pixels))
+    usable = sum(check_file(path, processor) for path in args.files)
+    print(f"total: {usable} usable rows")
+    return 0 if usable > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
