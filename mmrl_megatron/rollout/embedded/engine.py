@@ -1,0 +1,163 @@
+"""The embedded rollout engine: transformers' Qwen2.5-VL driven by our own batched decode loop."""
+import random
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from ...config.schema import EmbeddedEngineConfig
+from ..engine import NamedTensors, RolloutEngine
+from ..errors import RolloutError
+from ..types import RolloutRequest, RolloutResult, SamplingParams
+from .forward import QwenVLDecoder
+from .generation import GenerationRun
+from .graphs import DecodeGraphs
+from .kv_cache import StaticKVCache
+from .prompts import prepare_prompt
+from .stopping import StopRules
+from .weights import build_empty_model, copy_into_parameter, iter_checkpoint_buckets, module_name, parameters_by_module_name
+
+CACHE_LEN_GRANULARITY = 128  # the cache grows in steps of this many tokens, so similar calls reuse it
+
+
+class EmbeddedEngine(RolloutEngine):
+    """Generates on `device` in `dtype` with up to `max_batch_size` sequences in flight.
+
+    Weights arrive only through update_weights (HF checkpoint names); `load_checkpoint()` pushes
+    hf_dir's own safetensors through the same path for standalone use.
+    """
+
+    def __init__(self, hf_dir: str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                 max_batch_size: int = 256, settings: Optional[EmbeddedEngineConfig] = None) -> None:
+        self.hf_dir = hf_dir
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.settings = settings or EmbeddedEngineConfig()
+        self.model = build_empty_model(hf_dir, self.device, dtype)
+        self.decoder = QwenVLDecoder(self.model)
+        self._parameters = parameters_by_module_name(self.model)
+        self._weights_loaded = False
+        self._weights_offloaded = False
+        self._cache: Optional[StaticKVCache] = None
+        self._graphs: Optional[DecodeGraphs] = None
+        self._tokenizer = None
+        self._end_of_sequence_ids = self._read_end_of_sequence_ids()
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def update_weights(self, buckets: Iterable[NamedTensors]) -> None:
+        self._require_resident("update_weights")
+        with torch.no_grad():
+            for bucket in buckets:
+                for name, tensor in bucket:
+                    copy_into_parameter(self._parameters, name, tensor)
+        self._weights_loaded = True
+
+    def get_weights(self, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+        weights = {}
+        for name in names:
+            parameter = self._parameters.get(module_name(name))
+            if parameter is None:
+                raise RolloutError(f"engine has no tensor named {name!r} (expected a Hugging Face checkpoint name)")
+            weights[name] = parameter.detach().to("cpu", copy=True)
+        return weights
+
+    def load_checkpoint(self, bucket_bytes: int = 1 << 30) -> None:
+        """Fill the weights from hf_dir's safetensors (standalone use; training syncs through the bridge)."""
+        self.update_weights(iter_checkpoint_buckets(self.hf_dir, bucket_bytes))
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        """Free the KV cache and decode graphs; with settings.offload_weights also move weights to CPU."""
+        self._cache = None
+        self._graphs = None
+        if self.settings.offload_weights and self.device.type != "cpu" and not self._weights_offloaded:
+            self.model.to("cpu")
+            self._weights_offloaded = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def resume_memory(self) -> None:
+        """Bring offloaded weights back; the cache is re-allocated by the next generate."""
+        if self._weights_offloaded:
+            self.model.to(self.device)
+            self._weights_offloaded = False
+
+    def shutdown(self) -> None:
+        self.release_memory()
+
+    # -- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> List[RolloutResult]:
+        self._check_generate(sampling)
+        if not requests:
+            return []
+        prompts = [prepare_prompt(self.model, request, index) for index, request in enumerate(requests)]
+        longest = max(prompt.length for prompt in prompts) + sampling.max_new_tokens
+        cache = self._cache_for(longest)
+        decode = self._decode_step(cache)
+        stop_ids = list(sampling.stop_token_ids) + ([] if sampling.ignore_eos else self._end_of_sequence_ids)
+        stop_rules = StopRules(stop_ids, sampling.stop, sampling.max_new_tokens, self.device,
+                               self._decode_text if sampling.stop else None)
+        seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(1 << 32)
+        run = GenerationRun(self.decoder, cache, decode, sampling, stop_rules, seed,
+                            self.settings.prefill_tokens, self.model.model.visual.dtype)
+        return run.run(prompts)
+
+    def _check_generate(self, sampling: SamplingParams) -> None:
+        self._require_resident("generate")
+        if not self._weights_loaded:
+            raise RolloutError("generate called before any weights arrived: call update_weights (through the "
+                               "bridge) or load_checkpoint() first")
+        if not 1 <= sampling.n <= self.max_batch_size:
+            raise RolloutError(f"sampling n={sampling.n} must be between 1 and rollout.max_batch_size "
+                               f"({self.max_batch_size}): all samples of a prompt decode together")
+        if sampling.max_new_tokens < 1:
+            raise RolloutError(f"max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
+
+    def _require_resident(self, action: str) -> None:
+        if self._weights_offloaded:
+            raise RolloutError(f"{action} called while the engine's weights are offloaded: call resume_memory() first")
+
+    def _cache_for(self, tokens_per_sequence: int) -> StaticKVCache:
+        """The current cache if it is long enough, else a new (longer) one; graphs follow the cache."""
+        max_len = max(self.settings.cache_tokens,
+                      -(-tokens_per_sequence // CACHE_LEN_GRANULARITY) * CACHE_LEN_GRANULARITY)
+        geometry = self.decoder.cache_geometry(self.max_batch_size, max_len)
+        if self._cache is None or not self._cache.fits(geometry):
+            self._cache = self._graphs = None  # drop the old cache before allocating its successor
+            self._cache = StaticKVCache(geometry, self.dtype, self.device)
+        return self._cache
+
+    def _decode_step(self, cache: StaticKVCache):
+        def eager(batch: int, kv_len: int) -> torch.Tensor:
+            return self.decoder.decode(cache, batch, kv_len)
+
+        if self.device.type != "cuda" or not self.settings.cuda_graphs:
+            return eager
+        if self._graphs is None:
+            self._graphs = DecodeGraphs(eager, cache.geometry.slots, cache.geometry.max_len)
+        return self._graphs
+
+    def _read_end_of_sequence_ids(self) -> List[int]:
+        """eos ids from config.json's text config and generation_config.json, as HF generate uses them."""
+        from transformers import GenerationConfig
+
+        ids = []
+        sources = [self.model.config.text_config.eos_token_id]
+        try:
+            sources.append(GenerationConfig.from_pretrained(self.hf_dir).eos_token_id)
+        except OSError:
+            pass  # no generation_config.json: config.json's ids are all there is
+        for source in sources:
+            ids.extend([source] if isinstance(source, int) else list(source or []))
+        return sorted(set(ids))
+
+    def _decode_text(self, token_ids: List[int]) -> str:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
+        return self._tokenizer.decode(token_ids, skip_special_tokens=False)

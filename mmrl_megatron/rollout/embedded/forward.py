@@ -1,0 +1,114 @@
+"""Prefill and decode over transformers' own Qwen2.5-VL modules with a static KV cache.
+
+The weights, norms, projections, rotary embedding and vision tower are transformers' modules; only
+the attention around the cache is ours, because HF's cache classes and mask builders allocate and
+branch per step, which prevents CUDA-graph capture. Numerics follow HF's layer exactly (same modules
+in the same order), so log-probs match a plain HF forward pass.
+"""
+from typing import Optional
+
+import torch
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, repeat_kv
+
+from .kv_cache import CacheGeometry, StaticKVCache
+
+
+class QwenVLDecoder:
+    """Runs a Qwen2_5_VLForConditionalGeneration's language model over a StaticKVCache."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        language_model = model.model.language_model
+        self.layers = language_model.layers
+        self.final_norm = language_model.norm
+        self.rotary = language_model.rotary_emb
+        self.embed_tokens = language_model.embed_tokens
+        text = model.config.text_config
+        self.num_heads = text.num_attention_heads
+        self.num_kv_heads = text.num_key_value_heads
+        self.head_dim = text.hidden_size // text.num_attention_heads
+        self.image_token_id = model.config.image_token_id
+
+    def cache_geometry(self, slots: int, max_len: int) -> CacheGeometry:
+        return CacheGeometry(len(self.layers), self.num_kv_heads, self.head_dim, slots, max_len)
+
+    def embed_prompts(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                      image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings [B, T, H] with the vision tower's features written over the image pads (row-major order)."""
+        embeds = self.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        features = self.model.model.get_image_features(pixel_values, image_grid_thw).pooler_output
+        features = torch.cat(list(features), dim=0).to(embeds.dtype)
+        image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(image_mask, features)
+
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                cache: StaticKVCache, slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Run right-padded prompts embeds [B, T, H] (M-RoPE positions [3, B, T], true lengths [B]).
+
+        Writes each row's keys/values into cache slot `slots[i]` from prompt row `rows[i]` (one prompt can
+        fill several slots: its n samples share the prefill). Returns logits [B, vocab] at each last token.
+        """
+        batch, length, _ = embeds.shape
+        key_index = torch.arange(length, device=embeds.device)
+        causal = key_index[None, :] <= key_index[:, None]
+        mask = (causal[None] & (key_index[None, None, :] < lengths[:, None, None])).unsqueeze(1)
+
+        def attend(layer_index: int, query, key, value):
+            self_attention = self.layers[layer_index].self_attn
+            cache.keys[layer_index][slots, :, :length] = key[rows]
+            cache.values[layer_index][slots, :, :length] = value[rows]
+            groups = self.num_heads // self.num_kv_heads
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask,
+                scale=self_attention.scaling)
+
+        hidden = self._run_layers(embeds, positions, attend)
+        last = hidden[torch.arange(batch, device=hidden.device), lengths - 1]
+        return self.model.lm_head(self.final_norm(last))
+
+    def decode(self, cache: StaticKVCache, batch: int, kv_len: int) -> torch.Tensor:
+        """One token for cache slots [0, batch): feeds cache.last_token, appends its keys/values at
+        cache.cache_lens, attends over the first kv_len cached positions; returns logits [batch, vocab].
+        Reads and writes only fixed storage, so it can be captured as a CUDA graph."""
+        tokens = cache.last_token[:batch]
+        cache_lens = cache.cache_lens[:batch]
+        positions = (cache_lens + cache.rope_deltas[:batch]).view(1, batch, 1).expand(3, batch, 1)
+        slot_index = torch.arange(batch, device=tokens.device)
+        visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= cache_lens[:, None])[:, None, None, :]
+        groups = self.num_heads // self.num_kv_heads
+
+        def attend(layer_index: int, query, key, value):
+            keys = cache.keys[layer_index]
+            values = cache.values[layer_index]
+            keys[slot_index, :, cache_lens] = key[:, :, 0]
+            values[slot_index, :, cache_lens] = value[:, :, 0]
+            # Grouped-query attention without repeating the cache: [B, kv_heads, groups, D] x [B, kv_heads, D, L].
+            grouped_query = query.view(batch, self.num_kv_heads, groups, self.head_dim)
+            scores = torch.matmul(grouped_query, keys[:batch, :, :kv_len].transpose(-1, -2)).float()
+            scores = scores * self.layers[layer_index].self_attn.scaling
+            weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(values.dtype)
+            output = torch.matmul(weights, values[:batch, :, :kv_len])
+            return output.view(batch, self.num_heads, 1, self.head_dim)
+
+        hidden = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions, attend)
+        return self.model.lm_head(self.final_norm(hidden[:, 0]))
+
+    def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """HF's Qwen2_5_VLDecoderLayer.forward, with the attention core replaced by `attend`."""
+        batch, length, _ = hidden.shape
+        cos, sin = self.rotary(hidden, positions)
+        for layer_index, layer in enumerate(self.layers):
+            attention = layer.self_attn
+            residual = hidden
+            normed = layer.input_layernorm(hidden)
+            query = attention.q_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            key = attention.k_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            value = attention.v_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            attended = attend(layer_index, query, key, value)
+            attended = attended.transpose(1, 2).reshape(batch, length, -1)
+            hidden = residual + attention.o_proj(attended)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden

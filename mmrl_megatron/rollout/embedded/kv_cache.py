@@ -1,0 +1,41 @@
+"""A static, pre-allocated KV cache and the per-slot decode state that lives beside it on the device.
+
+Static shapes and fixed storage are what let the decode step be captured once as a CUDA graph and
+replayed: the graph reads the slot state and writes the cache in place, never reallocating.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CacheGeometry:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    slots: int  # sequences decoded together
+    max_len: int  # tokens per slot (prompt + response)
+
+
+class StaticKVCache:
+    """keys[layer] / values[layer]: [slots, kv_heads, max_len, head_dim], plus per-slot decode state.
+
+    Slot state (all [slots], updated in place): `last_token` is the token the next decode step feeds,
+    `cache_lens` the number of cached tokens (also the next token's index), `rope_deltas` the M-RoPE
+    offset between a token's index and its rotary position (HF's rope_deltas).
+    """
+
+    def __init__(self, geometry: CacheGeometry, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (geometry.slots, geometry.num_kv_heads, geometry.max_len, geometry.head_dim)
+        self.geometry = geometry
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
+        self.last_token = torch.zeros(geometry.slots, dtype=torch.long, device=device)
+        self.cache_lens = torch.zeros(geometry.slots, dtype=torch.long, device=device)
+        self.rope_deltas = torch.zeros(geometry.slots, dtype=torch.long, device=device)
+
+    def fits(self, geometry: CacheGeometry) -> bool:
+        """Whether this cache can serve `geometry` (same model and slots, at least as long)."""
+        own = self.geometry
+        return (own.num_layers, own.num_kv_heads, own.head_dim, own.slots) == (
+            geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.slots) and own.max_len >= geometry.max_len

@@ -1,0 +1,174 @@
+"""The embedded engine on CPU: exact log-probs against HF, sampling controls, batching, weights and memory."""
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from mmrl_megatron.config.schema import Config, EmbeddedEngineConfig
+from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint, load_tiny_tokenizer
+from mmrl_megatron.rollout import RolloutError, RolloutRequest, SamplingParams, build_engine
+from mmrl_megatron.rollout.embedded import EmbeddedEngine
+from mmrl_megatron.rollout.embedded.weights import iter_checkpoint_buckets
+
+from .embedded_helpers import hf_logits, hf_logprobs, make_requests
+
+GRIDS = [[1, 4, 4], None, [1, 4, 6]]  # two image sizes and a text-only prompt
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_vl")))
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoint):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=16)
+    engine.load_checkpoint()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def requests(hf_model):
+    return make_requests(hf_model.config, GRIDS)
+
+
+def _sampling(**overrides):
+    return SamplingParams(**{**dict(n=2, temperature=0.8, max_new_tokens=10, seed=11, ignore_eos=True), **overrides})
+
+
+def test_logprobs_equal_a_separate_hf_forward(engine, hf_model, requests):
+    """Returned log-probs equal HF's log_softmax(logits/T) over prompt+response within 1e-5 (fp32), for
+    prompts with images of different sizes and a text-only prompt, with top-k/top-p active."""
+    sampling = _sampling(top_p=0.9, top_k=40)
+    results = engine.generate(requests, sampling)
+    assert [(r.request_index, r.sample_index) for r in results] == [(i, s) for i in range(3) for s in range(2)]
+    for result in results:
+        assert len(result.response_ids) == len(result.logprobs) == 10 and result.finish_reason == "length"
+        expected = hf_logprobs(hf_model, requests[result.request_index], result, sampling.temperature)
+        torch.testing.assert_close(torch.tensor(result.logprobs), expected, rtol=0, atol=1e-5)
+
+
+def test_greedy_follows_hf_argmax(engine, hf_model, requests):
+    """At temperature 0 every response token is HF's argmax given the prompt and the tokens before it."""
+    for result in engine.generate(requests, _sampling(temperature=0.0, n=1)):
+        logits = hf_logits(hf_model, requests[result.request_index], result.response_ids)
+        assert result.response_ids == logits.argmax(-1).tolist()
+
+
+def test_samples_are_independent_reproducible_and_batch_invariant(checkpoint, engine, requests):
+    """n samples of a prompt differ; a seed reproduces them; a sample does not depend on its batch mates
+    (a request alone, or decoded through few slots with slot reuse, gives the same tokens)."""
+    sampling = _sampling(n=3, temperature=1.0)
+    results = engine.generate(requests, sampling)
+    samples_of_first = [tuple(r.response_ids) for r in results if r.request_index == 0]
+    assert len(set(samples_of_first)) == 3
+    assert [r.response_ids for r in engine.generate(requests, sampling)] == [r.response_ids for r in results]
+    other_seed = engine.generate(requests, dataclasses.replace(sampling, seed=12))
+    assert [r.response_ids for r in other_seed] != [r.response_ids for r in results]
+
+    small = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=4,
+                           settings=EmbeddedEngineConfig(prefill_tokens=8))
+    small.load_checkpoint()
+    squeezed = small.generate(requests, sampling)  # one request at a time, slots reused
+    assert [r.response_ids for r in squeezed] == [r.response_ids for r in results]
+    for a, b in zip(squeezed, results):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
+def test_stop_token_ends_the_sequence_and_is_included(engine, requests):
+    """A stop token ends its sequence with finish_reason 'stop' and is the response's last token;
+    without it the sequence runs to max_new_tokens with finish_reason 'length'."""
+    greedy = _sampling(temperature=0.0, n=1)
+    free_run = engine.generate(requests[:1], greedy)[0]
+    assert free_run.finish_reason == "length" and len(free_run.response_ids) == greedy.max_new_tokens
+    stop_token = free_run.response_ids[3]
+    first_stop = free_run.response_ids.index(stop_token)
+    stopped = engine.generate(requests[:1], dataclasses.replace(greedy, stop_token_ids=[stop_token]))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.response_ids == free_run.response_ids[:first_stop + 1]
+    assert stopped.logprobs == pytest.approx(free_run.logprobs[:first_stop + 1], abs=1e-6)
+
+
+def test_stop_string_ends_the_sequence(checkpoint, engine, requests):
+    """A stop string ends the sequence at the token that completes it (that token included)."""
+    tokenizer = load_tiny_tokenizer(checkpoint)
+    greedy = _sampling(temperature=0.0, n=1, max_new_tokens=12)
+    free_run = engine.generate(requests[1:2], greedy)[0]
+    text = tokenizer.decode(free_run.response_ids)
+    stop_text = text[4:6]
+    stopped = engine.generate(requests[1:2], dataclasses.replace(greedy, stop=[stop_text]))[0]
+    assert stopped.finish_reason == "stop"
+    assert stop_text in tokenizer.decode(stopped.response_ids)
+    assert stop_text not in tokenizer.decode(stopped.response_ids[:-1])
+    assert stopped.response_ids == free_run.response_ids[:len(stopped.response_ids)]
+
+
+def test_end_of_sequence_stops_unless_ignored(engine, requests):
+    """The model's eos id (config/generation_config) stops generation by default; ignore_eos disables it."""
+    eos = engine.model.config.text_config.eos_token_id
+    greedy = _sampling(temperature=0.0, n=1, ignore_eos=True)
+    free_run = engine.generate(requests[:1], greedy)[0]
+    engine._end_of_sequence_ids = [free_run.response_ids[2]]  # pretend the third greedy token is the eos
+    try:
+        stopped = engine.generate(requests[:1], dataclasses.replace(greedy, ignore_eos=False))[0]
+        ignored = engine.generate(requests[:1], greedy)[0]
+    finally:
+        engine._end_of_sequence_ids = [eos]
+    assert stopped.finish_reason == "stop" and len(stopped.response_ids) <= 3
+    assert ignored.response_ids == free_run.response_ids
+
+
+def test_weights_round_trip_and_name_errors(checkpoint, tmp_path):
+    """get_weights returns CPU copies equal to what update_weights received (HF names, tied embeddings
+    included); unknown names and wrong shapes raise RolloutError naming the tensor."""
+    other = build_tiny_checkpoint(str(tmp_path / "other"), seed=5)
+    engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=2)
+    with pytest.raises(RolloutError, match="before any weights"):
+        engine.generate(make_requests(engine.model.config, [None]), _sampling())
+    sent = {name: tensor for bucket in iter_checkpoint_buckets(other, bucket_bytes=4096) for name, tensor in bucket}
+    engine.update_weights(iter_checkpoint_buckets(other, bucket_bytes=4096))
+    got = engine.get_weights(list(sent) + ["lm_head.weight"])
+    for name, tensor in sent.items():
+        assert got[name].device.type == "cpu" and torch.equal(got[name], tensor), name
+    assert torch.equal(got["lm_head.weight"], sent["model.embed_tokens.weight"])
+    with pytest.raises(RolloutError, match="model.layers.99.mlp.up_proj.weight"):
+        engine.update_weights([[("model.layers.99.mlp.up_proj.weight", torch.zeros(1))]])
+    with pytest.raises(RolloutError, match="model.norm.weight"):
+        engine.update_weights([[("model.norm.weight", torch.zeros(3))]])
+    with pytest.raises(RolloutError, match="no tensor named"):
+        engine.get_weights(["not.a.weight"])
+
+
+def test_release_and_resume_memory_keep_results(engine, requests):
+    """release_memory drops the KV cache; after resume_memory the same seed gives the same rollout."""
+    before = engine.generate(requests, _sampling())
+    engine.release_memory()
+    assert engine._cache is None
+    engine.resume_memory()
+    after = engine.generate(requests, _sampling())
+    assert [r.response_ids for r in after] == [r.response_ids for r in before]
+
+
+def test_image_pad_count_mismatch_is_reported(engine, requests):
+    """A request whose image pads do not match its image_grid_thw raises RolloutError naming the request."""
+    broken = RolloutRequest(requests[0].prompt_ids, requests[0].pixel_values, torch.tensor([[1, 4, 8]]))
+    with pytest.raises(RolloutError, match=re.escape("request 1 has 4 <|image_pad|> tokens but its image_grid_thw implies 8")):
+        engine.generate([requests[1], broken], _sampling())
+
+
+def test_build_engine_picks_the_embedded_backend(checkpoint):
+    """build_engine returns an EmbeddedEngine with the configured dtype and batch size by default."""
+    config = Config()
+    config.model.dtype = "float32"
+    config.rollout.max_batch_size = 8
+    engine = build_engine(config, checkpoint, "cpu")
+    assert isinstance(engine, EmbeddedEngine) and engine.max_batch_size == 8
+    assert engine.model.lm_head.weight.dtype == torch.float32
