@@ -150,6 +150,8 @@ class RewardConfig:
     timeout_s: float = 10.0
     reward_model: Optional[str] = None  # HF directory of a VLM reward model
     reward_model_weight: float = 1.0
+    reward_model_batch_size: int = 8  # (prompt, images, response) triples per reward-model forward
+    num_workers: int = 2  # processes running the answer function; a timed-out one is replaced
 
 
 @dataclass

@@ -1,0 +1,89 @@
+"""build_reward_function: user functions by path with verl's signature; failures score 0, are counted, never crash."""
+import textwrap
+
+import pytest
+
+from mmrl_megatron.config.schema import RewardConfig
+from mmrl_megatron.rewards import RewardError, RewardItem, build_reward_function
+
+USER_FUNCTIONS = textwrap.dedent('''
+    import os, time
+
+    def match(data_source, solution_str, ground_truth, extra_info):
+        correct = ground_truth in solution_str
+        return {"score": 2.0 if correct else -1.0, "acc": correct, "length": len(solution_str),
+                "source_seen": float(data_source == "src" and extra_info.get("k") == 1)}
+
+    def plain(data_source, solution_str, ground_truth, extra_info):
+        return 0.25
+
+    def raises(data_source, solution_str, ground_truth, extra_info):
+        if "bad" in solution_str:
+            raise ZeroDivisionError("user bug")
+        return 1.0
+
+    def misbehaves(data_source, solution_str, ground_truth, extra_info):
+        if "slow" in solution_str:
+            time.sleep(60)
+        if "crash" in solution_str:
+            os._exit(3)
+        return 1.0
+''')
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text(USER_FUNCTIONS)
+    return str(path)
+
+
+def _score(spec, items, **config):
+    reward = build_reward_function(RewardConfig(function=spec, num_workers=2, **config))
+    try:
+        return reward.score_batch(items), reward.metrics()
+    finally:
+        reward.close()
+
+
+def test_user_function_by_path(user_file):
+    """Invariant: a function given as path:name receives verl's four arguments; dict results give score,
+    accuracy and extra numeric components, float results give score with accuracy = score > 0."""
+    results, metrics = _score(f"{user_file}:match", [("src", "it is 7", "7", {"k": 1}), RewardItem("src", "8", "7")])
+    assert [(r.score, r.accuracy, r.error) for r in results] == [(2.0, 1.0, None), (-1.0, 0.0, None)]
+    assert results[0].components == {"answer": 2.0, "length": 7.0, "source_seen": 1.0}
+    assert metrics == {"reward/errors_exception": 0.0, "reward/errors_timeout": 0.0}
+    results, _ = _score(f"{user_file}:plain", [("src", "x", "1", None)], format_weight=0.5)
+    assert (results[0].score, results[0].accuracy, results[0].components) == (0.25, 1.0, {"answer": 0.25, "format": 0.0})
+
+
+def test_failures_score_zero_and_are_counted(user_file):
+    """Invariant: a raising call, a call past reward.timeout_s and a call that kills its worker each yield
+    score 0 with the error on the result and in the counters, and the other items are still scored."""
+    results, metrics = _score(f"{user_file}:raises", [("s", "bad", "1", None), ("s", "good", "1", None)])
+    assert results[0].score == 0.0 and results[0].error == "ZeroDivisionError: user bug"
+    assert results[1].score == 1.0 and results[1].error is None
+    assert metrics["reward/errors_exception"] == 1
+
+    items = [("s", "slow", "1", None), ("s", "crash", "1", None)] + [("s", "fine", "1", None)] * 4
+    results, metrics = _score(f"{user_file}:misbehaves", items, timeout_s=1.0)
+    assert results[0].error == "timeout after 1 s" and results[0].score == 0.0
+    assert results[1].error.startswith("worker died") and results[1].score == 0.0
+    assert [r.score for r in results[2:]] == [1.0] * 4
+    assert metrics == {"reward/errors_exception": 1.0, "reward/errors_timeout": 1.0}
+
+
+def test_bad_specs_fail_at_build(tmp_path, user_file):
+    """Invariant: a missing file, a missing function or a spec without a name stop at build time with RewardError."""
+    for spec in [str(tmp_path / "absent.py") + ":f", f"{user_file}:absent", "unknown_builtin"]:
+        with pytest.raises(RewardError, match="reward.function"):
+            build_reward_function(RewardConfig(function=spec))
+    with pytest.raises(RewardError, match="nothing would score"):
+        build_reward_function(RewardConfig(function="none"))
+
+
+def test_builtin_boxed_math_with_format():
+    """Invariant: the default built-in scores boxed answers by equivalence, and format_weight adds the format reward."""
+    results, _ = _score("boxed_math", [("g", "<think>half</think> \\boxed{0.5}", "\\frac{1}{2}", None),
+                                       ("g", "\\boxed{0.4}", "\\frac{1}{2}", None)], format_weight=0.5)
+    assert [(r.score, r.accuracy) for r in results] == [(1.5, 1.0), (0.0, 0.0)]

@@ -1,0 +1,41 @@
+"""The VLM judge reward: P(Yes) from a chat VLM given (prompt, images, response), batched with left padding."""
+import pytest
+
+from mmrl_megatron.config.schema import DataConfig, RewardConfig
+from mmrl_megatron.data.format import make_row, parse_row
+from mmrl_megatron.rewards import RewardError, RewardItem, build_reward_function
+from mmrl_megatron.rewards.reward_model import RewardModelJudge
+from tests.data.images import png
+
+
+def _items():
+    rows = [make_row("How many squares?", [png(56, 56)], "1", "s"), make_row("Describe.", [png(112, 56), png(56, 84)], "2", "s"),
+            make_row("Text only question?", [], "3", "s")]
+    responses = ["\\boxed{1}", "<think>two shapes, one tall</think> \\boxed{2}", "no"]
+    return [RewardItem("s", response, row["reward_model"]["ground_truth"], {}, parse_row(row).messages,
+                       [image["bytes"] for image in row["images"]]) for row, response in zip(rows, responses)]
+
+
+def test_batched_judge_equals_one_at_a_time(tiny_model_dir):
+    """Invariant: scores are probabilities, and a left-padded batch mixing 0, 1 and 2 images gives the same
+    scores as scoring each item alone (padding and image bookkeeping do not leak across items)."""
+    judge = RewardModelJudge(tiny_model_dir, DataConfig(max_prompt_length=4096), batch_size=3)
+    items = _items()
+    batched = judge.score(items)
+    single = [judge.score([item])[0] for item in items]
+    assert all(0.0 < score < 1.0 for score in batched)
+    assert batched == pytest.approx(single, abs=1e-5)
+    assert len(set(round(score, 6) for score in batched)) == 3
+
+
+def test_reward_model_in_reward_function(tiny_model_dir):
+    """Invariant: reward_model_weight scales the judge's score into the total; items without the prompt's
+    messages are refused with RewardError rather than judged blind."""
+    reward = build_reward_function(RewardConfig(function="none", reward_model=tiny_model_dir, reward_model_weight=2.0),
+                                   DataConfig(max_prompt_length=4096))
+    results = reward.score_batch(_items()[:2])
+    for result in results:
+        assert result.score == pytest.approx(2.0 * result.components["reward_model"]) and result.accuracy == 0.0
+    with pytest.raises(RewardError, match="messages"):
+        reward.score_batch([("s", "\\boxed{1}", "1", {})])
+    reward.close()
