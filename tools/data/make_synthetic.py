@@ -25,15 +25,16 @@ RED, BLUE = (220, 30, 30), (30, 60, 220)
 def draw_example(rng: random.Random, image_size: int) -> Tuple[bytes, int]:
     """PNG bytes of one image and its number of red squares."""
     red_count, blue_count = rng.randint(1, 3), rng.randint(0, 2)
-    cells_per_side = 3  # squares sit in distinct cells of a 3x3 grid, so they never overlap
+    cells_per_side = 3  # squares sit in distinct cells of a 3x3 grid, so they never overlap or touch
     cell = image_size // cells_per_side
     cells = rng.sample(range(cells_per_side ** 2), red_count + blue_count)
     image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     for number, cell_index in enumerate(cells):
         side = rng.randint(cell // 2, cell - 2)
-        left = (cell_index % cells_per_side) * cell + rng.randint(0, cell - side)
-        top = (cell_index // cells_per_side) * cell + rng.randint(0, cell - side)
+        # a margin of at least one pixel inside the cell keeps squares in neighbouring cells from touching
+        left = (cell_index % cells_per_side) * cell + rng.randint(1, cell - side - 1)
+        top = (cell_index // cells_per_side) * cell + rng.randint(1, cell - side - 1)
         draw.rectangle((left, top, left + side - 1, top + side - 1), fill=RED if number < red_count else BLUE)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
