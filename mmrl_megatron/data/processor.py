@@ -38,8 +38,10 @@ class PromptProcessor:
 
         self.config = data_config
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # min_pixels/max_pixels keys in preprocessor_config.json override `size`, so pass them too
         self.image_processor = AutoImageProcessor.from_pretrained(
-            model_dir, size={"shortest_edge": data_config.min_pixels, "longest_edge": data_config.max_pixels})
+            model_dir, size={"shortest_edge": data_config.min_pixels, "longest_edge": data_config.max_pixels},
+            min_pixels=data_config.min_pixels, max_pixels=data_config.max_pixels)
         self.merge_size = self.image_processor.merge_size
         token_ids = {token: self.tokenizer.convert_tokens_to_ids(token) for token in (IMAGE_PAD, VISION_START, VISION_END)}
         if self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in token_ids.values():

@@ -170,3 +170,16 @@ def test_augmentation(tmp_path, tiny_model_dir):
     assert runs[0] == runs[1] and runs[0] != original
     validation = next(iter(_dataset([tmp_path / "a.parquet"], augmented, batch_size=2, train=False)))
     assert [s.images[0] for s in validation] == original
+
+
+def test_data_config_sets_image_resolution(tiny_model_dir):
+    """Invariant: data.min_pixels / data.max_pixels decide the patch grid, over the checkpoint's own
+    preprocessor limits (a 448x448 image keeps 32x32 patches by default, shrinks under a lower max_pixels,
+    and a 28x28 image grows to min_pixels)."""
+    def grid(width, **pixels):
+        processor = PromptProcessor(tiny_model_dir, DataConfig(max_prompt_length=4096, **pixels))
+        return processor.process(parse_row(make_row("q", [png(width, width)], "1", "s")), 0).image_grid_thw.tolist()
+
+    assert grid(448) == [[1, 32, 32]]
+    assert grid(448, max_pixels=112 * 112) == [[1, 8, 8]]
+    assert grid(28, min_pixels=56 * 56) == [[1, 4, 4]]
