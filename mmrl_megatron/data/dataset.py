@@ -91,10 +91,11 @@ class PromptDataset:
                 end = start + group.num_rows
                 first = self._first_own_position(max(self._position, start))
                 if first < end:
-                    rows, order = self.source.read(group), self._row_order(self._epoch, group)
+                    table, order = self.source.read(group), self._row_order(self._epoch, group)
                     for position in range(first, end, self.dp_size):
                         self._position = position + 1
-                        sample = self._sample(rows[order[position - start]], group, int(order[position - start]))
+                        local = int(order[position - start])
+                        sample = self._sample(self.source.row(table, local), group, local)
                         if sample is not None:
                             self._usable_in_epoch += 1
                             yield sample

@@ -183,3 +183,23 @@ def test_data_config_sets_image_resolution(tiny_model_dir):
     assert grid(448) == [[1, 32, 32]]
     assert grid(448, max_pixels=112 * 112) == [[1, 8, 8]]
     assert grid(28, min_pixels=56 * 56) == [[1, 4, 4]]
+
+
+def test_streams_row_groups_lazily(tmp_path, processor, caplog, monkeypatch):
+    """Invariant: iteration reads one row group at a time as it needs it (so data larger than memory streams),
+    and a file whose row groups are too large to stream is warned about."""
+    write_rows(str(tmp_path / "a.parquet"), _rows(12), row_group_size=3)
+    dataset = _dataset([tmp_path / "a.parquet"], processor, batch_size=2)
+    reads = []
+    original_read = dataset.source.read
+    monkeypatch.setattr(dataset.source, "read", lambda group: reads.append(group.group) or original_read(group))
+    iterator = iter(dataset)
+    next(iterator)
+    assert len(reads) == 1
+    next(iterator)
+    assert len(reads) == 2 and len(set(reads)) == 2
+
+    monkeypatch.setattr("mmrl_megatron.data.source.LARGE_ROW_GROUP", 2)
+    with caplog.at_level(logging.WARNING):
+        _dataset([tmp_path / "a.parquet"], processor)
+    assert "row group 0 has 3 rows and is read into memory whole" in caplog.text
