@@ -32,8 +32,9 @@ class RewardFunction:
             judge_data = data_config or DataConfig()
             self._judge = RewardModelJudge(reward_config.reward_model, judge_data,
                                            reward_config.reward_model_batch_size, device)
-        if self._workers is None and self._judge is None:
-            raise RewardError("reward.function is 'none' and no reward.reward_model is set: nothing would score")
+        if self._workers is None and self._judge is None and not reward_config.format_weight:
+            raise RewardError("reward.function is 'none', reward.format_weight is 0 and no reward.reward_model is "
+                              "set: nothing would score")
 
     def score_batch(self, items: Sequence) -> List[RewardResult]:
         """One RewardResult per item; items are RewardItems or (data_source, response, ground_truth, extra_info)."""

@@ -2,6 +2,7 @@
 compute_score(data_source, solution_str, ground_truth, extra_info) -> float | dict with "score"."""
 import importlib
 import importlib.util
+import math
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -35,7 +36,7 @@ def load_function(spec: str) -> Callable:
 
 def score_and_accuracy(value: Any) -> Tuple[float, float, Dict[str, float]]:
     """(score, accuracy, other numeric fields) from a float or a verl-style dict; accuracy is the dict's "acc"
-    (or "accuracy") when given, else whether the score is positive."""
+    (or "accuracy") when given, else whether the score is positive. A non-finite score is an error."""
     extras: Dict[str, float] = {}
     if isinstance(value, dict):
         if "score" not in value:
@@ -47,4 +48,6 @@ def score_and_accuracy(value: Any) -> Tuple[float, float, Dict[str, float]]:
     else:
         accuracy = None
     score = float(value)
+    if not math.isfinite(score):  # one NaN would poison every advantage in its group
+        raise ValueError(f"reward function returned a non-finite score {score}")
     return score, float(accuracy) if accuracy is not None else float(score > 0), extras

@@ -20,6 +20,8 @@ USER_FUNCTIONS = textwrap.dedent('''
     def raises(data_source, solution_str, ground_truth, extra_info):
         if "bad" in solution_str:
             raise ZeroDivisionError("user bug")
+        if "nan" in solution_str:
+            return float("nan")
         return 1.0
 
     def misbehaves(data_source, solution_str, ground_truth, extra_info):
@@ -60,10 +62,12 @@ def test_user_function_by_path(user_file):
 def test_failures_score_zero_and_are_counted(user_file):
     """Invariant: a raising call, a call past reward.timeout_s and a call that kills its worker each yield
     score 0 with the error on the result and in the counters, and the other items are still scored."""
-    results, metrics = _score(f"{user_file}:raises", [("s", "bad", "1", None), ("s", "good", "1", None)])
+    results, metrics = _score(f"{user_file}:raises", [("s", "bad", "1", None), ("s", "good", "1", None),
+                                                      ("s", "nan", "1", None)])
     assert results[0].score == 0.0 and results[0].error == "ZeroDivisionError: user bug"
     assert results[1].score == 1.0 and results[1].error is None
-    assert metrics["reward/errors_exception"] == 1
+    assert results[2].score == 0.0 and "non-finite" in results[2].error
+    assert metrics["reward/errors_exception"] == 2
 
     items = [("s", "slow", "1", None), ("s", "crash", "1", None)] + [("s", "fine", "1", None)] * 4
     results, metrics = _score(f"{user_file}:misbehaves", items, timeout_s=1.0)
@@ -80,6 +84,14 @@ def test_bad_specs_fail_at_build(tmp_path, user_file):
             build_reward_function(RewardConfig(function=spec))
     with pytest.raises(RewardError, match="nothing would score"):
         build_reward_function(RewardConfig(function="none"))
+
+
+def test_format_only_reward():
+    """Invariant: function 'none' with a format weight scores the format alone, without worker processes."""
+    reward = build_reward_function(RewardConfig(function="none", format_weight=1.0))
+    results = reward.score_batch([("s", "<think>t</think>\\boxed{1}", "2", None), ("s", "1", "1", None)])
+    assert [(r.score, r.accuracy, r.error) for r in results] == [(1.0, 0.0, None), (0.0, 0.0, None)]
+    reward.close()
 
 
 def test_builtin_boxed_math_with_format():
