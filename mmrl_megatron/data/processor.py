@@ -44,7 +44,7 @@ class PromptProcessor:
             min_pixels=data_config.min_pixels, max_pixels=data_config.max_pixels)
         self.merge_size = self.image_processor.merge_size
         token_ids = {token: self.tokenizer.convert_tokens_to_ids(token) for token in (IMAGE_PAD, VISION_START, VISION_END)}
-        if self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in token_ids.values():
+        if any(value is None or value == self.tokenizer.unk_token_id for value in token_ids.values()):
             raise DataError(f"{model_dir}: the tokenizer lacks the Qwen vision tokens {list(token_ids)}")
         self.image_token_id = token_ids[IMAGE_PAD]
         self.vision_start_token_id = token_ids[VISION_START]

@@ -14,7 +14,8 @@ class RewardFunction:
     """score = answer score + format_weight * format score + reward_model_weight * reward-model score.
 
     An answer function that raises, times out (reward.timeout_s) or kills its worker contributes 0 and its
-    error is returned on the result and counted in metrics(); it never stops training.
+    error is returned on the result and counted in metrics(); so does an item the reward model cannot read.
+    Neither stops training.
     """
 
     def __init__(self, reward_config, data_config=None, device: str = "cpu"):
@@ -56,15 +57,17 @@ class RewardFunction:
                 result.components["format"] = format_score(item.response_text)
                 result.score += self.config.format_weight * result.components["format"]
         if self._judge is not None:
-            for result, judged in zip(results, self._judge.score(items)):
+            for result, (judged, error) in zip(results, self._judge.score(items)):
+                if error is not None:
+                    self.errors["reward_model"] += 1
+                    result.error = "; ".join(filter(None, [result.error, error]))
                 result.components["reward_model"] = judged
                 result.score += self.config.reward_model_weight * judged
         return results
 
     def metrics(self) -> Dict[str, float]:
         """Failure counters since construction, for the tracker."""
-        return {"reward/errors_exception": float(self.errors["exception"]),
-                "reward/errors_timeout": float(self.errors["timeout"])}
+        return {f"reward/errors_{kind}": float(self.errors[kind]) for kind in ("exception", "timeout", "reward_model")}
 
     def close(self) -> None:
         if self._workers is not None:

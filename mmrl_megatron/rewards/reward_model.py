@@ -5,8 +5,11 @@ whether the response is correct; the reward is P("Yes") / (P("Yes") + P("No")) f
 works with any chat VLM checkpoint (no trained score head needed). torch and transformers are imported
 when a judge is built, so answer-function workers that import this package stay light.
 """
-from typing import Dict, List, Sequence
+import dataclasses
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from mmrl_megatron.data.errors import SkippedRow
 from mmrl_megatron.data.format import ParsedRow
 from mmrl_megatron.rewards.errors import RewardError
 from mmrl_megatron.rewards.types import RewardItem
@@ -16,12 +19,14 @@ JUDGE_QUESTION = "Is the previous answer correct? Answer Yes or No."
 
 class RewardModelJudge:
     def __init__(self, model_dir: str, data_config, batch_size: int = 8, device: str = "cpu"):
+        """data_config supplies min/max pixels; the judge's own prompt (prompt + response + question) is not
+        held to data.max_prompt_length."""
         import torch
         from transformers import AutoModelForImageTextToText
 
         from mmrl_megatron.data.processor import PromptProcessor
 
-        self.processor = PromptProcessor(model_dir, data_config)
+        self.processor = PromptProcessor(model_dir, dataclasses.replace(data_config, max_prompt_length=sys.maxsize))
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir).to(device).eval()
         self.batch_size, self.device, self.torch = batch_size, device, torch
         tokenizer = self.processor.tokenizer
@@ -39,14 +44,21 @@ class RewardModelJudge:
                            data_source=item.data_source, ability="", extra_info={})
         return self.processor.process(parsed, index=number)
 
-    def score(self, items: Sequence[RewardItem]) -> List[float]:
-        """P(Yes) in [0, 1] per item, in order; batches are left-padded."""
-        scores: List[float] = []
-        for begin in range(0, len(items), self.batch_size):
-            samples = [self._judge_sample(item, begin + offset)
-                       for offset, item in enumerate(items[begin:begin + self.batch_size])]
-            scores.extend(self._forward(samples))
-        return scores
+    def score(self, items: Sequence[RewardItem]) -> List[Tuple[float, Optional[str]]]:
+        """(P(Yes) in [0, 1], None) per item, in order, batches left-padded; (0.0, why) for an item whose images
+        cannot be processed."""
+        outcomes: List[Tuple[float, Optional[str]]] = [(0.0, None)] * len(items)
+        judged = []
+        for number, item in enumerate(items):
+            try:
+                judged.append((number, self._judge_sample(item, number)))
+            except SkippedRow as skipped:
+                outcomes[number] = (0.0, f"reward model: {skipped.reason}: {skipped}")
+        for begin in range(0, len(judged), self.batch_size):
+            chunk = judged[begin:begin + self.batch_size]
+            for (number, _), probability in zip(chunk, self._forward([sample for _, sample in chunk])):
+                outcomes[number] = (probability, None)
+        return outcomes
 
     def _forward(self, samples) -> List[float]:
         torch = self.torch

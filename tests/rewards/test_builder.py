@@ -54,7 +54,7 @@ def test_user_function_by_path(user_file):
     results, metrics = _score(f"{user_file}:match", [("src", "it is 7", "7", {"k": 1}), RewardItem("src", "8", "7")])
     assert [(r.score, r.accuracy, r.error) for r in results] == [(2.0, 1.0, None), (-1.0, 0.0, None)]
     assert results[0].components == {"answer": 2.0, "length": 7.0, "source_seen": 1.0}
-    assert metrics == {"reward/errors_exception": 0.0, "reward/errors_timeout": 0.0}
+    assert metrics == {"reward/errors_exception": 0.0, "reward/errors_timeout": 0.0, "reward/errors_reward_model": 0.0}
     results, _ = _score(f"{user_file}:plain", [("src", "x", "1", None)], format_weight=0.5)
     assert (results[0].score, results[0].accuracy, results[0].components) == (0.25, 1.0, {"answer": 0.25, "format": 0.0})
 
@@ -74,7 +74,7 @@ def test_failures_score_zero_and_are_counted(user_file):
     assert results[0].error == "timeout after 1 s" and results[0].score == 0.0
     assert results[1].error.startswith("worker died") and results[1].score == 0.0
     assert [r.score for r in results[2:]] == [1.0] * 4
-    assert metrics == {"reward/errors_exception": 1.0, "reward/errors_timeout": 1.0}
+    assert (metrics["reward/errors_exception"], metrics["reward/errors_timeout"]) == (1.0, 1.0)
 
 
 def test_bad_specs_fail_at_build(tmp_path, user_file):

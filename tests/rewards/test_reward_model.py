@@ -19,10 +19,12 @@ def _items():
 def test_batched_judge_equals_one_at_a_time(tiny_model_dir):
     """Invariant: scores are probabilities, and a left-padded batch mixing 0, 1 and 2 images gives the same
     scores as scoring each item alone (padding and image bookkeeping do not leak across items)."""
-    judge = RewardModelJudge(tiny_model_dir, DataConfig(max_prompt_length=4096), batch_size=3)
+    judge = RewardModelJudge(tiny_model_dir, DataConfig(max_prompt_length=16), batch_size=3)
     items = _items()
-    batched = judge.score(items)
-    single = [judge.score([item])[0] for item in items]
+    outcomes = judge.score(items)
+    assert all(error is None for _, error in outcomes)  # the judge's prompt is not held to max_prompt_length
+    batched = [score for score, _ in outcomes]
+    single = [judge.score([item])[0][0] for item in items]
     assert all(0.0 < score < 1.0 for score in batched)
     assert batched == pytest.approx(single, abs=1e-5)
     assert len(set(round(score, 6) for score in batched)) == 3
@@ -30,7 +32,8 @@ def test_batched_judge_equals_one_at_a_time(tiny_model_dir):
 
 def test_reward_model_in_reward_function(tiny_model_dir):
     """Invariant: reward_model_weight scales the judge's score into the total; items without the prompt's
-    messages are refused with RewardError rather than judged blind."""
+    messages are refused with RewardError rather than judged blind; an item whose image cannot be read scores
+    0 with its error counted while the rest of the batch is judged."""
     reward = build_reward_function(RewardConfig(function="none", reward_model=tiny_model_dir, reward_model_weight=2.0),
                                    DataConfig(max_prompt_length=4096))
     results = reward.score_batch(_items()[:2])
@@ -38,4 +41,9 @@ def test_reward_model_in_reward_function(tiny_model_dir):
         assert result.score == pytest.approx(2.0 * result.components["reward_model"]) and result.accuracy == 0.0
     with pytest.raises(RewardError, match="messages"):
         reward.score_batch([("s", "\\boxed{1}", "1", {})])
+    unreadable = _items()[0]._replace(images=[b"broken"])
+    result, good = reward.score_batch([unreadable, _items()[0]])
+    assert result.score == 0.0 and result.error.startswith("reward model: undecodable_image")
+    assert good.error is None and good.score == pytest.approx(results[0].score)
+    assert reward.metrics()["reward/errors_reward_model"] == 1
     reward.close()
