@@ -2,7 +2,7 @@
 
 Columns: `prompt` (a chat list of {role, content}; content is a string with "<image>" placeholders, as
 verl writes it, or a list of {"type": "image"} / {"type": "text", "text": ...} parts), `images` (a list
-of {"bytes": ...} structs or raw bytes; optional for text-only data), `reward_model` ({style,
+of {"bytes": ...} structs, raw bytes, or {"path": local file} structs; optional for text-only data), `reward_model` ({style,
 ground_truth}), `data_source`, `ability`, `extra_info` (optional).
 """
 import re
@@ -64,7 +64,18 @@ def parse_messages(prompt: Any) -> List[Dict[str, Any]]:
     return messages
 
 
+def _read_image_file(reference: str) -> bytes:
+    path = reference[len("file://"):] if reference.startswith("file://") else reference
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise SkippedRow("undecodable_image", f"image file {path} cannot be read: {error}") from error
+
+
 def parse_images(images: Any) -> List[bytes]:
+    """Encoded image bytes from a list of bytes, {"bytes": ...} structs, or structs naming a local file in
+    "path" / "image" (when "bytes" is empty)."""
     if images is None:
         return []
     if not isinstance(images, list):
@@ -72,6 +83,9 @@ def parse_images(images: Any) -> List[bytes]:
     encoded = []
     for image in images:
         data = image.get("bytes") if isinstance(image, dict) else image
+        if isinstance(image, dict) and not data:
+            reference = image.get("path") or image.get("image")
+            data = _read_image_file(reference) if isinstance(reference, str) and reference else None
         if not isinstance(data, (bytes, bytearray)) or not data:
             raise SkippedRow("wrong_type", f"image {len(encoded)} has no bytes (got {type(data).__name__})")
         encoded.append(bytes(data))

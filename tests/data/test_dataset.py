@@ -94,6 +94,19 @@ def test_row_format_errors_have_reasons():
     assert parsed.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "no placeholder?"}]
 
 
+def test_images_by_local_path(tmp_path):
+    """Invariant: an image given as a local file path (plain or file://) loads its bytes; a missing file is
+    an undecodable image, not a crash."""
+    image = tmp_path / "figure.png"
+    image.write_bytes(png(56, 56))
+    good = _rows(1)[0]
+    for reference in (str(image), f"file://{image}"):
+        assert parse_row({**good, "images": [{"bytes": None, "path": reference}]}).images == [png(56, 56)]
+    with pytest.raises(SkippedRow) as raised:
+        parse_row({**good, "images": [{"bytes": None, "path": str(tmp_path / "absent.png")}]})
+    assert raised.value.reason == "undecodable_image"
+
+
 def test_truncation_keeps_images_and_generation_prompt(tmp_path, tiny_model_dir):
     """Invariant: with overlong_prompt=truncate a long prompt is cut to the limit without losing an image token
     or the generation prompt at the end, and it is counted as truncated."""
