@@ -72,8 +72,9 @@ class PromptDataset:
 
     def _sample(self, row: Dict[str, Any], group: RowGroup, local: int) -> Optional[PromptSample]:
         index = group.first_index + local
-        augment_seed = int(np.random.SeedSequence((self.seed, self._epoch, index)).generate_state(1)[0]) \
-            if self.train else None
+        augment_seed = None
+        if self.train:  # a seed per (seed, epoch, row): resumed runs augment exactly as uninterrupted ones
+            augment_seed = int(np.random.SeedSequence((self.seed, self._epoch, index)).generate_state(1)[0])
         try:
             sample = self.processor.process(parse_row(row), index=index, augment_seed=augment_seed)
         except SkippedRow as skipped:
