@@ -8,7 +8,6 @@ import random
 import re
 from typing import List, Optional
 
-import torch
 
 from mmrl_megatron.data.errors import DataError, SkippedRow
 from mmrl_megatron.data.format import ParsedRow

@@ -1,10 +1,12 @@
 """tools/data: geometry3k preprocessing from parquet or save_to_disk copies, and the synthetic counting task."""
 import importlib.util
+import io
 import json
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from mmrl_megatron.config.schema import DataConfig
 from mmrl_megatron.data import PromptDataset
@@ -75,9 +77,6 @@ def test_geo3k_from_parquet_and_save_to_disk(tmp_path, tiny_model_dir):
 def test_synthetic_task_is_deterministic_and_correct(tmp_path, tiny_model_dir):
     """Invariant: the same seed writes identical files; each image holds as many red squares as its ground
     truth says; the ground truth checks as correct when boxed; images are 56x56 (a 4x4 patch grid)."""
-    from PIL import Image
-    import io
-
     tool = _tool("make_synthetic")
     for name in ("a", "b"):
         tool.main(["--out-dir", str(tmp_path / name), "--train-size", "12", "--test-size", "4", "--seed", "3"])
@@ -85,13 +84,10 @@ def test_synthetic_task_is_deterministic_and_correct(tmp_path, tiny_model_dir):
     assert rows == pq.read_table(tmp_path / "b" / "train.parquet").to_pylist()
     for row in rows:
         image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
-        assert image.size == (56, 56)
         truth = row["reward_model"]["ground_truth"]
-        assert truth in {"1", "2", "3"}
+        assert image.size == (56, 56) and truth in {"1", "2", "3"}
+        assert _count_red_components(image, tool.RED) == int(truth)
         assert compute_score(row["data_source"], f"\\boxed{{{truth}}}", truth, row["extra_info"])["score"] == 1.0
-    counts = [_count_red_components(Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB"), tool.RED)
-              for row in rows]
-    assert counts == [int(row["reward_model"]["ground_truth"]) for row in rows]
     samples = _samples(tmp_path / "a" / "test.parquet", tiny_model_dir)
     assert len(samples) == 4 and all(s.image_grid_thw.tolist() == [[1, 4, 4]] for s in samples)
 
