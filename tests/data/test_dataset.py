@@ -216,3 +216,32 @@ def test_streams_row_groups_lazily(tmp_path, processor, caplog, monkeypatch):
     with caplog.at_level(logging.WARNING):
         _dataset([tmp_path / "a.parquet"], processor)
     assert "row group 0 has 3 rows and is read into memory whole" in caplog.text
+
+
+# The chat template published with Qwen2.5-VL checkpoints (chat_template.json), verbatim.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_published_qwen_template_renders_parsed_messages(tiny_model_dir):
+    """Invariant: the messages the parser builds (system turn, images between texts) render under the real
+    Qwen2.5-VL chat template to the same prompt ids as under the tiny checkpoint's template."""
+    row = make_row("", [png(56, 56), png(84, 56)], "1", "s")
+    row["prompt"] = [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "First <image>, then <image>: which is wider?"}]
+    tiny = PromptProcessor(tiny_model_dir, DataConfig(max_prompt_length=4096))
+    published = PromptProcessor(tiny_model_dir, DataConfig(max_prompt_length=4096))
+    published.tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    expected, rendered = (processor.process(parse_row(row), 0) for processor in (tiny, published))
+    assert rendered.prompt_ids == expected.prompt_ids and rendered.prompt_text == expected.prompt_text
+    assert rendered.prompt_text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
