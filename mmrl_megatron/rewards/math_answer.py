@@ -8,6 +8,8 @@ import re
 import threading
 from typing import Any, Dict, Optional
 
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
 from mmrl_megatron.rewards.boxed import extract_boxed_answer
 
 _UNIT_WORDS = r"(?:units?|square units|sq units|cm|mm|m|km|in|inches|ft|feet|yd|meters?|degrees?|deg)"
@@ -27,8 +29,6 @@ def normalize_answer(answer: str) -> str:
 
 def answers_equivalent(predicted: str, ground_truth: str) -> bool:
     """Whether two answers are mathematically equal (string-equal after normalisation, or equal to math-verify)."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
     predicted, ground_truth = normalize_answer(predicted), normalize_answer(ground_truth)
     if not predicted or not ground_truth:
         return False

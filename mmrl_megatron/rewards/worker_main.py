@@ -9,8 +9,10 @@ from mmrl_megatron.rewards.functions import load_function, score_and_accuracy
 
 
 def serve(requests: Connection, results: Connection, spec: str) -> None:
-    """Answer (number, arguments) requests with (number, (score, accuracy, extras) or None, error or None)."""
+    """Say ("ready",) once the function is loaded, then answer (number, arguments) requests with
+    (number, (score, accuracy, extras) or None, error or None)."""
     function = load_function(spec)
+    results.send(("ready",))
     while True:
         try:
             number, arguments = requests.recv()

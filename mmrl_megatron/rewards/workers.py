@@ -14,6 +14,9 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, List, Optional, Sequence, Tuple
 
+from mmrl_megatron.rewards.errors import RewardError
+
+STARTUP_TIMEOUT_S = 300.0  # importing a user's module (and what it imports) may be slow on a busy node
 Outcome = Tuple[Optional[Tuple[float, float, dict]], Optional[str]]  # ((score, accuracy, extras), error)
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,6 +35,18 @@ class _Worker:
         self.requests = Connection(request_write, readable=False)
         self.results = Connection(result_read, writable=False)
 
+    def wait_ready(self, spec: str) -> "_Worker":
+        """Block until the worker has imported its function, so start-up time never counts against a call."""
+        if self.results.poll(STARTUP_TIMEOUT_S):
+            try:
+                if self.results.recv() == ("ready",):
+                    return self
+            except EOFError:
+                pass
+        self.stop()
+        raise RewardError(f"reward worker for {spec!r} did not start (exit code {self.process.returncode}); "
+                          f"run `python -m mmrl_megatron.rewards.worker_main` to see why")
+
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
@@ -44,7 +59,7 @@ class FunctionWorkers:
 
     def __init__(self, spec: str, num_workers: int, timeout_s: float):
         self.spec, self.timeout_s = spec, timeout_s
-        self._workers = [_Worker(spec) for _ in range(max(1, num_workers))]
+        self._workers = [worker.wait_ready(spec) for worker in [_Worker(spec) for _ in range(max(1, num_workers))]]
 
     def run(self, argument_tuples: Sequence[Tuple[Any, ...]]) -> List[Outcome]:
         """One outcome per argument tuple, in order: the result, or None with the error (raised, timed out, died).
@@ -84,7 +99,7 @@ class FunctionWorkers:
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.stop()
-        replacement = _Worker(self.spec)
+        replacement = _Worker(self.spec).wait_ready(self.spec)
         self._workers[self._workers.index(worker)] = replacement
         return replacement
 

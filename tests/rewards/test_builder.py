@@ -99,3 +99,13 @@ def test_builtin_boxed_math_with_format():
     results, _ = _score("boxed_math", [("g", "<think>half</think> \\boxed{0.5}", "\\frac{1}{2}", None),
                                        ("g", "\\boxed{0.4}", "\\frac{1}{2}", None)], format_weight=0.5)
     assert [(r.score, r.accuracy) for r in results] == [(1.5, 1.0), (0.0, 0.0)]
+
+
+def test_slow_import_does_not_count_against_timeout(tmp_path):
+    """Invariant: a user module that takes longer to import than reward.timeout_s still scores its calls,
+    because workers report ready before the first deadline starts."""
+    path = tmp_path / "slow_import.py"
+    path.write_text("import time\ntime.sleep(1.5)\n\ndef score(data_source, solution_str, ground_truth, extra_info):\n"
+                    "    return 1.0\n")
+    results, metrics = _score(f"{path}:score", [("s", "a", "1", None)] * 3, timeout_s=0.5)
+    assert [r.score for r in results] == [1.0] * 3 and metrics["reward/errors_timeout"] == 0
