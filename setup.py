@@ -14,6 +14,7 @@ setup(
         "megatron-core==0.16.1",
         "transformers>=5.0,<6",
         "tokenizers>=0.21",
+        "numpy>=1.26",
         "safetensors>=0.4",
         "pyarrow>=15",
         "pillow>=10",
