@@ -1,0 +1,326 @@
+"""Per-GPU memory estimate of a colocated RL run, and the changes that make a layout fit.
+
+A colocated step has two phases that share every GPU: rollout (engine weights + KV cache, with the
+actor's weights, gradient buffers and, unless offloaded, optimizer states resident) and training
+(actor states + activations + logits, with whatever the engine did not release). The peak of the two
+phases on the worst pipeline stage (the first holds the embedding, the vision tower and the most
+in-flight micro-batches; the last holds the output layer and the logits) is compared with the GPU.
+
+Byte counts follow megatron-core's mixed-precision accounting (Megatron-LM's theoretical memory):
+bf16 weights (2 B), fp32 gradient buffers (4 B: the trainer sets grad_reduce_in_fp32), and fp32
+master weights + Adam moments (12 B) sharded over data-parallel ranks by the distributed optimizer.
+Activations count the tensors each layer keeps for backward with a flash-style attention (no
+sequence-squared scores), so "selective" recompute (core attention only) saves nothing here.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+from omegaconf import OmegaConf
+
+from ..config.schema import Config
+from ..config.validate import ModelShape, validate_layout
+from .model_dims import ModelDims
+
+GIB = 1024 ** 3
+# CUDA context, NCCL communicators and their buffers, cuBLAS workspaces: measured totals on H100 runs
+# of megatron-core land between 2 and 4 GiB per process; the allocator's fragmentation adds a share.
+RUNTIME_RESERVE_BYTES = 3 * GIB
+FRAGMENTATION_SHARE = 0.05
+# A micro-batch's logits: the bf16 shard, its fp32 upcast and the fp32 softmax kept for backward.
+LOGIT_BYTES_PER_ENTRY = 2 + 4 + 4
+
+
+@dataclass
+class StageMemory:
+    """Bytes by component in each phase for one pipeline stage of one GPU."""
+
+    stage: str
+    rollout: Dict[str, float] = field(default_factory=dict)
+    training: Dict[str, float] = field(default_factory=dict)
+
+    def peak(self) -> Tuple[float, str]:
+        rollout, training = sum(self.rollout.values()), sum(self.training.values())
+        return (rollout, "rollout") if rollout > training else (training, "training")
+
+
+@dataclass
+class MemoryPlan:
+    model: ModelDims
+    world_size: int
+    data_parallel: int
+    gpu_memory_gib: float
+    stages: List[StageMemory]
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def worst(self) -> Tuple[float, str, str]:
+        """(peak bytes, phase, stage) of the stage that needs most."""
+        return max((*stage.peak(), stage.stage) for stage in self.stages)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.worst[0] / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gib <= self.gpu_memory_gib
+
+
+def _stage_layers(dims: ModelDims, pipeline: int, stage: int) -> range:
+    per_stage = dims.language.layers // pipeline
+    return range(stage * per_stage, (stage + 1) * per_stage)
+
+
+def _layer_activation_bytes_per_token(dims: ModelDims, config: Config) -> float:
+    """bf16 bytes one token keeps for backward in one decoder layer on one GPU (no recompute)."""
+    lm, p = dims.language, config.parallel
+    tensor, expert_tensor = p.tensor, p.expert_tensor or p.tensor
+    # Norm inputs and linear inputs are full-width; sequence parallelism splits them over TP.
+    replicated = 2 * 4 * lm.hidden / (tensor if p.sequence_parallel else 1)
+    if lm.attention == "mla":
+        qk = lm.qk_nope_head_dim + lm.qk_rope_head_dim
+        attention = 2 * lm.heads * (2 * qk + 2 * lm.v_head_dim) / tensor + 2 * (2 * lm.kv_lora_rank + lm.qk_rope_head_dim)
+    else:
+        attention = 2 * (2 * lm.heads + 2 * lm.kv_heads) * lm.head_dim / tensor
+    if lm.num_experts:
+        # k routed copies of each token (dispatched input, SwiGLU input/output), shared experts, fp32 router scores
+        k = lm.experts_per_token
+        mlp = k * (2 * lm.hidden + 6 * lm.moe_ffn / expert_tensor) + 6 * lm.shared_ffn / tensor + 8 * lm.num_experts
+    else:
+        mlp = 6 * lm.ffn / tensor  # SwiGLU: gate+up output (kept by the activation) and its output
+    return replicated + attention + mlp
+
+
+def _image_patches_per_micro_batch(dims: ModelDims, config: Config, tokens: float) -> float:
+    """Vision patches in a micro-batch: the image share of a sample's tokens, times merge**2 patches each."""
+    vision = dims.vision
+    image_tokens = min(config.data.max_prompt_length, config.data.max_pixels // (vision.patch * vision.merge) ** 2)
+    sample_tokens = config.data.max_prompt_length + config.rollout.max_new_tokens
+    return tokens * image_tokens / sample_tokens * vision.merge ** 2
+
+
+def _activation_bytes(dims: ModelDims, config: Config, stage: int, layers: int) -> Dict[str, float]:
+    p, pipeline = config.parallel, config.parallel.pipeline
+    tokens = config.actor.micro_batch_tokens / p.context
+    # 1F1B: stage s holds (pipeline - s) micro-batches in flight when there are at least that many.
+    in_flight = pipeline - stage
+    per_token = _layer_activation_bytes_per_token(dims, config)
+    patches = _image_patches_per_micro_batch(dims, config, tokens) if stage == 0 else 0.0
+    per_patch = dims.vision.activation_bytes_per_patch()
+    if config.model.recompute == "full":
+        # Each layer keeps only its input; backward re-runs one layer at a time.
+        boundary = 2 * dims.language.hidden / (p.tensor if p.sequence_parallel else 1)
+        language = in_flight * layers * tokens * boundary + tokens * per_token
+        vision = in_flight * dims.vision.depth * patches * 2 * dims.vision.hidden + patches * per_patch
+    else:
+        language = in_flight * layers * tokens * per_token
+        vision = in_flight * dims.vision.depth * patches * per_patch
+    result = {"activations": language}
+    if stage == 0:
+        result["vision activations"] = vision
+    if stage == pipeline - 1:
+        result["logits"] = tokens * dims.language.vocab / p.tensor * LOGIT_BYTES_PER_ENTRY
+    return result
+
+
+def _stage_params(dims: ModelDims, config: Config, stage: int) -> Tuple[float, float, float]:
+    """(dense params, expert params, vision params) this GPU holds on pipeline stage `stage`."""
+    lm, p = dims.language, config.parallel
+    expert_split = p.expert * (p.expert_tensor or p.tensor)
+    layers = _stage_layers(dims, p.pipeline, stage)
+    dense = sum(lm.layer_params_outside_experts(i) for i in layers)
+    experts = sum(lm.routed_expert_params(i) for i in layers)
+    if stage == 0:
+        dense += lm.vocab * lm.hidden
+    if stage == p.pipeline - 1:
+        # a tied model keeps a copy of the embedding on the last stage to act as the output layer
+        dense += lm.hidden + (lm.vocab * lm.hidden if (not lm.tied or p.pipeline > 1) else 0)
+    vision = dims.vision_params() if stage == 0 else 0  # replicated across TP, on the first stage only
+    return dense / p.tensor, experts / expert_split, vision
+
+
+def _engine_bytes(dims: ModelDims, config: Config, data_parallel: int, gpu_bytes: float) -> Tuple[Dict, Dict]:
+    """(rollout-phase, training-phase) bytes the colocated engine holds on one GPU."""
+    rollout = config.rollout
+    if rollout.backend == "sglang":
+        # SGLang takes mem_fraction_static of the GPU for weights + KV pool, whatever the model.
+        static = rollout.sglang.mem_fraction_static * gpu_bytes
+        released = rollout.release_memory and rollout.sglang.enable_memory_saver
+        return {"engine weights + KV pool": static}, {"engine weights + KV pool": 0.0 if released else static}
+    weight_bytes = dims.total_params() * (4 if config.model.dtype == "float32" else 2)
+    per_rank_sequences = config.data.prompts_per_step // data_parallel * rollout.n
+    slots = min(rollout.max_batch_size, per_rank_sequences)
+    max_len = rollout.embedded.cache_tokens or config.data.max_prompt_length + rollout.max_new_tokens
+    kv = slots * max_len * dims.language.kv_bytes_per_token()
+    weights_released = rollout.release_memory and rollout.embedded.offload_weights
+    training = {"engine weights": 0.0 if weights_released else weight_bytes,
+                "engine KV cache": 0.0 if rollout.release_memory else kv}
+    return {"engine weights": weight_bytes, "engine KV cache": kv}, training
+
+
+def estimate(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: float = 80.0) -> MemoryPlan:
+    """Per-GPU bytes of every component in both phases on the first and last pipeline stage.
+
+    Raises ConfigError (from config.validate) when the layout does not divide the world or the model.
+    """
+    lm, p, optim = dims.language, config.parallel, config.actor.optim
+    shape = ModelShape(lm.layers, lm.heads, lm.kv_heads, lm.num_experts)
+    data_parallel = validate_layout(config, world_size, shape)
+    expert_data_parallel = world_size // (p.pipeline * p.expert * (p.expert_tensor or p.tensor))
+    weight_bytes = 4 if config.model.dtype == "float32" else 2
+    state_bytes = 8 if config.model.dtype == "float32" else 12  # Adam moments (+ fp32 master weights)
+    dense_shards = data_parallel * p.context if optim.use_distributed_optimizer else 1
+    expert_shards = expert_data_parallel if optim.use_distributed_optimizer else 1
+    with_reference = config.algorithm.kl_coef > 0 or config.algorithm.kl_in_reward
+    with_critic = config.algorithm.advantage == "gae"
+    gpu_bytes = gpu_memory_gib * GIB
+    engine_rollout, engine_training = _engine_bytes(dims, config, data_parallel, gpu_bytes)
+
+    stage_ids = sorted({0, p.pipeline - 1})
+    stages = []
+    for stage in stage_ids:
+        dense, experts, vision = _stage_params(dims, config, stage)
+        trainable_vision = 0 if config.model.freeze_vision_tower else vision
+        params = dense + experts + vision
+        weights = params * weight_bytes
+        gradients = (dense + experts + trainable_vision) * 4
+        optimizer = (dense / dense_shards + experts / expert_shards + trainable_vision / dense_shards) * state_bytes
+        training = {"actor weights": weights, "gradient buffers": gradients, "optimizer states": optimizer}
+        rollout = dict(training, **{"optimizer states": 0.0 if optim.offload_during_rollout else optimizer})
+        if with_critic:  # a critic the size of the actor (its value head is negligible) keeps the same states
+            training["critic weights + gradients"] = rollout["critic weights + gradients"] = weights + gradients
+            training["critic optimizer states"] = optimizer
+            rollout["critic optimizer states"] = 0.0 if config.critic.optim.offload_during_rollout else optimizer
+        if with_reference:
+            rollout["reference weights"] = 0.0 if config.actor.offload_reference else weights
+            training["reference weights"] = 0.0 if config.actor.offload_reference else weights
+        training.update(_activation_bytes(dims, config, stage, len(_stage_layers(dims, p.pipeline, stage))))
+        rollout.update(engine_rollout)
+        training.update(engine_training)
+        for phase in (rollout, training):
+            phase["runtime reserve"] = RUNTIME_RESERVE_BYTES + FRAGMENTATION_SHARE * sum(phase.values())
+        name = "first" if stage == 0 else "last"
+        stages.append(StageMemory("only" if p.pipeline == 1 else name, rollout, training))
+    return MemoryPlan(dims, world_size, data_parallel, gpu_memory_gib, stages, _engine_warnings(dims, config, gpu_bytes))
+
+
+def _engine_warnings(dims: ModelDims, config: Config, gpu_bytes: float) -> List[str]:
+    rollout = config.rollout
+    if rollout.backend == "sglang":
+        shard = dims.total_params() * 2 / rollout.sglang.tensor_parallel
+        pool = rollout.sglang.mem_fraction_static * gpu_bytes
+        if shard > 0.8 * pool:
+            return [f"SGLang's static pool ({pool / GIB:.1f} GiB = rollout.sglang.mem_fraction_static x GPU) leaves "
+                    f"under 20% for the KV cache after {shard / GIB:.1f} GiB of weights per GPU; raise "
+                    "rollout.sglang.tensor_parallel or mem_fraction_static"]
+    elif dims.language.num_experts or dims.vision.kind != "qwen2_5_vit":
+        return ["the embedded engine runs Qwen2.5-VL only; use rollout.backend=sglang for this model"]
+    return []
+
+
+def with_overrides(config: Config, overrides: List[str]) -> Config:
+    """A copy of `config` with `key=value` overrides applied (same syntax as the command line)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config), OmegaConf.from_dotlist(overrides)))
+
+
+def _candidate_changes(config: Config, dims: ModelDims, world_size: int) -> List[List[str]]:
+    """Single changes that lower memory, each a list of overrides (cheapest in throughput first)."""
+    p, optim, rollout = config.parallel, config.actor.optim, config.rollout
+    changes = []
+    if rollout.backend == "embedded":
+        if not rollout.embedded.offload_weights:
+            changes.append(["rollout.embedded.offload_weights=true"])
+        if rollout.max_batch_size > 32:
+            changes.append([f"rollout.max_batch_size={rollout.max_batch_size // 2}"])
+        local = min(world_size, 8)
+        engine_tp = next((t for t in (2, 4, 8) if t <= local and local % t == 0 and dims.language.heads % t == 0), 0)
+        if engine_tp:
+            changes.append(["rollout.backend=sglang", f"rollout.sglang.tensor_parallel={engine_tp}"])
+    elif rollout.sglang.mem_fraction_static > 0.3:
+        changes.append([f"rollout.sglang.mem_fraction_static={rollout.sglang.mem_fraction_static - 0.1:.2f}"])
+    if not rollout.release_memory:
+        changes.append(["rollout.release_memory=true"])
+    if not optim.offload_during_rollout:
+        changes.append(["actor.optim.offload_during_rollout=true"])
+    if config.algorithm.advantage == "gae" and not config.critic.optim.offload_during_rollout:
+        changes.append(["critic.optim.offload_during_rollout=true"])
+    if not optim.use_distributed_optimizer:
+        changes.append(["actor.optim.use_distributed_optimizer=true"])
+    if (config.algorithm.kl_coef > 0 or config.algorithm.kl_in_reward) and not config.actor.offload_reference:
+        changes.append(["actor.offload_reference=true"])
+    if p.tensor > 1 and not p.sequence_parallel:
+        changes.append(["parallel.sequence_parallel=true"])
+    if config.model.recompute != "full":
+        changes.append(["model.recompute=full"])
+    if config.actor.micro_batch_tokens >= 4096:
+        changes.append([f"actor.micro_batch_tokens={config.actor.micro_batch_tokens // 2}"])
+    if p.tensor < 8:
+        changes.append([f"parallel.tensor={p.tensor * 2}", "parallel.data=null"])
+    changes.append([f"parallel.pipeline={p.pipeline * 2}", "parallel.data=null"])
+    if dims.language.num_experts:
+        changes.append([f"parallel.expert={p.expert * 2}", "parallel.data=null"])
+    return changes
+
+
+def _combine(overrides: List[str], change: List[str]) -> List[str]:
+    """`overrides` then `change`, one entry per key (a later value replaces an earlier one in place)."""
+    merged = {}
+    for item in overrides + change:
+        merged[item.split("=", 1)[0]] = item
+    return list(merged.values())
+
+
+def suggest_changes(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: float,
+                    max_changes: int = 6) -> List[Tuple[List[str], float]]:
+    """Ways to fit, as (overrides, peak GiB): every single change that fits alone; when none does, the
+    greedy chain that lowers the peak most at each step (or the best reached). Layouts the world size
+    or the model cannot take are skipped."""
+    def peak(overrides):
+        from ..config.errors import ConfigError
+
+        try:
+            return estimate(with_overrides(config, overrides), dims, world_size, gpu_memory_gib).peak_gib
+        except ConfigError:
+            return None
+
+    singles = [(change, peak(change)) for change in _candidate_changes(config, dims, world_size)]
+    fitting = sorted([(c, g) for c, g in singles if g is not None and g <= gpu_memory_gib], key=lambda item: item[1])
+    if fitting:
+        return fitting
+    chosen: List[str] = []
+    best = peak(chosen)
+    for _ in range(max_changes):
+        trial_config = with_overrides(config, chosen)
+        options = [(_combine(chosen, change), peak(_combine(chosen, change)))
+                   for change in _candidate_changes(trial_config, dims, world_size)]
+        options = [(c, g) for c, g in options if g is not None and g < best]
+        if not options:
+            break
+        chosen, best = min(options, key=lambda item: item[1])
+        if best <= gpu_memory_gib:
+            break
+    return [(chosen, best)] if chosen else []
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A table of GiB per component, one column per (stage, phase), and the verdict."""
+    columns = [(stage, phase) for stage in plan.stages for phase in ("rollout", "training")]
+    components = list(dict.fromkeys(name for stage, phase in columns for name in getattr(stage, phase)))
+    dims, lm = plan.model, plan.model.language
+    lines = [f"model {dims.name}: {dims.total_params() / 1e9:.2f} B parameters "
+             f"(language {dims.language_params() / 1e9:.2f} B, vision {dims.vision_params() / 1e9:.2f} B"
+             + (f", {lm.num_experts} experts, top-{lm.experts_per_token}" if lm.num_experts else "") + ")",
+             f"{plan.world_size} GPUs, data-parallel {plan.data_parallel}; GiB per GPU:"]
+    header = [f"{stage.stage}/{phase}" for stage, phase in columns]
+    width = max(len(name) for name in components + ["total"]) + 2
+    lines.append(" " * width + "".join(f"{title:>18}" for title in header))
+    for name in components:
+        values = [getattr(stage, phase).get(name, 0.0) / GIB for stage, phase in columns]
+        lines.append(f"{name:<{width}}" + "".join(f"{value:>18.1f}" for value in values))
+    totals = [sum(getattr(stage, phase).values()) / GIB for stage, phase in columns]
+    lines.append(f"{'total':<{width}}" + "".join(f"{value:>18.1f}" for value in totals))
+    peak, phase, stage = plan.worst
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"peak {peak / GIB:.1f} GiB ({stage} stage, {phase} phase): {verdict} in {plan.gpu_memory_gib:g} GiB")
+    lines.extend(f"warning: {warning}" for warning in plan.warnings)
+    return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""Model dimensions for memory planning: read from an HF config.json, or the published shapes built in.
+
+The built-in shapes let the planner answer "does 72B fit on 32 GPUs?" without downloading a checkpoint.
+Parameter counts follow the HF modules exactly (biases and norms included), so the count for a real
+checkpoint equals the number of elements in its safetensors (tests check this on the tiny checkpoint).
+"""
+import json
+import os
+from dataclasses import dataclass, replace
+from typing import Dict, Literal
+
+from ..config.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LanguageDims:
+    """The decoder: GQA (Qwen2) or MLA + mixture of experts (DeepSeek-V3 style, Kimi-VL)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int  # dense MLP width (all layers of a dense model; the first `first_dense_layers` of an MoE)
+    vocab: int
+    tied: bool
+    attention: Literal["gqa", "mla"] = "gqa"
+    q_lora_rank: int = 0  # MLA; 0: a plain q_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    num_experts: int = 0  # 0: dense
+    experts_per_token: int = 0
+    moe_ffn: int = 0
+    shared_ffn: int = 0  # all shared experts together
+    first_dense_layers: int = 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.num_experts > 0 and index >= self.first_dense_layers
+
+    def attention_params(self) -> int:
+        h = self.hidden
+        if self.attention == "mla":
+            qk_head = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = (h * self.heads * qk_head if not self.q_lora_rank
+                 else h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * self.heads * qk_head)
+            kv = (h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+                  + self.kv_lora_rank * self.heads * (self.qk_nope_head_dim + self.v_head_dim))
+            return q + kv + self.heads * self.v_head_dim * h
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        # q/k/v carry biases, o_proj does not (Qwen2 attention)
+        return h * q_width + q_width + 2 * (h * kv_width + kv_width) + q_width * h
+
+    def routed_expert_params(self, index: int) -> int:
+        return self.num_experts * 3 * self.hidden * self.moe_ffn if self.is_moe_layer(index) else 0
+
+    def layer_params_outside_experts(self, index: int) -> int:
+        """Attention, norms, dense MLP or (router + shared experts) of layer `index`."""
+        h = self.hidden
+        mlp = (self.num_experts * h + self.num_experts + 3 * h * self.shared_ffn if self.is_moe_layer(index)
+               else 3 * h * self.ffn)
+        return self.attention_params() + mlp + 2 * h
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Key + value cache per token over all layers, as HF-style engines store it (MLA decompressed)."""
+        if self.attention == "mla":
+            per_layer = self.heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
+        else:
+            per_layer = 2 * self.kv_heads * self.head_dim
+        return self.layers * per_layer * dtype_bytes
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """The vision tower and its projector into the language model."""
+
+    kind: Literal["qwen2_5_vit", "moonvit"]
+    depth: int
+    hidden: int
+    ffn: int
+    heads: int
+    patch: int = 14
+    merge: int = 2  # spatial merge: merge**2 patches become one language token
+    temporal_patch: int = 2  # Qwen's Conv3d frames; MoonViT uses 2-D patches
+    pos_emb_cells: int = 0  # MoonViT's learnable 2-D position table (height * width)
+
+    def params(self, out_hidden: int) -> int:
+        hv, merged = self.hidden, self.hidden * self.merge ** 2
+        attention = 3 * hv * hv + 3 * hv + hv * hv + hv
+        if self.kind == "qwen2_5_vit":
+            mlp = 2 * (hv * self.ffn + self.ffn) + self.ffn * hv + hv  # SwiGLU with biases
+            block = attention + mlp + 2 * hv  # two RMSNorms
+            patch = hv * 3 * self.temporal_patch * self.patch ** 2
+            merger = hv + merged * merged + merged + merged * out_hidden + out_hidden
+            return patch + self.depth * block + merger
+        mlp = hv * self.ffn + self.ffn + self.ffn * hv + hv  # fc0, GELU, fc1
+        block = attention + mlp + 4 * hv  # two LayerNorms (weight + bias)
+        patch = hv * 3 * self.patch ** 2 + hv + self.pos_emb_cells * hv
+        projector = 2 * hv + merged * merged + merged + merged * out_hidden + out_hidden
+        return patch + self.depth * block + 2 * hv + projector
+
+    def activation_bytes_per_patch(self) -> int:
+        """bf16 bytes one patch keeps for backward in one block (norm/linear inputs, q/k/v/out, MLP)."""
+        mlp = 6 * self.ffn if self.kind == "qwen2_5_vit" else 4 * self.ffn
+        return 2 * (4 * self.hidden) + 2 * (4 * self.hidden) + mlp
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    name: str
+    language: LanguageDims
+    vision: VisionDims
+
+    def language_params(self) -> int:
+        lm = self.language
+        layers = sum(self.language.layer_params_outside_experts(i) + lm.routed_expert_params(i)
+                     for i in range(lm.layers))
+        return layers + lm.vocab * lm.hidden * (1 if lm.tied else 2) + lm.hidden
+
+    def vision_params(self) -> int:
+        return self.vision.params(self.language.hidden)
+
+    def total_params(self) -> int:
+        return self.language_params() + self.vision_params()
+
+
+_QWEN_VIT_SMALL = VisionDims("qwen2_5_vit", depth=32, hidden=1280, ffn=3420, heads=16)
+_QWEN_VIT_LARGE = replace(_QWEN_VIT_SMALL, ffn=3456)  # 32B and 72B widen the ViT MLP
+
+
+def _qwen(name, layers, hidden, heads, kv_heads, ffn, vocab, tied, vision):
+    return ModelDims(name, LanguageDims(layers, hidden, heads, kv_heads, hidden // heads, ffn, vocab, tied), vision)
+
+
+# Published shapes (Hugging Face config.json of each release; shared/reference/conversion_models.md).
+BUILTIN_MODELS: Dict[str, ModelDims] = {
+    "qwen2.5-vl-3b": _qwen("qwen2.5-vl-3b", 36, 2048, 16, 2, 11008, 151936, True, _QWEN_VIT_SMALL),
+    "qwen2.5-vl-7b": _qwen("qwen2.5-vl-7b", 28, 3584, 28, 4, 18944, 152064, False, _QWEN_VIT_SMALL),
+    "qwen2.5-vl-32b": _qwen("qwen2.5-vl-32b", 64, 5120, 40, 8, 27648, 152064, False, _QWEN_VIT_LARGE),
+    "qwen2.5-vl-72b": _qwen("qwen2.5-vl-72b", 80, 8192, 64, 8, 29568, 152064, False, _QWEN_VIT_LARGE),
+    "kimi-vl-a3b": ModelDims(
+        "kimi-vl-a3b",
+        LanguageDims(layers=27, hidden=2048, heads=16, kv_heads=16, head_dim=128, ffn=11264, vocab=163840,
+                     tied=False, attention="mla", kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                     v_head_dim=128, num_experts=64, experts_per_token=6, moe_ffn=1408, shared_ffn=2 * 1408,
+                     first_dense_layers=1),
+        VisionDims("moonvit", depth=27, hidden=1152, ffn=4304, heads=16, temporal_patch=1, pos_emb_cells=64 * 64),
+    ),
+}
+
+
+def _dims_from_config_json(path: str) -> ModelDims:
+    with open(path) as handle:
+        config = json.load(handle)
+    text = config.get("text_config") or config  # transformers 5 nests; published 4.x files are flat
+    vision = config.get("vision_config") or {}
+    tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    model_type = config.get("model_type")
+    if model_type == "qwen2_5_vl":
+        heads = text["num_attention_heads"]
+        language = LanguageDims(text["num_hidden_layers"], text["hidden_size"], heads,
+                                text.get("num_key_value_heads") or heads,
+                                text.get("head_dim") or text["hidden_size"] // heads,
+                                text["intermediate_size"], text["vocab_size"], tied)
+        tower = VisionDims("qwen2_5_vit", vision["depth"], vision["hidden_size"], vision["intermediate_size"],
+                           vision["num_heads"], vision.get("patch_size", 14), vision.get("spatial_merge_size", 2),
+                           vision.get("temporal_patch_size", 2))
+        return ModelDims(name, language, tower)
+    if model_type == "kimi_vl":
+        language = LanguageDims(
+            text["num_hidden_layers"], text["hidden_size"], text["num_attention_heads"],
+            text.get("num_key_value_heads") or text["num_attention_heads"], text.get("v_head_dim", 128),
+            text["intermediate_size"], text["vocab_size"], tied, attention="mla",
+            q_lora_rank=text.get("q_lora_rank") or 0, kv_lora_rank=text["kv_lora_rank"],
+            qk_nope_head_dim=text["qk_nope_head_dim"], qk_rope_head_dim=text["qk_rope_head_dim"],
+            v_head_dim=text["v_head_dim"], num_experts=text.get("n_routed_experts") or 0,
+            experts_per_token=text.get("num_experts_per_tok") or 0, moe_ffn=text.get("moe_intermediate_size") or 0,
+            shared_ffn=(text.get("n_shared_experts") or 0) * (text.get("moe_intermediate_size") or 0),
+            first_dense_layers=text.get("first_k_dense_replace", 0))
+        merge = (vision.get("merge_kernel_size") or [2, 2])[0]
+        tower = VisionDims("moonvit", vision["num_hidden_layers"], vision["hidden_size"], vision["intermediate_size"],
+                           vision["num_attention_heads"], vision.get("patch_size", 14), merge, 1,
+                           vision.get("init_pos_emb_height", 64) * vision.get("init_pos_emb_width", 64))
+        return ModelDims(name, language, tower)
+    raise ConfigError(f"{path}: model_type '{model_type}' is not one the planner knows (qwen2_5_vl, kimi_vl)")
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "-").replace("qwen2-5", "qwen2.5")
+
+
+def resolve_model_dims(model: str) -> ModelDims:
+    """`model` is a directory with config.json, a config.json path, or a name containing a built-in key
+    (e.g. 'Qwen/Qwen2.5-VL-72B-Instruct' -> qwen2.5-vl-72b)."""
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    if os.path.isfile(path):
+        return _dims_from_config_json(path)
+    normalised = _normalise(os.path.basename(model.rstrip("/")))
+    for key, dims in BUILTIN_MODELS.items():
+        if key in normalised:
+            return dims
+    raise ConfigError(f"model '{model}' has no config.json and matches no built-in shape; pass --model with one of "
+                      f"{', '.join(BUILTIN_MODELS)} or a checkpoint directory")

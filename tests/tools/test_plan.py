@@ -1,0 +1,184 @@
+"""The memory planner: parameter counts equal real HF models, the byte arithmetic matches hand-computed
+cases, the suggested changes really fit, and every shipped YAML loads (the scale-out ones fit on the GPU
+count their header documents)."""
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+
+import pytest
+
+from mmrl_megatron.config import ConfigError, load_config
+from mmrl_megatron.config.schema import Config
+from mmrl_megatron.parallel.memory_plan import GIB, LOGIT_BYTES_PER_ENTRY, estimate, suggest_changes, with_overrides
+from mmrl_megatron.parallel.model_dims import BUILTIN_MODELS, LanguageDims, ModelDims, VisionDims, resolve_model_dims
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_SPEC = importlib.util.spec_from_file_location("plan_tool", os.path.join(REPO, "tools", "plan.py"))
+_PLAN_TOOL = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(_PLAN_TOOL)
+plan_main = _PLAN_TOOL.main
+SCALE_OUT_CONFIGS = ["grpo_qwen25vl_32b", "grpo_qwen25vl_72b", "grpo_kimivl_a3b", "ppo_qwen25vl_7b"]
+
+# A toy dense model whose numbers are easy to follow by hand.
+TOY = ModelDims("toy", LanguageDims(layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=1000,
+                                    tied=False),
+                VisionDims("qwen2_5_vit", depth=1, hidden=16, ffn=32, heads=2))
+
+
+def _toy_config(*overrides) -> Config:
+    base = ["parallel.tensor=2", "parallel.pipeline=2", "actor.micro_batch_tokens=1000", "data.prompts_per_step=8",
+            "rollout.backend=embedded", "rollout.n=4", "rollout.max_batch_size=256", "data.max_prompt_length=100",
+            "rollout.max_new_tokens=28", "rollout.release_memory=false", "algorithm.kl_coef=0"]
+    return with_overrides(Config(), base + list(overrides))
+
+
+def _safetensors_numel(path):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen_parameter_count_equals_checkpoint(tmp_path, tied):
+    """Invariant: the planner's parameter count from config.json equals the elements in the safetensors."""
+    from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
+
+    build_tiny_checkpoint(str(tmp_path), tie_word_embeddings=tied)
+    dims = resolve_model_dims(str(tmp_path))
+    assert dims.total_params() == _safetensors_numel(str(tmp_path / "model.safetensors"))
+
+
+def test_mla_moe_parameter_count_equals_transformers_model():
+    """Invariant: MLA attention + routed/shared experts + dense first layer count like HF's DeepseekV3
+    (the Kimi-VL language model), the expert-bias buffer included since checkpoints store it."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    hf = DeepseekV3Config(vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
+                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2,
+                          n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=None,
+                          qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1,
+                          n_group=1, topk_group=1, tie_word_embeddings=False)
+    model = DeepseekV3ForCausalLM(hf)
+    expected = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias"))
+    language = LanguageDims(layers=3, hidden=64, heads=4, kv_heads=4, head_dim=16, ffn=96, vocab=300, tied=False,
+                            attention="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                            num_experts=8, experts_per_token=2, moe_ffn=24, shared_ffn=48, first_dense_layers=1)
+    assert ModelDims("toy-mla", language, TOY.vision).language_params() == expected
+
+
+def test_kimi_config_json_matches_builtin(tmp_path):
+    """Invariant: a Kimi-VL config.json with the published values parses to the built-in shape."""
+    text = {"hidden_size": 2048, "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+            "intermediate_size": 11264, "vocab_size": 163840, "kv_lora_rank": 512, "q_lora_rank": None,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64,
+            "num_experts_per_tok": 6, "moe_intermediate_size": 1408, "n_shared_experts": 2,
+            "first_k_dense_replace": 1, "tie_word_embeddings": False}
+    vision = {"num_hidden_layers": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16,
+              "patch_size": 14, "merge_kernel_size": [2, 2], "init_pos_emb_height": 64, "init_pos_emb_width": 64}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "kimi_vl", "text_config": text,
+                                                      "vision_config": vision}))
+    parsed, builtin = resolve_model_dims(str(tmp_path)), BUILTIN_MODELS["kimi-vl-a3b"]
+    assert (parsed.language, parsed.vision) == (builtin.language, builtin.vision)
+
+
+def test_model_names_resolve_and_unknown_names_fail():
+    """Invariant: hub-style names find their built-in shape; an unknown name lists the known ones."""
+    assert resolve_model_dims("Qwen/Qwen2.5-VL-72B-Instruct").name == "qwen2.5-vl-72b"
+    assert resolve_model_dims("/ckpt/Qwen2_5-VL-7B-Instruct/").name == "qwen2.5-vl-7b"
+    assert resolve_model_dims("moonshotai/Kimi-VL-A3B-Thinking").name == "kimi-vl-a3b"
+    with pytest.raises(ConfigError, match="qwen2.5-vl-3b"):
+        resolve_model_dims("meta/llama-9b")
+
+
+def test_toy_arithmetic_by_hand():
+    """Invariant: weights, gradients, sharded optimizer, activations, logits and KV cache follow the byte
+    accounting in memory_plan's docstring (bf16 weights, fp32 grads, 12 B/param Adam over DP)."""
+    # per layer: q 64*64+64, k/v 2*(64*32+32), o 64*64, SwiGLU 3*64*128, two norms 2*64
+    layer = 4160 + 4160 + 4096 + 24576 + 128
+    assert TOY.language.layer_params_outside_experts(0) == layer == 37120
+    vision = TOY.vision_params()
+    plan = estimate(_toy_config(), TOY, world_size=8)  # TP2 x PP2 -> data-parallel 2
+    assert plan.data_parallel == 2
+    first, last = plan.stages
+    first_dense = (2 * layer + 1000 * 64) / 2  # two layers + embedding, split over TP=2
+    assert first.training["actor weights"] == 2 * (first_dense + vision)
+    assert first.training["gradient buffers"] == 4 * (first_dense + vision)
+    assert first.training["optimizer states"] == 12 * (first_dense + vision) / 2
+    last_dense = (2 * layer + 64 + 1000 * 64) / 2  # two layers + final norm + output layer
+    assert last.training["actor weights"] == 2 * last_dense
+    # no recompute, TP2 without sequence parallel, per token per layer: norm/linear inputs 4*2*64,
+    # q/k/v/out 2*(2*4+2*2)*16/2, SwiGLU 6*128/2 -> 512 + 192 + 384 = 1088 bytes
+    assert first.training["activations"] == 2 * 2 * 1000 * 1088  # 2 micro-batches in flight x 2 layers
+    assert last.training["activations"] == 1 * 2 * 1000 * 1088
+    assert last.training["logits"] == 1000 * 1000 / 2 * LOGIT_BYTES_PER_ENTRY
+    # embedded engine: 8 prompts / DP 2 * n 4 = 16 slots of 128 tokens; 4 layers * 2 * 2 KV heads * 16 * 2 B
+    assert first.rollout["engine KV cache"] == 16 * 128 * 512
+    assert first.rollout["engine weights"] == 2 * TOY.total_params()
+
+    recompute = estimate(_toy_config("model.recompute=full"), TOY, world_size=8).stages[0]
+    assert recompute.training["activations"] == 2 * 2 * 1000 * 128 + 1000 * 1088  # inputs kept + one layer re-run
+
+
+def test_phases_follow_offload_and_release_settings():
+    """Invariant: offloaded or released state leaves the phase it is not needed in, and only that phase."""
+    base = estimate(_toy_config("algorithm.kl_coef=0.1"), TOY, 8).stages[0]
+    assert base.rollout["optimizer states"] == base.training["optimizer states"] > 0
+    assert base.rollout["reference weights"] == base.training["actor weights"]
+    offload = estimate(_toy_config("algorithm.kl_coef=0.1", "actor.optim.offload_during_rollout=true",
+                                   "actor.offload_reference=true", "rollout.release_memory=true",
+                                   "rollout.embedded.offload_weights=true"), TOY, 8).stages[0]
+    assert offload.rollout["optimizer states"] == 0 and offload.training["optimizer states"] > 0
+    assert offload.rollout["reference weights"] == offload.training["reference weights"] == 0
+    assert offload.training["engine weights"] == offload.training["engine KV cache"] == 0
+    assert offload.rollout["engine KV cache"] == base.rollout["engine KV cache"] > 0
+    sglang = estimate(_toy_config("rollout.backend=sglang", "rollout.sglang.mem_fraction_static=0.5",
+                                  "rollout.release_memory=true"), TOY, 8, gpu_memory_gib=80).stages[0]
+    assert sglang.rollout["engine weights + KV pool"] == 40 * GIB and sglang.training["engine weights + KV pool"] == 0
+
+
+def test_impossible_layout_is_refused():
+    """Invariant: the planner applies the run's own layout validation (layers divisible by pipeline)."""
+    with pytest.raises(ConfigError, match="parallel.pipeline=3"):
+        estimate(_toy_config("parallel.pipeline=3"), TOY, world_size=6)
+
+
+def test_suggestions_fit_when_applied():
+    """Invariant: every suggested set of overrides, applied to the config, gives a plan that fits."""
+    config = with_overrides(Config(), ["model.hf_path=Qwen/Qwen2.5-VL-7B-Instruct", "rollout.backend=embedded",
+                                       "algorithm.kl_coef=0.001", "actor.micro_batch_tokens=16384"])
+    dims = BUILTIN_MODELS["qwen2.5-vl-7b"]
+    assert not estimate(config, dims, 8).fits
+    suggestions = suggest_changes(config, dims, 8, 80.0)
+    assert suggestions
+    for overrides, peak in suggestions:
+        replanned = estimate(with_overrides(config, overrides), dims, 8)
+        assert replanned.fits and replanned.peak_gib == pytest.approx(peak)
+
+
+def test_every_yaml_loads_and_scale_out_layouts_fit(capsys):
+    """Invariant: each shipped config loads; each scale-out config fits 80 GiB GPUs at the GPU count its
+    header's plan command names (the documented command is the one tested)."""
+    paths = sorted(glob.glob(os.path.join(REPO, "yaml_configs", "*.yaml")))
+    for path in paths:
+        load_config(path)
+    for name in SCALE_OUT_CONFIGS:
+        path = os.path.join(REPO, "yaml_configs", f"{name}.yaml")
+        with open(path) as handle:
+            gpus = re.search(r"tools/plan.py --config \S+ --gpus (\d+)", handle.read()).group(1)
+        assert plan_main(["--config", path, "--gpus", gpus]) == 0, capsys.readouterr().out
+        assert "fits in 80 GiB" in capsys.readouterr().out
+
+
+def test_cli_reports_misfit_and_errors(capsys):
+    """Invariant: tools/plan.py exits 1 with suggestions when the layout does not fit, 2 on a bad layout."""
+    path = os.path.join(REPO, "yaml_configs", "grpo_qwen25vl_72b.yaml")
+    assert plan_main(["--config", path, "--gpus", "32", "actor.optim.offload_during_rollout=false"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "try: " in out
+    assert plan_main(["--config", path, "--gpus", "24"]) == 2
+    assert "world size 24" in capsys.readouterr().err
