@@ -1,4 +1,5 @@
 """Shared fixtures for the embedded-engine tests: tiny checkpoint, mixed image/text requests, an HF scorer."""
+import inspect
 from typing import List, Optional, Sequence
 
 import torch
@@ -26,12 +27,14 @@ def make_requests(config, grids: Sequence[Optional[List[int]]], text_len: int = 
 
 def hf_logits(model, request: RolloutRequest, response_ids: List[int]) -> torch.Tensor:
     """HF's own forward over prompt + response: fp32 logits predicting each response token [R, vocab]."""
-    input_ids = torch.tensor([list(request.prompt_ids) + list(response_ids)])
-    images = {} if request.pixel_values is None else dict(pixel_values=request.pixel_values,
+    input_ids = torch.tensor([list(request.prompt_ids) + list(response_ids)], device=model.device)
+    inputs = {} if request.pixel_values is None else dict(pixel_values=request.pixel_values,
                                                           image_grid_thw=request.image_grid_thw)
+    # transformers >= 5.2x derives M-RoPE positions from mm_token_type_ids; earlier releases from the ids.
+    if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
+        inputs["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
     with torch.no_grad():
-        logits = model(input_ids=input_ids, mm_token_type_ids=(input_ids == model.config.image_token_id).int(),
-                       **images).logits[0].float()
+        logits = model(input_ids=input_ids, **inputs).logits[0].float()
     prompt_len = len(request.prompt_ids)
     return logits[prompt_len - 1:-1]
 
@@ -39,4 +42,5 @@ def hf_logits(model, request: RolloutRequest, response_ids: List[int]) -> torch.
 def hf_logprobs(model, request: RolloutRequest, result: RolloutResult, temperature: float) -> torch.Tensor:
     logits = hf_logits(model, request, result.response_ids)
     scaled = logits / (temperature if temperature > 0 else 1.0)
-    return torch.log_softmax(scaled, -1).gather(-1, torch.tensor(result.response_ids)[:, None])[:, 0]
+    tokens = torch.tensor(result.response_ids, device=logits.device)[:, None]
+    return torch.log_softmax(scaled, -1).gather(-1, tokens)[:, 0]

@@ -38,7 +38,9 @@ class QwenVLDecoder:
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
-        features = self.model.model.get_image_features(pixel_values, image_grid_thw).pooler_output
+        features = self.model.model.get_image_features(pixel_values, image_grid_thw)
+        # transformers >= 5.2x wraps the per-image features in an output object; earlier 5.x returns them.
+        features = getattr(features, "pooler_output", features)
         features = torch.cat(list(features), dim=0).to(embeds.dtype)
         image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(image_mask, features)

@@ -4,6 +4,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ...data.rope import rope_positions
 from ..errors import RolloutError
 from ..types import RolloutRequest
 
@@ -23,7 +24,11 @@ class PreparedPrompt:
 
 
 def prepare_prompt(model: torch.nn.Module, request: RolloutRequest, request_index: int) -> PreparedPrompt:
-    """Check that the image pads match the images and compute positions the way HF's generate does."""
+    """Check that the image pads match the images and compute M-RoPE positions.
+
+    Positions come from data.rope_positions, the function the trainer scores with (equal to HF's
+    get_rope_index, whose signature differs between transformers 5 releases).
+    """
     config = model.config
     input_ids = torch.as_tensor(request.prompt_ids, dtype=torch.long).flatten()
     if input_ids.numel() == 0:
@@ -35,11 +40,13 @@ def prepare_prompt(model: torch.nn.Module, request: RolloutRequest, request_inde
         raise RolloutError(f"request {request_index} has {int(image_tokens.sum())} <|image_pad|> tokens but its "
                            f"image_grid_thw implies {expected} (pixel_values given: {request.pixel_values is not None}):"
                            " expand each image pad to grid_t*grid_h*grid_w/merge_size**2 copies")
-    positions, delta = model.model.get_rope_index(
-        input_ids[None], mm_token_type_ids=image_tokens.int()[None],
-        image_grid_thw=None if grid is None else grid.to(torch.long))
-    return PreparedPrompt(request_index, input_ids, positions[:, 0], int(delta.flatten()[0]),
-                          request.pixel_values, grid)
+    try:
+        positions = rope_positions(input_ids, grid, config.vision_config.spatial_merge_size, config.image_token_id,
+                                   config.vision_start_token_id)
+    except ValueError as error:
+        raise RolloutError(f"request {request_index}: {error}") from error
+    rope_delta = int(positions.max()) + 1 - input_ids.numel()
+    return PreparedPrompt(request_index, input_ids, positions, rope_delta, request.pixel_values, grid)
 
 
 @dataclass

@@ -33,7 +33,10 @@ def build_empty_model(hf_dir: str, device: torch.device, dtype: torch.dtype) -> 
     the modules compute in __init__ (rotary frequencies) are still built.
     """
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers releases before initialization.py kept it in modeling_utils
+        from transformers.modeling_utils import no_init_weights
 
     config = AutoConfig.from_pretrained(hf_dir)
     if config.model_type != "qwen2_5_vl":
