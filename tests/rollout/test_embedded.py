@@ -83,6 +83,24 @@ def test_samples_are_independent_reproducible_and_batch_invariant(checkpoint, en
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
 
 
+def test_continuous_batching_matches_roomy_batch_when_sequences_end_early(checkpoint, engine, requests):
+    """With two slots, sequences that stop early free their slot for the next prompt mid-run; every result
+    (tokens, log-probs, finish reason) equals the run where all sequences fit at once."""
+    sampling = _sampling(n=2, temperature=1.0, max_new_tokens=12)
+    probe = engine.generate(requests, sampling)
+    stop_token = probe[0].response_ids[2]  # ends that sample early; others run on or stop elsewhere
+    sampling = dataclasses.replace(sampling, stop_token_ids=[stop_token])
+    roomy = engine.generate(requests, sampling)
+    tight = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=2)
+    tight.load_checkpoint()
+    squeezed = tight.generate(requests * 2, sampling)[:len(roomy)]
+    assert {len(r.response_ids) for r in roomy} != {12}  # some sequences really did end early
+    for a, b in zip(squeezed, roomy):
+        assert (a.request_index, a.sample_index, a.response_ids, a.finish_reason) == \
+            (b.request_index, b.sample_index, b.response_ids, b.finish_reason)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
 def test_stop_token_ends_the_sequence_and_is_included(engine, requests):
     """A stop token ends its sequence with finish_reason 'stop' and is the response's last token;
     without it the sequence runs to max_new_tokens with finish_reason 'length'."""

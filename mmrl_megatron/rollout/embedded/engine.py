@@ -46,7 +46,7 @@ class EmbeddedEngine(RolloutEngine):
     # -- weights ---------------------------------------------------------------------------------
 
     def update_weights(self, buckets: Iterable[NamedTensors]) -> None:
-        self._require_resident("update_weights")
+        """Copy tensors in place (also while offloaded: they land in the CPU copies and travel back on resume)."""
         with torch.no_grad():
             for bucket in buckets:
                 for name, tensor in bucket:
@@ -96,7 +96,7 @@ class EmbeddedEngine(RolloutEngine):
             return []
         prompts = [prepare_prompt(self.model, request, index) for index, request in enumerate(requests)]
         longest = max(prompt.length for prompt in prompts) + sampling.max_new_tokens
-        cache = self._cache_for(longest)
+        cache = self._cache_for(len(requests) * sampling.n, longest)
         decode = self._decode_step(cache)
         stop_ids = list(sampling.stop_token_ids) + ([] if sampling.ignore_eos else self._end_of_sequence_ids)
         stop_rules = StopRules(stop_ids, sampling.stop, sampling.max_new_tokens, self.device,
@@ -121,11 +121,15 @@ class EmbeddedEngine(RolloutEngine):
         if self._weights_offloaded:
             raise RolloutError(f"{action} called while the engine's weights are offloaded: call resume_memory() first")
 
-    def _cache_for(self, tokens_per_sequence: int) -> StaticKVCache:
-        """The current cache if it is long enough, else a new (longer) one; graphs follow the cache."""
+    def _cache_for(self, sequences: int, tokens_per_sequence: int) -> StaticKVCache:
+        """The current cache if it is big enough, else a new one; graphs follow the cache.
+
+        Slots: the call's sequences rounded up to a power of two, at most max_batch_size, so a small
+        call (or a CPU run) does not pay for a full-size cache; RL steps repeat one size and reuse it."""
         max_len = max(self.settings.cache_tokens,
                       -(-tokens_per_sequence // CACHE_LEN_GRANULARITY) * CACHE_LEN_GRANULARITY)
-        geometry = self.decoder.cache_geometry(self.max_batch_size, max_len)
+        slots = min(self.max_batch_size, 1 << max(sequences - 1, 0).bit_length())
+        geometry = self.decoder.cache_geometry(slots, max_len)
         if self._cache is None or not self._cache.fits(geometry):
             self._cache = self._graphs = None  # drop the old cache before allocating its successor
             self._cache = StaticKVCache(geometry, self.dtype, self.device)

@@ -35,7 +35,8 @@ class StaticKVCache:
         self.rope_deltas = torch.zeros(geometry.slots, dtype=torch.long, device=device)
 
     def fits(self, geometry: CacheGeometry) -> bool:
-        """Whether this cache can serve `geometry` (same model and slots, at least as long)."""
+        """Whether this cache can serve `geometry` (same model, at least as many slots and tokens)."""
         own = self.geometry
-        return (own.num_layers, own.num_kv_heads, own.head_dim, own.slots) == (
-            geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.slots) and own.max_len >= geometry.max_len
+        return ((own.num_layers, own.num_kv_heads, own.head_dim) ==
+                (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+                and own.slots >= geometry.slots and own.max_len >= geometry.max_len)
