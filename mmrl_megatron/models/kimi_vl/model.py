@@ -1,0 +1,71 @@
+"""KimiVLModel: MoonViT + projector (first pipeline stage, replicated over TP) feeding the megatron-core
+MLA/MoE language model, with the project's model forward contract."""
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from .hf_config import KimiVLConfig
+from .language_model import build_language_model, language_transformer_config
+from .vision import MoonViT, MultiModalProjector
+
+
+class KimiVLModel(MegatronModule):
+    """forward(input_ids [1, T], position_ids, packed_seq_params, pixel_values [patches, 3, p, p],
+    image_grid_thw [images, 3] or [images, 2]) -> logits [1, T, vocab/TP] on the last stage, else the
+    hidden states for the pipeline schedule. position_ids are not used: MLA applies 1-D rotary per
+    packed sequence itself, which is Kimi-VL's position scheme (no M-RoPE)."""
+
+    def __init__(self, kimi: KimiVLConfig, transformer_config, pre_process: bool, post_process: bool):
+        super().__init__(config=transformer_config)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+        self.media_placeholder_token_id = kimi.media_placeholder_token_id
+        self.language_model = build_language_model(kimi.text, transformer_config, pre_process, post_process)
+        if pre_process:
+            dtype = transformer_config.params_dtype
+            self.vision_tower = MoonViT(kimi.vision).to(dtype)
+            self.multi_modal_projector = MultiModalProjector(kimi.vision, kimi.text.hidden_size).to(dtype)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> torch.Tensor:
+        """[image tokens, text hidden], in image order."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values, image_grid))
+
+    def _embed(self, input_ids, pixel_values, image_grid) -> torch.Tensor:
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s(/TP), b, h]
+        if pixel_values is None:
+            return embeddings
+        features = self.image_features(pixel_values, image_grid).to(embeddings.dtype)
+        mask = (input_ids == self.media_placeholder_token_id).transpose(0, 1).unsqueeze(-1)  # [s, b, 1]
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(f"{int(mask.sum())} media placeholder tokens (id {self.media_placeholder_token_id}) "
+                             f"but {features.shape[0]} image features: expand each <|media_pad|> per image grid")
+        hidden = embeddings.shape[-1]
+        placed = torch.zeros(mask.shape[0], mask.shape[1], hidden, dtype=embeddings.dtype,
+                             device=embeddings.device).masked_scatter(mask, features)
+        if self.config.sequence_parallel:  # embeddings are this rank's sequence chunk: take the same chunk
+            placed = tensor_parallel.scatter_to_sequence_parallel_region(placed)
+            mask = mask.chunk(self.config.tensor_model_parallel_size, dim=0)[
+                tensor_parallel.get_tensor_model_parallel_rank()]
+        return torch.where(mask, placed, embeddings)
+
+    def forward(self, input_ids, position_ids=None, packed_seq_params=None, pixel_values=None,
+                image_grid_thw=None, labels: Optional[torch.Tensor] = None):
+        decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        return self.language_model(input_ids=input_ids, position_ids=None, attention_mask=None,
+                                   decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params)
+
+
+def build_kimi_vl_model(kimi: KimiVLConfig, layout, params_dtype: torch.dtype = torch.float32,
+                        bias_update_rate: float = 0.0) -> KimiVLModel:
+    """This pipeline stage's KimiVLModel; call after init_model_parallel(layout)."""
+    from megatron.core import parallel_state
+
+    config = language_transformer_config(kimi.text, layout, params_dtype, bias_update_rate)
+    return KimiVLModel(kimi, config, pre_process=parallel_state.is_pipeline_first_stage(),
+                       post_process=parallel_state.is_pipeline_last_stage())
