@@ -64,6 +64,12 @@ class SGLangConfig:
     max_restarts: int = 2
     extra_args: List[str] = field(default_factory=list)
     weight_sync: Literal["tensor", "distributed"] = "tensor"  # colocated CUDA IPC, or NCCL broadcast
+    retry_backoff_s: float = 1.0  # first wait before retrying a timed-out request; doubles each retry
+    max_concurrent_requests: int = 256  # /generate requests in flight per server (SGLang batches them)
+    server_module: str = "sglang.launch_server"  # python -m <this> starts a server
+    log_dir: str = ""  # server logs; empty: <trainer.run_dir>/sglang
+    update_group_backend: Literal["nccl", "gloo"] = "nccl"  # weight_sync=distributed: broadcast backend
+    update_group_address: str = ""  # weight_sync=distributed: this node's address the servers reach; empty: host
 
 
 @dataclass

@@ -1,0 +1,215 @@
+"""Contract tests of SGLangEngine against the fake SGLang 0.5.23 server (tests/rollout/fake_sglang_server.py)."""
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from mmrl_megatron.config.schema import RolloutConfig
+from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
+from mmrl_megatron.rollout.errors import RolloutError
+from mmrl_megatron.rollout.sglang import SGLangEngine
+from mmrl_megatron.rollout.types import RolloutRequest, SamplingParams
+from tests.rollout.fake_sglang_server import EOS_TOKEN_ID, InProcessLauncher
+
+VISION_START, IMAGE_PAD, VISION_END = 259, 261, 260
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_qwen")), seed=0)
+
+
+def png_bytes(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (28, 28), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_request(text: bytes, color) -> RolloutRequest:
+    prompt = list(text) + [VISION_START] + [IMAGE_PAD] * 4 + [VISION_END]
+    return RolloutRequest(prompt_ids=prompt, images=[png_bytes(color)])
+
+
+def rollout_config(**sglang_overrides) -> RolloutConfig:
+    config = RolloutConfig(backend="sglang")
+    config.sglang.max_retries = 0
+    config.sglang.retry_backoff_s = 0.01
+    config.sglang.max_concurrent_requests = 4
+    for key, value in sglang_overrides.items():
+        setattr(config.sglang, key, value)
+    return config
+
+
+def make_engine(hf_dir, tp_size=1, crash_plan=(), **sglang_overrides):
+    launcher = InProcessLauncher(hf_dir, tp_size=tp_size, crash_plan=crash_plan)
+    engine = SGLangEngine(rollout_config(tensor_parallel=tp_size, **sglang_overrides), hf_dir, launcher=launcher)
+    return engine, launcher
+
+
+def bigram_logprobs(weights, prompt_last: int, response, temperature: float):
+    """log softmax(E @ E[last] / T)[token] for each response token: the fake's model, recomputed here."""
+    embed = weights["model.embed_tokens.weight"].float()
+    expected, last = [], prompt_last
+    for token in response:
+        expected.append(float(torch.log_softmax(embed @ embed[last] / temperature, dim=-1)[token]))
+        last = token
+    return expected
+
+
+def scaled_weights(launcher, factor: float):
+    return [[(name, tensor * factor) for name, tensor in launcher.server.weights.items()]]
+
+
+def test_generation_with_images_returns_n_samples_and_tempered_logprobs(hf_dir):
+    """n samples per image prompt, ordered (request, sample), with log-probs under the sampling temperature."""
+    engine, launcher = make_engine(hf_dir)
+    try:
+        requests = [image_request(b"red?", "red"), image_request(b"blue?", "blue")]
+        sampling = SamplingParams(n=3, temperature=0.7, max_new_tokens=6, seed=5)
+        results = engine.generate(requests, sampling)
+        assert [(r.request_index, r.sample_index) for r in results] == [(i, j) for i in range(2) for j in range(3)]
+        weights = launcher.server.weights
+        for result in results:
+            assert 0 < len(result.response_ids) <= 6
+            assert result.finish_reason == ("stop" if result.response_ids[-1] == EOS_TOKEN_ID else "length")
+            prompt_last = requests[result.request_index].prompt_ids[-1]
+            expected = bigram_logprobs(weights, prompt_last, result.response_ids, 0.7)
+            assert result.logprobs == pytest.approx(expected, abs=1e-5)
+        # every sample is its own /generate call carrying its images as data URLs and its own seed
+        generate_calls = [body for route, body in launcher.server.calls if route == "/generate"]
+        assert len(generate_calls) == 6
+        assert all(body["image_data"][0].startswith("data:image/png;base64,") for body in generate_calls)
+        assert len({body["sampling_params"]["sampling_seed"] for body in generate_calls}) == 6
+        assert engine.generate(requests, sampling) == results  # fixed seed: same rollout
+    finally:
+        engine.shutdown()
+
+
+def test_greedy_logprobs_are_at_temperature_one(hf_dir):
+    """Temperature 0 is greedy; SGLang then reports log-probs at temperature 1, and so do we."""
+    engine, launcher = make_engine(hf_dir)
+    try:
+        request = RolloutRequest(prompt_ids=list(b"hello"))
+        (result,) = engine.generate([request], SamplingParams(temperature=0.0, max_new_tokens=4))
+        expected = bigram_logprobs(launcher.server.weights, request.prompt_ids[-1], result.response_ids, 1.0)
+        assert result.logprobs == pytest.approx(expected, abs=1e-5)
+    finally:
+        engine.shutdown()
+
+
+def test_tensor_weight_update_in_a_session_with_one_payload_per_tp_rank(hf_dir):
+    """Colocated sync: begin, one flattened-bucket payload per engine TP rank, end, flush; weights land."""
+    engine, launcher = make_engine(hf_dir, tp_size=2)
+    try:
+        new = scaled_weights(launcher, 0.5)
+        engine.update_weights(new)
+        routes = [route for route, _ in launcher.server.calls]
+        assert routes == ["/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update", "/flush_cache"]
+        body = launcher.server.calls[1][1]
+        assert len(body["serialized_named_tensors"]) == 2
+        assert body["load_format"] == "flattened_bucket" and body["weight_version"] == "1"
+        for name, tensor in new[0]:
+            assert torch.equal(launcher.server.weights[name], tensor)
+        fetched = engine.get_weights(["model.norm.weight"])
+        assert torch.allclose(fetched["model.norm.weight"], dict(new[0])["model.norm.weight"])
+    finally:
+        engine.shutdown()
+
+
+def test_distributed_weight_update_broadcasts_into_the_server(hf_dir):
+    """Disaggregated sync: init group once, then names/dtypes/shapes + a broadcast per tensor, in a session."""
+    engine, launcher = make_engine(hf_dir, tp_size=2, weight_sync="distributed", update_group_backend="gloo")
+    try:
+        for factor in (2.0, 3.0):
+            new = scaled_weights(launcher, factor)
+            engine.update_weights(new)
+            for name, tensor in new[0]:
+                assert torch.equal(launcher.server.weights[name], tensor)
+        routes = [route for route, _ in launcher.server.calls]
+        assert routes.count("/init_weights_update_group") == 1 and routes[0] == "/init_weights_update_group"
+        init = dict(launcher.server.calls)["/init_weights_update_group"]
+        assert (init["rank_offset"], init["world_size"], init["backend"]) == (1, 3, "gloo")
+        update = dict(launcher.server.calls)["/update_weights_from_distributed"]
+        assert update["dtypes"][0] == "float32" and len(update["names"]) == len(update["shapes"])
+        assert routes[-3:] == ["/update_weights_from_distributed", "/end_weight_update", "/flush_cache"]
+    finally:
+        engine.shutdown()
+
+
+def test_unknown_or_tied_names_are_caught_before_sglang_skips_them(hf_dir):
+    """A name SGLang would skip silently (wrong prefix, or lm_head of a tied checkpoint) raises RolloutError."""
+    engine, launcher = make_engine(hf_dir)
+    try:
+        norm = launcher.server.weights["model.norm.weight"]
+        with pytest.raises(RolloutError, match="model.language_model.norm.weight"):
+            engine.update_weights([[("model.language_model.norm.weight", norm + 1)]])
+        embed = launcher.server.weights["model.embed_tokens.weight"]
+        with pytest.raises(RolloutError, match="ties embeddings"):
+            engine.update_weights([[("lm_head.weight", embed)]])
+        assert torch.equal(launcher.server.weights["model.norm.weight"], norm)
+        engine.update_weights([[("model.norm.weight", norm + 1)]])  # the session was closed after each failure
+        assert torch.equal(launcher.server.weights["model.norm.weight"], norm + 1)
+    finally:
+        engine.shutdown()
+
+
+def test_release_and_resume_memory_around_training(hf_dir):
+    """release frees every tag; an update resumes weights first; resume brings back the rest before generating."""
+    engine, launcher = make_engine(hf_dir)
+    try:
+        engine.release_memory()
+        assert launcher.server.released == {"weights", "kv_cache", "cuda_graph"}
+        with pytest.raises(RolloutError, match="memory released"):
+            engine.generate([RolloutRequest(prompt_ids=[1, 2])], SamplingParams(max_new_tokens=2))
+        engine.update_weights(scaled_weights(launcher, 1.0))
+        assert launcher.server.released == {"kv_cache", "cuda_graph"}
+        engine.resume_memory()
+        assert launcher.server.released == set()
+        assert len(engine.generate([RolloutRequest(prompt_ids=[1, 2])], SamplingParams(max_new_tokens=2))) == 1
+        resumes = [body["tags"] for route, body in launcher.server.calls if route == "/resume_memory_occupation"]
+        assert resumes == [["weights"], ["cuda_graph", "kv_cache"]]
+    finally:
+        engine.shutdown()
+
+
+def test_server_crash_mid_rollout_restarts_resyncs_and_keeps_completed_samples(hf_dir):
+    """A crash after 3 answers: restart, re-sync the last weights, resend only the unanswered samples."""
+    engine, launcher = make_engine(hf_dir, crash_plan=[3], max_restarts=1)
+    try:
+        synced = scaled_weights(launcher, 0.25)
+        engine.update_weights(synced)
+        requests = [RolloutRequest(prompt_ids=[10 + i, 20 + i]) for i in range(4)]
+        sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=3, seed=1)
+        results = engine.generate(requests, sampling)
+        assert len(launcher.servers) == 2 and launcher.servers[0].crashed
+        first, second = launcher.servers
+        assert first.generates_served == 3 and second.generates_served == 8 - 3
+        for name, tensor in synced[0]:
+            assert torch.equal(second.weights[name], tensor)  # re-synced, not the checkpoint's weights
+        assert [(r.request_index, r.sample_index) for r in results] == [(i, j) for i in range(4) for j in range(2)]
+        reference, _ = make_engine(hf_dir)
+        try:
+            reference.update_weights(synced)
+            assert reference.generate(requests, sampling) == results  # as if nothing had happened
+        finally:
+            reference.shutdown()
+    finally:
+        engine.shutdown()
+
+
+def test_repeated_crashes_stop_the_run_with_the_server_log(hf_dir):
+    """After max_restarts the error carries the server log's tail; a one-shot weight iterator cannot re-sync."""
+    engine, launcher = make_engine(hf_dir, crash_plan=[0, 0], max_restarts=1)
+    try:
+        with pytest.raises(RolloutError, match="max_restarts=1(.|\n)*fake server"):
+            engine.generate([RolloutRequest(prompt_ids=[1, 2])], SamplingParams(max_new_tokens=2))
+    finally:
+        engine.shutdown()
+    engine, launcher = make_engine(hf_dir, crash_plan=[0], max_restarts=1)
+    try:
+        engine.update_weights(iter(scaled_weights(launcher, 1.0)))
+        with pytest.raises(RolloutError, match="one-shot iterator"):
+            engine.generate([RolloutRequest(prompt_ids=[1, 2])], SamplingParams(max_new_tokens=2))
+    finally:
+        engine.shutdown()
