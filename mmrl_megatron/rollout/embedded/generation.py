@@ -110,21 +110,19 @@ class GenerationRun:
         self.out_logprobs[slots, counters] = token_logprobs(logits, tokens, params.temperature)
         self.out_lens[slots] = counters + 1
         self.cache.last_token[slots] = tokens
-        flags = torch.stack([self.stop_rules.token_stops(tokens), counters + 1 >= params.max_new_tokens]).cpu()
-        host_tokens = tokens.tolist() if self.stop_rules.uses_strings else None
-        finished = []
-        for position, slot in enumerate(slot_list):
-            reason = None
-            if host_tokens is not None:
-                self.running[slot].response.append(host_tokens[position])
-                if self.stop_rules.string_stops(self.running[slot].response):
-                    reason = STOP
-            if flags[0, position]:
-                reason = STOP
-            elif reason is None and flags[1, position]:
-                reason = LENGTH
-            if reason is not None:
-                finished.append((slot, reason))
+        stop_flags, length_flags = torch.stack(
+            [self.stop_rules.token_stops(tokens), counters + 1 >= params.max_new_tokens]).tolist()
+        if self.stop_rules.uses_strings:
+            for slot, token in zip(slot_list, tokens.tolist()):
+                self.running[slot].response.append(token)
+            string_flags = [self.stop_rules.string_stops(self.running[slot].response) for slot in slot_list]
+        else:
+            string_flags = [False] * len(slot_list)
+        # One small device-to-host copy per step (the flags), then plain list scans: at 256 sequences the
+        # host work stays well below a GPU decode step.
+        finished = [(slot, STOP if stop_token or stop_string else LENGTH)
+                    for slot, stop_token, stop_string, full in zip(slot_list, stop_flags, string_flags, length_flags)
+                    if stop_token or stop_string or full]
         if finished:
             self._retire(finished)
 
