@@ -18,6 +18,7 @@ class ModelConfig:
     freeze_merger: bool = False
     recompute: Literal["none", "selective", "full"] = "none"
     moe_router_bias_update_rate: float = 0.0  # 0 keeps the expert bias fixed during RL
+    make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this x TP (removed on export)
 
 
 @dataclass

@@ -1,0 +1,51 @@
+"""HF checkpoint -> this rank's Megatron shards, reading only the tensors this rank holds."""
+from typing import Mapping
+
+import torch
+
+from .errors import CheckpointError
+from .families import aliases, rule_table
+from .hf_checkpoint import HFCheckpoint, read_hf_config
+from .model_params import as_chunks, sharded_params
+
+
+def model_role(model) -> str:
+    return getattr(as_chunks(model)[0], "role", "actor")
+
+
+def _check_known(checkpoint: HFCheckpoint, table, hf_dir: str) -> None:
+    unknown = sorted(checkpoint.names() - table.all_hf_names())
+    if unknown:
+        raise CheckpointError(f"{hf_dir}: {len(unknown)} tensor(s) no rule converts, e.g. {unknown[:3]}; the "
+                              f"config.json ({table.family}) does not describe these weights")
+
+
+def load_hf_into_model(model, hf_dir: str, hf_config: Mapping = None) -> None:
+    """Fill every parameter of `model` (a module or this rank's list of chunks) from hf_dir.
+
+    Raises CheckpointError naming the tensor for a missing tensor, a wrong shape, a checkpoint tensor no
+    rule converts, or a model parameter no rule fills."""
+    hf_config = hf_config or read_hf_config(hf_dir)
+    table = rule_table(hf_config, model_role(model))
+    checkpoint = HFCheckpoint(hf_dir, aliases(hf_config))
+    _check_known(checkpoint, table, hf_dir)
+    for sharded in sharded_params(model):
+        found = table.match(sharded.name)
+        if found is None:
+            raise CheckpointError(f"model parameter {sharded.name} has no rule in convert/{table.family}.py")
+        rule = table.rules[found[0]]
+        names = rule.hf_names(found[1])
+        if rule.optional and not all(name in checkpoint for name in names):
+            continue
+        tensors = [checkpoint.get(name) for name in names]
+        param = sharded.param
+        try:
+            shard = rule.transform.to_megatron(tensors, sharded.rank, sharded.size, sharded.axis, param.shape)
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{hf_dir}: {names} (shapes {[tuple(t.shape) for t in tensors]}) do not fit "
+                                  f"{sharded.name}: {error}") from error
+        if tuple(shard.shape) != tuple(param.shape):
+            raise CheckpointError(f"{hf_dir}: {names} (shapes {[tuple(t.shape) for t in tensors]}) give a shard "
+                                  f"of {tuple(shard.shape)} for {sharded.name}, whose shard is {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(shard)

@@ -1,0 +1,127 @@
+"""Per-token log-probabilities and entropy over a tensor-parallel (vocabulary-sharded) logits tensor.
+
+Tokens are processed in chunks, and backward recomputes each chunk's softmax from the saved logits
+(they are the model's output anyway), so no fp32 tensor of full-vocabulary width exists for more than
+`chunk_tokens` tokens at a time, forward or backward. Padding columns at -inf (models mask them)
+contribute nothing. Written here rather than taken from megatron-core because its
+vocab_parallel_cross_entropy keeps an fp32 softmax of the whole micro-batch for backward and has no
+entropy.
+"""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def _tensor_parallel_group():
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_tensor_model_parallel_group()
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _log_normaliser(chunk: torch.Tensor, group) -> torch.Tensor:
+    """log sum_v exp(x_v) over the whole vocabulary for each row of an fp32 shard chunk [n, V/TP]."""
+    peak = _all_reduce(chunk.max(dim=-1).values, dist.ReduceOp.MAX, group)
+    total = _all_reduce(torch.exp(chunk - peak[:, None]).sum(dim=-1), dist.ReduceOp.SUM, group)
+    return peak + torch.log(total)
+
+
+def _expectation(probs: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v x_v over this shard, with 0 * (-inf) taken as 0."""
+    return torch.where(probs > 0, probs * chunk, torch.zeros_like(chunk)).sum(dim=-1)
+
+
+def _vocab_offset(shard_width: int, group) -> int:
+    return (dist.get_rank(group) if group is not None else 0) * shard_width
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, chunk_tokens, group):
+        flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        first = _vocab_offset(flat.shape[-1], group)
+        local = flat_labels - first
+        owned = (local >= 0) & (local < flat.shape[-1])
+        local = local.clamp(0, flat.shape[-1] - 1)
+        log_normaliser = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        target = torch.empty_like(log_normaliser)
+        for start in range(0, flat.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            chunk = flat[rows].float()
+            log_normaliser[rows] = _log_normaliser(chunk, group)
+            picked = chunk.gather(-1, local[rows, None]).squeeze(-1)
+            target[rows] = torch.where(owned[rows], picked, torch.zeros_like(picked))
+        _all_reduce(target, dist.ReduceOp.SUM, group)
+        ctx.save_for_backward(logits, local, owned, log_normaliser)
+        ctx.chunk_tokens = chunk_tokens
+        return (target - log_normaliser).view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, local, owned, log_normaliser = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        grad = grad_output.reshape(-1).float()
+        grad_logits = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], ctx.chunk_tokens):
+            rows = slice(start, start + ctx.chunk_tokens)
+            chunk_grad = -torch.exp(flat[rows].float() - log_normaliser[rows, None]) * grad[rows, None]
+            chunk_grad.scatter_add_(-1, local[rows, None], (grad[rows] * owned[rows])[:, None])
+            grad_logits[rows] = chunk_grad.to(grad_logits.dtype)
+        return grad_logits.view(logits.shape), None, None, None
+
+
+class _VocabParallelEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, chunk_tokens, group):
+        flat = logits.reshape(-1, logits.shape[-1])
+        log_normaliser = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        mean_logit = torch.empty_like(log_normaliser)
+        for start in range(0, flat.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            chunk = flat[rows].float()
+            log_normaliser[rows] = _log_normaliser(chunk, group)
+            mean_logit[rows] = _expectation(torch.exp(chunk - log_normaliser[rows, None]), chunk)
+        _all_reduce(mean_logit, dist.ReduceOp.SUM, group)
+        ctx.save_for_backward(logits, log_normaliser, mean_logit)
+        ctx.chunk_tokens = chunk_tokens
+        return (log_normaliser - mean_logit).view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # dH/dx_v = -p_v (x_v - E_p[x])
+        logits, log_normaliser, mean_logit = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        grad = grad_output.reshape(-1).float()
+        grad_logits = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], ctx.chunk_tokens):
+            rows = slice(start, start + ctx.chunk_tokens)
+            chunk = flat[rows].float()
+            probs = torch.exp(chunk - log_normaliser[rows, None])
+            centred = torch.where(probs > 0, probs * (chunk - mean_logit[rows, None]), torch.zeros_like(chunk))
+            grad_logits[rows] = (-centred * grad[rows, None]).to(grad_logits.dtype)
+        return grad_logits.view(logits.shape), None, None
+
+
+def vocab_parallel_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor,
+                            chunk_tokens: int = DEFAULT_CHUNK_TOKENS, group: Optional[object] = None) -> torch.Tensor:
+    """log p(labels) [...] (fp32) from logits [..., V/TP] sharded over the TP group (default megatron's)."""
+    group = group if group is not None else _tensor_parallel_group()
+    return _VocabParallelLogprobs.apply(logits_shard, labels.long(), chunk_tokens, group)
+
+
+def vocab_parallel_entropy(logits_shard: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                           group: Optional[object] = None) -> torch.Tensor:
+    """Entropy of softmax(logits) per token [...] (fp32), logits [..., V/TP] sharded over the TP group."""
+    group = group if group is not None else _tensor_parallel_group()
+    return _VocabParallelEntropy.apply(logits_shard, chunk_tokens, group)

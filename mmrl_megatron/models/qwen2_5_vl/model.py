@@ -1,0 +1,90 @@
+"""Qwen2.5-VL as one pipeline stage of megatron-core modules.
+
+The language model is megatron-core's GPTModel with multimodal RoPE (3-axis position ids); the first
+stage also holds the vision tower, whose merged-patch embeddings replace the <|image_pad|> token
+embeddings before the decoder. Actor/reference stages end in the (TP-sharded) vocabulary projection,
+critic stages in a scalar value head.
+"""
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+from ..common.value_head import ValueHead
+from ..errors import ModelError
+from ...convert.qwen2_5_vl_shape import Qwen25VLShape
+from .vision import VisionModel
+
+
+class Qwen25VLModel(MegatronModule):
+    """forward(input_ids [b, s], position_ids [3, b, s], packed_seq_params, pixel_values, image_grid_thw).
+
+    Last stage: logits [b, s, padded_vocab / TP] with the padding columns at -inf ("actor"), or values
+    [b, s] ("critic"); other stages: hidden states [s, b, h] for the pipeline schedule. Packed input is
+    b = 1 with `packed_seq_params` (THD, cu_seqlens); padded input is any b with packed_seq_params None."""
+
+    def __init__(self, language_config, vision_config, shape: Qwen25VLShape, role: str, language_spec,
+                 vision_spec, padded_vocab_size: int) -> None:
+        super().__init__(config=language_config)
+        self.shape, self.role = shape, role
+        self.pre_process = parallel_state.is_pipeline_first_stage()
+        self.post_process = parallel_state.is_pipeline_last_stage()
+        self.padded_vocab_size = padded_vocab_size
+        text = shape.text
+        self.language_model = GPTModel(
+            config=language_config, transformer_layer_spec=language_spec, vocab_size=padded_vocab_size,
+            max_sequence_length=text.max_position_embeddings, pre_process=self.pre_process,
+            post_process=self.post_process, parallel_output=True,
+            share_embeddings_and_output_weights=text.tie_word_embeddings and role != "critic",
+            position_embedding_type="mrope", rotary_base=text.rope_theta)
+        if role == "critic" and self.post_process:
+            self.language_model.output_layer = ValueHead(language_config)
+        self.vision_model = VisionModel(vision_config, shape.vision, vision_spec) if self.pre_process else None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """The pipeline schedule hands the previous stage's activations here."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def _embed(self, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
+        """[s, b, h] token embeddings with the vision tower's outputs in place of the image-pad tokens."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        image_tokens = input_ids == self.shape.image_token_id
+        count = int(image_tokens.sum())
+        if pixel_values is None:
+            if count:
+                raise ModelError(f"input_ids hold {count} image-pad tokens but no pixel_values were given")
+            return embeddings
+        image_embeddings = self.vision_model(pixel_values, image_grid_thw)
+        if image_embeddings.shape[0] != count:
+            raise ModelError(f"input_ids hold {count} image-pad tokens but image_grid_thw describes "
+                             f"{image_embeddings.shape[0]} merged patches; expand each <|image_pad|> to "
+                             "grid_t*grid_h*grid_w/merge_size**2 copies")
+        # masked_scatter fills in row-major order, so scatter in [b, s, h] to keep samples in batch order
+        batch_major = embeddings.transpose(0, 1)
+        batch_major = batch_major.masked_scatter(image_tokens.unsqueeze(-1), image_embeddings.to(batch_major.dtype))
+        return batch_major.transpose(0, 1).contiguous()
+
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """-inf on the columns that only pad the vocabulary to a TP multiple: they are not tokens."""
+        shard = logits.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * shard
+        real = self.shape.text.vocab_size - first
+        if real >= shard:
+            return logits
+        padding = torch.arange(shard, device=logits.device) >= real
+        return logits.masked_fill(padding, float("-inf"))
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                packed_seq_params: Optional[PackedSeqParams] = None, pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        output = self.language_model(input_ids, position_ids, attention_mask=None, decoder_input=decoder_input,
+                                     packed_seq_params=packed_seq_params)
+        if not self.post_process:
+            return output
+        if self.role == "critic":
+            return output.squeeze(-1)
+        return self._mask_vocab_padding(output)

@@ -1,0 +1,126 @@
+"""Qwen2.5-VL's vision tower as megatron-core modules (tensor-parallel attention, MLP and merger).
+
+Pixel rows -> patch embedding -> blocks of 2-D-rotary attention (windowed, except the blocks listed in
+fullatt_block_indexes, which see the whole image) -> patch merger (RMSNorm, 2x2 patches concatenated,
+GELU MLP) -> one embedding per merged patch, in the image-processor's order. Same numerics as
+transformers' Qwen2_5_VisionTransformerPretrainedModel; the index helpers are ours because transformers
+moves them between releases (5.x's vision_utils is absent from the 5.17 on the GPU machine).
+"""
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+
+from ...convert.qwen2_5_vl_shape import VisionShape
+
+
+def patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """LongTensor[N, 2] (row, column) of every patch, in the processor's order (merge blocks contiguous)."""
+    positions = []
+    for frames, height, width in grid_thw.tolist():
+        rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        blocks = (height // merge, merge, width // merge, merge)
+        rows = rows.reshape(blocks).transpose(1, 2).flatten()
+        columns = columns.reshape(blocks).transpose(1, 2).flatten()
+        positions.append(torch.stack([rows, columns], dim=-1).repeat(frames, 1))
+    return torch.cat(positions)
+
+
+def window_order(grid_thw: torch.Tensor, merge: int, window_merged: int) -> Tuple[torch.Tensor, List[int]]:
+    """(permutation of merged patches into window order, window boundaries in patches).
+
+    Each frame is cut into window_merged x window_merged tiles of merged patches (ragged at the
+    bottom/right edges); the boundaries count patches (merge**2 per merged patch)."""
+    order, bounds, offset = [], [0], 0
+    unit = merge * merge
+    for frames, height, width in grid_thw.tolist():
+        rows, columns = height // merge, width // merge
+        index = torch.arange(frames * rows * columns).reshape(frames, rows, columns)
+        for frame in range(frames):
+            for top in range(0, rows, window_merged):
+                for left in range(0, columns, window_merged):
+                    tile = index[frame, top:top + window_merged, left:left + window_merged].flatten()
+                    order.append(tile + offset)
+                    bounds.append(bounds[-1] + tile.numel() * unit)
+        offset += frames * rows * columns
+    return torch.cat(order), bounds
+
+
+def frame_bounds(grid_thw: torch.Tensor) -> List[int]:
+    """Boundaries (in patches) of every frame: full attention never crosses a frame."""
+    bounds = [0]
+    for frames, height, width in grid_thw.tolist():
+        bounds.extend(bounds[-1] + height * width * (k + 1) for k in range(frames))
+    return bounds
+
+
+def packed_params(bounds: List[int], device) -> PackedSeqParams:
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
+class PatchMerger(MegatronModule):
+    """ln_q -> view merge**2 neighbours as one row -> column-parallel fc1 -> GELU -> row-parallel fc2."""
+
+    def __init__(self, config, shape: VisionShape) -> None:
+        super().__init__(config=config)
+        width = shape.hidden_size * shape.spatial_merge_size ** 2
+        self.width = width
+        self.ln_q = torch.nn.RMSNorm(shape.hidden_size, eps=1e-6, dtype=config.params_dtype)
+        self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
+            width, width, config=config, init_method=config.init_method, bias=True, gather_output=False)
+        self.linear_fc2 = tensor_parallel.RowParallelLinear(
+            width, shape.out_hidden_size, config=config, init_method=config.output_layer_init_method, bias=True,
+            input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.linear_fc1(self.ln_q(hidden).view(-1, self.width))
+        hidden, _ = self.linear_fc2(F.gelu(hidden))
+        return hidden
+
+
+class VisionModel(MegatronModule):
+    """forward(pixel_values [N, C*T*P*P], image_grid_thw [images, 3]) -> [N / merge**2, out_hidden_size]."""
+
+    def __init__(self, config, shape: VisionShape, layer_spec) -> None:
+        super().__init__(config=config)
+        self.shape = shape
+        patch = (shape.hidden_size, shape.in_channels, shape.temporal_patch_size, shape.patch_size, shape.patch_size)
+        # A stride-equals-kernel Conv3d over one patch per row is a matmul; the weight keeps HF's 5-D shape.
+        self.patch_embed = torch.nn.Parameter(torch.empty(patch, dtype=config.params_dtype))
+        torch.nn.init.normal_(self.patch_embed, std=0.02)
+        self.layers = torch.nn.ModuleList(build_module(layer_spec, config=config, layer_number=index + 1)
+                                          for index in range(shape.depth))
+        self.merger = PatchMerger(config, shape)
+        quarter = shape.head_dim // 2
+        self.register_buffer("inv_freq", 1.0 / shape.rope_theta ** (torch.arange(0, quarter, 2).float() / quarter),
+                             persistent=False)
+
+    def _rotary(self, grid_thw, order_of_patches) -> torch.Tensor:
+        """[N, 1, 1, head_dim] angles: first half rows, second half columns, then repeated (rotate_half form)."""
+        positions = patch_positions(grid_thw, self.shape.spatial_merge_size).to(self.inv_freq.device)
+        angles = (positions[order_of_patches, :, None].float() * self.inv_freq).flatten(1)
+        return torch.cat([angles, angles], dim=-1)[:, None, None, :]
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        shape, device = self.shape, pixel_values.device
+        unit = shape.spatial_merge_size ** 2
+        grid = image_grid_thw.cpu()
+        merged_order, window_bounds = window_order(
+            grid, shape.spatial_merge_size, shape.window_size // shape.spatial_merge_size // shape.patch_size)
+        patch_order = (merged_order[:, None] * unit + torch.arange(unit)).flatten().to(device)
+        weight = self.patch_embed.view(shape.hidden_size, -1)
+        hidden = F.linear(pixel_values.to(weight.dtype), weight)[patch_order].unsqueeze(1)
+        rotary = self._rotary(grid, patch_order)
+        full, windowed = packed_params(frame_bounds(grid), device), packed_params(window_bounds, device)
+        for index, layer in enumerate(self.layers):
+            params = full if index in shape.fullatt_block_indexes else windowed
+            hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=params)
+        merged = self.merger(hidden.squeeze(1))
+        return merged[torch.argsort(merged_order.to(device))]
