@@ -86,12 +86,12 @@ class QwenVLDecoder:
             values = cache.values[layer_index]
             keys[slot_index, :, cache_lens] = key[:, :, 0]
             values[slot_index, :, cache_lens] = value[:, :, 0]
-            # Grouped-query attention without repeating the cache: [B, kv_heads, groups, D] x [B, kv_heads, D, L].
+            # Grouped-query attention without repeating the cache: the query heads sharing a KV head act as
+            # that head's query rows ([B, kv_heads, groups, D]); one fused kernel, fp32 softmax inside.
             grouped_query = query.view(batch, self.num_kv_heads, groups, self.head_dim)
-            scores = torch.matmul(grouped_query, keys[:batch, :, :kv_len].transpose(-1, -2)).float()
-            scores = scores * self.layers[layer_index].self_attn.scaling
-            weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(values.dtype)
-            output = torch.matmul(weights, values[:batch, :, :kv_len])
+            output = torch.nn.functional.scaled_dot_product_attention(
+                grouped_query, keys[:batch, :, :kv_len], values[:batch, :, :kv_len], attn_mask=visible,
+                scale=self.layers[layer_index].self_attn.scaling)
             return output.view(batch, self.num_heads, 1, self.head_dim)
 
         hidden = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions, attend)
