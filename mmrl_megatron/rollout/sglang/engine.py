@@ -28,7 +28,7 @@ from .client import ServerUnreachable, SGLangClient
 from .group import RolloutGroup
 from .launcher import ServerProcess
 from .payloads import generate_payload, parse_generate_answer
-from .serialization import serialize_bucket
+from .serialization import serialize_bucket, split_by_dtype
 from .weight_push import DistributedPush, TensorPush, begin_session, end_session
 
 logger = logging.getLogger(__name__)
@@ -209,9 +209,10 @@ class SGLangEngine(RolloutEngine):
                 bucket = list(bucket)
                 self.checkpoint.check(bucket)
                 if isinstance(self.push, TensorPush):
-                    # this process stands in for every engine rank, each reading its own copy of the handles
-                    entries = [serialize_bucket(bucket) for _ in range(self.config.tensor_parallel)]
-                    self.push.push(self.client, entries, str(self.weight_version))
+                    for same_dtype in split_by_dtype(bucket):
+                        # this process stands in for every engine rank, each reading its own copy of the handles
+                        entries = [serialize_bucket(same_dtype) for _ in range(self.config.tensor_parallel)]
+                        self.push.push(self.client, entries, str(self.weight_version))
                 else:
                     self.push.push(self.client, bucket, str(self.weight_version))
         except RolloutError:
@@ -228,9 +229,10 @@ class SGLangEngine(RolloutEngine):
             for bucket in buckets:
                 bucket = list(bucket)
                 self.checkpoint.check(bucket)
-                entries = self.group.gather_to_leader(serialize_bucket(bucket))
-                # the answer doubles as the barrier that keeps every member's IPC buffers alive until loaded
-                self._run_on_leader(lambda: self.push.push(self.client, entries, str(self.weight_version)))
+                for same_dtype in split_by_dtype(bucket):
+                    entries = self.group.gather_to_leader(serialize_bucket(same_dtype))
+                    # the answer doubles as the barrier that keeps every member's IPC buffers alive until loaded
+                    self._run_on_leader(lambda: self.push.push(self.client, entries, str(self.weight_version)))
         except RolloutError:
             if self.group.is_leader:
                 self._abandon_session()

@@ -45,7 +45,7 @@ class FlattenedTensorMetadata:
 
 
 def _flatten(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> dict:
-    # Hand-written only for machines without sglang; byte views let one bucket mix dtypes.
+    # Hand-written only for machines without sglang.
     metadata, parts, offset = [], [], 0
     for name, tensor in named_tensors:
         flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
@@ -58,12 +58,24 @@ def _flatten(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> dict:
     return {"flattened_tensor": flattened, "metadata": metadata}
 
 
+def split_by_dtype(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> List[NamedTensors]:
+    """Single-dtype sub-buckets, in first-seen order: a flattened bucket is viewed back per dtype,
+    which needs every tensor's byte offset to be a multiple of its element size (slime, too, sends
+    one flattened bucket per dtype)."""
+    groups = {}
+    for name, tensor in named_tensors:
+        groups.setdefault(tensor.dtype, []).append((name, tensor))
+    return list(groups.values())
+
+
 def serialize_bucket(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> str:
-    """One engine TP rank's payload entry: the bucket flattened and serialized to a base64 string.
+    """One engine TP rank's payload entry: a single-dtype bucket flattened and serialized to base64.
 
     The tensors (and the flattened copy, which shares nothing with them) must stay alive until the
     server has answered the update request: the payload holds handles, not bytes.
     """
+    if len({tensor.dtype for _, tensor in named_tensors}) > 1:
+        raise ValueError("serialize_bucket takes one dtype per bucket; split the bucket with split_by_dtype")
     if USING_SGLANG_HELPERS:
         bucket = _SGLangBucket(named_tensors=list(named_tensors))
         payload = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
