@@ -13,7 +13,7 @@ def build_engine(config, hf_dir: str, device) -> RolloutEngine:
     if config.rollout.backend == "sglang":
         from .sglang import SGLangEngine  # imported only when chosen: it pulls in HTTP clients
 
-        return SGLangEngine(config, hf_dir, device)
+        return SGLangEngine(config.rollout, hf_dir, device)
     from .embedded import EmbeddedEngine
 
     return EmbeddedEngine(hf_dir, device, dtype=_DTYPES[config.model.dtype],

@@ -190,3 +190,15 @@ def test_build_engine_picks_the_embedded_backend(checkpoint):
     engine = build_engine(config, checkpoint, "cpu")
     assert isinstance(engine, EmbeddedEngine) and engine.max_batch_size == 8
     assert engine.model.lm_head.weight.dtype == torch.float32
+
+
+def test_build_engine_hands_the_rollout_section_to_sglang(monkeypatch):
+    """backend=sglang builds SGLangEngine(config.rollout, hf_dir, device), imported only then."""
+    import mmrl_megatron.rollout.sglang as sglang_backend
+
+    calls = []
+    monkeypatch.setattr(sglang_backend, "SGLangEngine", lambda *args: calls.append(args) or "sglang engine")
+    config = Config()
+    config.rollout.backend = "sglang"
+    assert build_engine(config, "/models/qwen", "cuda:0") == "sglang engine"
+    assert calls == [(config.rollout, "/models/qwen", "cuda:0")]
