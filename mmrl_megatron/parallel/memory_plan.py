@@ -106,7 +106,7 @@ def _activation_bytes(dims: ModelDims, config: Config, stage: int, layers: int) 
     in_flight = pipeline - stage
     per_token = _layer_activation_bytes_per_token(dims, config)
     patches = _image_patches_per_micro_batch(dims, config, tokens) if stage == 0 else 0.0
-    per_patch = dims.vision.activation_bytes_per_patch()
+    per_patch = dims.vision.activation_bytes_per_patch(p.tensor)
     if config.model.recompute == "full":
         # Each layer keeps only its input; backward re-runs one layer at a time.
         boundary = 2 * dims.language.hidden / (p.tensor if p.sequence_parallel else 1)
@@ -119,8 +119,14 @@ def _activation_bytes(dims: ModelDims, config: Config, stage: int, layers: int) 
     if stage == 0:
         result["vision activations"] = vision
     if stage == pipeline - 1:
-        result["logits"] = tokens * dims.language.vocab / p.tensor * LOGIT_BYTES_PER_ENTRY
+        result["logits"] = tokens * padded_vocab(dims, config) / p.tensor * LOGIT_BYTES_PER_ENTRY
     return result
+
+
+def padded_vocab(dims: ModelDims, config: Config) -> int:
+    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP (models/*/build.py)."""
+    multiple = config.model.make_vocab_size_divisible_by * config.parallel.tensor
+    return -(-dims.language.vocab // multiple) * multiple
 
 
 def _stage_params(dims: ModelDims, config: Config, stage: int) -> Tuple[float, float, float]:
@@ -130,12 +136,15 @@ def _stage_params(dims: ModelDims, config: Config, stage: int) -> Tuple[float, f
     layers = _stage_layers(dims, p.pipeline, stage)
     dense = sum(lm.layer_params_outside_experts(i) for i in layers)
     experts = sum(lm.routed_expert_params(i) for i in layers)
+    vocab = padded_vocab(dims, config)
     if stage == 0:
-        dense += lm.vocab * lm.hidden
+        dense += vocab * lm.hidden
     if stage == p.pipeline - 1:
         # a tied model keeps a copy of the embedding on the last stage to act as the output layer
-        dense += lm.hidden + (lm.vocab * lm.hidden if (not lm.tied or p.pipeline > 1) else 0)
-    vision = dims.vision_params() if stage == 0 else 0  # replicated across TP, on the first stage only
+        dense += lm.hidden + (vocab * lm.hidden if (not lm.tied or p.pipeline > 1) else 0)
+    vision = 0.0
+    if stage == 0:  # the tower sits whole on the first stage
+        vision = dims.vision_params() / (p.tensor if dims.vision.split_over_tensor_parallel else 1)
     return dense / p.tensor, experts / expert_split, vision
 
 

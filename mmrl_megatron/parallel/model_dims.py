@@ -84,6 +84,7 @@ class VisionDims:
     merge: int = 2  # spatial merge: merge**2 patches become one language token
     temporal_patch: int = 2  # Qwen's Conv3d frames; MoonViT uses 2-D patches
     pos_emb_cells: int = 0  # MoonViT's learnable 2-D position table (height * width)
+    split_over_tensor_parallel: bool = True  # models/qwen2_5_vl splits its tower; models/kimi_vl replicates MoonViT
 
     def params(self, out_hidden: int) -> int:
         hv, merged = self.hidden, self.hidden * self.merge ** 2
@@ -100,10 +101,12 @@ class VisionDims:
         projector = 2 * hv + merged * merged + merged + merged * out_hidden + out_hidden
         return patch + self.depth * block + 2 * hv + projector
 
-    def activation_bytes_per_patch(self) -> int:
-        """bf16 bytes one patch keeps for backward in one block (norm/linear inputs, q/k/v/out, MLP)."""
+    def activation_bytes_per_patch(self, tensor_parallel: int) -> float:
+        """bf16 bytes one patch keeps for backward in one block on one GPU: norm/linear inputs (full
+        width), q/k/v/attention output and the MLP's (split when the tower is tensor-parallel)."""
         mlp = 6 * self.ffn if self.kind == "qwen2_5_vit" else 4 * self.ffn
-        return 2 * (4 * self.hidden) + 2 * (4 * self.hidden) + mlp
+        split = tensor_parallel if self.split_over_tensor_parallel else 1
+        return 2 * (4 * self.hidden) + (2 * (4 * self.hidden) + mlp) / split
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,8 @@ BUILTIN_MODELS: Dict[str, ModelDims] = {
                      tied=False, attention="mla", kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                      v_head_dim=128, num_experts=64, experts_per_token=6, moe_ffn=1408, shared_ffn=2 * 1408,
                      first_dense_layers=1),
-        VisionDims("moonvit", depth=27, hidden=1152, ffn=4304, heads=16, temporal_patch=1, pos_emb_cells=64 * 64),
+        VisionDims("moonvit", depth=27, hidden=1152, ffn=4304, heads=16, temporal_patch=1, pos_emb_cells=64 * 64,
+                   split_over_tensor_parallel=False),
     ),
 }
 
@@ -182,7 +186,8 @@ def _dims_from_config_json(path: str) -> ModelDims:
         merge = (vision.get("merge_kernel_size") or [2, 2])[0]
         tower = VisionDims("moonvit", vision["num_hidden_layers"], vision["hidden_size"], vision["intermediate_size"],
                            vision["num_attention_heads"], vision.get("patch_size", 14), merge, 1,
-                           vision.get("init_pos_emb_height", 64) * vision.get("init_pos_emb_width", 64))
+                           vision.get("init_pos_emb_height", 64) * vision.get("init_pos_emb_width", 64),
+                           split_over_tensor_parallel=False)
         return ModelDims(name, language, tower)
     raise ConfigError(f"{path}: model_type '{model_type}' is not one the planner knows (qwen2_5_vl, kimi_vl)")
 

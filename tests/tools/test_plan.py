@@ -105,17 +105,21 @@ def test_toy_arithmetic_by_hand():
     plan = estimate(_toy_config(), TOY, world_size=8)  # TP2 x PP2 -> data-parallel 2
     assert plan.data_parallel == 2
     first, last = plan.stages
-    first_dense = (2 * layer + 1000 * 64) / 2  # two layers + embedding, split over TP=2
-    assert first.training["actor weights"] == 2 * (first_dense + vision)
-    assert first.training["gradient buffers"] == 4 * (first_dense + vision)
-    assert first.training["optimizer states"] == 12 * (first_dense + vision) / 2
-    last_dense = (2 * layer + 64 + 1000 * 64) / 2  # two layers + final norm + output layer
-    assert last.training["actor weights"] == 2 * last_dense
+    # vocabulary 1000 padded to a multiple of 128 x TP 2 = 1024; layers, embedding and the tower split over TP
+    first_params = (2 * layer + 1024 * 64 + vision) / 2
+    assert first.training["actor weights"] == 2 * first_params
+    assert first.training["gradient buffers"] == 4 * first_params
+    assert first.training["optimizer states"] == 12 * first_params / 2
+    last_params = (2 * layer + 64 + 1024 * 64) / 2  # two layers + final norm + output layer
+    assert last.training["actor weights"] == 2 * last_params
     # no recompute, TP2 without sequence parallel, per token per layer: norm/linear inputs 4*2*64,
     # q/k/v/out 2*(2*4+2*2)*16/2, SwiGLU 6*128/2 -> 512 + 192 + 384 = 1088 bytes
     assert first.training["activations"] == 2 * 2 * 1000 * 1088  # 2 micro-batches in flight x 2 layers
     assert last.training["activations"] == 1 * 2 * 1000 * 1088
-    assert last.training["logits"] == 1000 * 1000 / 2 * LOGIT_BYTES_PER_ENTRY
+    assert last.training["logits"] == 1000 * 1024 / 2 * LOGIT_BYTES_PER_ENTRY
+    # images: min(100 prompt tokens, 401408 px / 28**2) = 100 of 128 sample tokens, 4 patches per token
+    # -> 3125 patches; per patch and block 2*4*16 full width + (2*4*16 + 6*32) / TP 2 = 288 bytes
+    assert first.training["vision activations"] == 2 * 1 * 3125 * 288
     # embedded engine: 8 prompts / DP 2 * n 4 = 16 slots of 128 tokens; 4 layers * 2 * 2 KV heads * 16 * 2 B
     assert first.rollout["engine KV cache"] == 16 * 128 * 512
     assert first.rollout["engine weights"] == 2 * TOY.total_params()
