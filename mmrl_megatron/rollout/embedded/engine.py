@@ -99,8 +99,7 @@ class EmbeddedEngine(RolloutEngine):
         cache = self._cache_for(len(requests) * sampling.n, longest)
         decode = self._decode_step(cache)
         stop_ids = list(sampling.stop_token_ids) + ([] if sampling.ignore_eos else self._end_of_sequence_ids)
-        stop_rules = StopRules(stop_ids, sampling.stop, sampling.max_new_tokens, self.device,
-                               self._decode_text if sampling.stop else None)
+        stop_rules = StopRules(stop_ids, sampling.stop, self.device, self._decode_text if sampling.stop else None)
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(1 << 32)
         run = GenerationRun(self.decoder, cache, decode, sampling, stop_rules, seed,
                             self.settings.prefill_tokens, self.model.model.visual.dtype)

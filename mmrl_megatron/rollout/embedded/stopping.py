@@ -1,4 +1,4 @@
-"""When a sequence ends: a stop token (kept in the response), a stop string, or max_new_tokens."""
+"""Why a sequence ends: finish reasons, stop tokens (kept in the response) and stop strings."""
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -11,11 +11,10 @@ class StopRules:
     """Stop ids are checked on the device for the whole batch; stop strings on the host, per sequence,
     by decoding only the response's tail (enough tokens to hold the longest stop string)."""
 
-    def __init__(self, stop_token_ids: Sequence[int], stop_strings: Sequence[str], max_new_tokens: int,
-                 device: torch.device, decode: Optional[Callable[[List[int]], str]]) -> None:
+    def __init__(self, stop_token_ids: Sequence[int], stop_strings: Sequence[str], device: torch.device,
+                 decode: Optional[Callable[[List[int]], str]]) -> None:
         self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
         self.stop_strings = list(stop_strings)
-        self.max_new_tokens = max_new_tokens
         self._decode = decode
         # Every token covers at least one byte, so a stop string ending in the last token lies within
         # its byte length + 1 tokens (one more for a token that only starts inside the string).
