@@ -1,6 +1,7 @@
 """Kimi-VL on megatron-core: HF -> megatron -> HF is bit-exact, and the language model's log-probs equal
 transformers' DeepseekV3ForCausalLM on the same weights, at EP=2, TP=2 (expert TP 1 and 2), PP=2 and
-TP=2 with EP=2; all layouts run in one 2-rank spawn."""
+TP=2 with EP=2, for text and for a prompt with an image (MoonViT features placed at the media
+placeholders); all layouts run in one 2-rank spawn."""
 import os
 
 import pytest
@@ -11,7 +12,10 @@ from tests.cpu_ranks import run_on_cpu_ranks
 # (tensor, pipeline, expert, expert_tensor)
 LAYOUTS = [(1, 1, 2, 1), (2, 1, 1, 1), (2, 1, 1, 2), (1, 2, 1, 1), (2, 1, 2, 1)]
 # two packed sequences; the total is even so sequence parallelism (TP with EP) can split it
-SEQUENCES = [[5, 17, 99, 3, 42, 8, 200], [7, 7, 120, 64, 33, 250, 11, 90, 1]]
+TEXT = [[5, 17, 99, 3, 42, 8, 200], [7, 7, 120, 64, 33, 249, 11, 90, 1]]
+IMAGE_GRID = (4, 6)  # patches; 2x2 merging gives 6 image tokens
+MEDIA = 250  # tiny.MEDIA_PLACEHOLDER_TOKEN_ID
+WITH_IMAGE = [[5, 17, MEDIA, MEDIA, MEDIA, MEDIA, MEDIA, MEDIA, 99, 3], [7, 120, 64, 33, 11, 90]]
 LOGPROB_TOLERANCE = 1e-4
 
 
@@ -22,21 +26,26 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_checkpoint(str(tmp_path_factory.mktemp("kimi_vl_tiny")), seed=3)
 
 
-def _packed_inputs():
+def _pixel_values():
+    rows, cols = IMAGE_GRID
+    return torch.randn(rows * cols, 3, 14, 14, generator=torch.Generator().manual_seed(4))
+
+
+def _packed_inputs(sequences):
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    ids = torch.tensor([token for sequence in SEQUENCES for token in sequence]).unsqueeze(0)
-    bounds = torch.tensor([0] + list(torch.tensor([len(s) for s in SEQUENCES]).cumsum(0)), dtype=torch.int32)
-    longest = max(len(s) for s in SEQUENCES)
+    ids = torch.tensor([token for sequence in sequences for token in sequence]).unsqueeze(0)
+    bounds = torch.tensor([0] + list(torch.tensor([len(s) for s in sequences]).cumsum(0)), dtype=torch.int32)
+    longest = max(len(s) for s in sequences)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, max_seqlen_q=longest,
                              max_seqlen_kv=longest)
     return ids, params
 
 
-def _next_token_logprobs(full_logits: torch.Tensor) -> torch.Tensor:
+def _next_token_logprobs(full_logits: torch.Tensor, sequences) -> torch.Tensor:
     """Per sequence, log p(token t+1 | <= t) for every position but the last, concatenated."""
     out, start = [], 0
-    for sequence in SEQUENCES:
+    for sequence in sequences:
         logits = full_logits[start:start + len(sequence) - 1]
         labels = torch.tensor(sequence[1:])
         out.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1))
@@ -44,16 +53,18 @@ def _next_token_logprobs(full_logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _megatron_logprobs(model, ids, packed):
+def _megatron_logprobs(model, sequences, images: bool):
     """Forward through megatron's pipeline schedule; full-vocabulary logits gathered over TP on the last stage."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    ids, packed = _packed_inputs(sequences)
+    vision = dict(pixel_values=_pixel_values(), image_grid_thw=torch.tensor([[1, *IMAGE_GRID]])) if images else {}
     collected = []
 
     def forward_step(data_iterator, model_chunk):
-        logits = model_chunk(next(data_iterator), packed_seq_params=packed)
+        logits = model_chunk(next(data_iterator), packed_seq_params=packed, **vision)
 
         def keep(output):
             shards = [torch.empty_like(output) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
@@ -67,11 +78,11 @@ def _megatron_logprobs(model, ids, packed):
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([ids]), model=[model],
                                     num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=1,
                                     forward_only=True)
-    return _next_token_logprobs(collected[0]) if collected else None
+    return _next_token_logprobs(collected[0], sequences) if collected else None
 
 
 def _run_layouts(hf_dir):
-    """Per layout: names that failed the round trip, and the log-probs (from one last-stage rank)."""
+    """Per layout: names that failed the round trip, and the text and image log-probs (from one last-stage rank)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -81,7 +92,6 @@ def _run_layouts(hf_dir):
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
 
     kimi, reader = load_kimi_vl_config(hf_dir), SafetensorsReader(hf_dir)
-    ids, packed = _packed_inputs()
     results = {}
     for tp, pp, ep, etp in LAYOUTS:
         layout = ParallelLayout(tensor=tp, pipeline=pp, expert=ep, expert_tensor=etp)
@@ -93,14 +103,16 @@ def _run_layouts(hf_dir):
         wrong = sorted(set(exported) ^ set(reader.names()))
         wrong += [name for name in reader.names() if name in exported and not torch.equal(exported[name],
                                                                                           reader.get(name))]
-        logprobs = _megatron_logprobs(model, ids, packed)
-        report = logprobs if parallel_state.get_tensor_model_parallel_rank() == 0 else None
-        results[(tp, pp, ep, etp)] = (wrong, report)
+        logprobs = (_megatron_logprobs(model, TEXT, images=False), _megatron_logprobs(model, WITH_IMAGE, images=True))
+        reporter = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.is_pipeline_last_stage()
+        results[(tp, pp, ep, etp)] = (wrong, logprobs if reporter else None)
     return results
 
 
 def _transformers_logprobs(hf_dir):
-    """The oracle: transformers' DeepseekV3ForCausalLM reading the checkpoint's language_model.* tensors."""
+    """The oracle: transformers' DeepseekV3ForCausalLM reading the checkpoint's language_model.* tensors;
+    image features from our MoonViT + projector (checked against transformers' K2.5 vision model in
+    tests/models/kimi_vl/test_vision.py) replace the placeholder embeddings."""
     from safetensors.torch import load_file, save_file
     from transformers import DeepseekV3ForCausalLM
 
@@ -116,14 +128,37 @@ def _transformers_logprobs(hf_dir):
     model = DeepseekV3ForCausalLM.from_pretrained(language_dir, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(torch.tensor([sequence])).logits[0] for sequence in SEQUENCES])
-    return _next_token_logprobs(logits)
+        text_logits = torch.cat([model(torch.tensor([sequence])).logits[0] for sequence in TEXT])
+        features = _image_features(hf_dir, model.config.hidden_size)
+        image_logits = []
+        for sequence in WITH_IMAGE:
+            ids = torch.tensor([sequence])
+            embeddings = model.get_input_embeddings()(ids)
+            if MEDIA in sequence:
+                embeddings = embeddings.masked_scatter((ids == MEDIA).unsqueeze(-1), features)
+            image_logits.append(model(inputs_embeds=embeddings).logits[0])
+    return _next_token_logprobs(text_logits, TEXT), _next_token_logprobs(torch.cat(image_logits), WITH_IMAGE)
+
+
+def _image_features(hf_dir, text_hidden):
+    from safetensors.torch import load_file
+
+    from mmrl_megatron.models.kimi_vl.hf_config import load_kimi_vl_config
+    from mmrl_megatron.models.kimi_vl.vision import MoonViT, MultiModalProjector
+
+    vision = load_kimi_vl_config(hf_dir).vision
+    state = load_file(os.path.join(hf_dir, "model.safetensors"))
+    tower, projector = MoonViT(vision), MultiModalProjector(vision, text_hidden)
+    for prefix, module in (("vision_tower.", tower), ("multi_modal_projector.", projector)):
+        module.load_state_dict({name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)})
+    return projector(tower(_pixel_values(), torch.tensor([IMAGE_GRID])))
 
 
 def test_round_trip_and_logprob_parity_on_every_layout(tiny_dir):
     """Invariants: (1) loading the published checkpoint and exporting it again gives every tensor back
     bit for bit under its own name, whatever the TP/PP/EP/expert-TP layout; (2) the megatron language model's
-    next-token log-probs equal transformers' DeepseekV3ForCausalLM within 1e-4 on each layout."""
+    next-token log-probs equal transformers' DeepseekV3ForCausalLM within 1e-4 on each layout, with and
+    without an image in the prompt."""
     expected = _transformers_logprobs(tiny_dir)
     per_rank = run_on_cpu_ranks(2, _run_layouts, tiny_dir)
     for layout in LAYOUTS:
@@ -132,5 +167,6 @@ def test_round_trip_and_logprob_parity_on_every_layout(tiny_dir):
         reported = [logprobs for _, logprobs in (rank[layout] for rank in per_rank) if logprobs is not None]
         assert reported, layout
         for logprobs in reported:
-            difference = (logprobs - expected).abs().max().item()
-            assert difference < LOGPROB_TOLERANCE, (layout, difference)
+            for case, ours, oracle in zip(("text", "image"), logprobs, expected):
+                difference = (ours - oracle).abs().max().item()
+                assert difference < LOGPROB_TOLERANCE, (layout, case, difference)

@@ -3,7 +3,7 @@ MLA/MoE language model, with the project's model forward contract."""
 from typing import Optional
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
@@ -51,7 +51,7 @@ class KimiVLModel(MegatronModule):
         if self.config.sequence_parallel:  # embeddings are this rank's sequence chunk: take the same chunk
             placed = tensor_parallel.scatter_to_sequence_parallel_region(placed)
             mask = mask.chunk(self.config.tensor_model_parallel_size, dim=0)[
-                tensor_parallel.get_tensor_model_parallel_rank()]
+                parallel_state.get_tensor_model_parallel_rank()]
         return torch.where(mask, placed, embeddings)
 
     def forward(self, input_ids, position_ids=None, packed_seq_params=None, pixel_values=None,
@@ -64,8 +64,6 @@ class KimiVLModel(MegatronModule):
 def build_kimi_vl_model(kimi: KimiVLConfig, layout, params_dtype: torch.dtype = torch.float32,
                         bias_update_rate: float = 0.0) -> KimiVLModel:
     """This pipeline stage's KimiVLModel; call after init_model_parallel(layout)."""
-    from megatron.core import parallel_state
-
     config = language_transformer_config(kimi.text, layout, params_dtype, bias_update_rate)
     return KimiVLModel(kimi, config, pre_process=parallel_state.is_pipeline_first_stage(),
                        post_process=parallel_state.is_pipeline_last_stage())
