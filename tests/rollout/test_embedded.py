@@ -9,6 +9,7 @@ from mmrl_megatron.config.schema import Config, EmbeddedEngineConfig
 from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint, load_tiny_tokenizer
 from mmrl_megatron.rollout import RolloutError, RolloutRequest, SamplingParams, build_engine
 from mmrl_megatron.rollout.embedded import EmbeddedEngine
+from mmrl_megatron.rollout.embedded.vision import use_length_grouped_vision_attention
 from mmrl_megatron.rollout.embedded.weights import iter_checkpoint_buckets
 
 from .embedded_helpers import hf_logits, hf_logprobs, make_requests
@@ -54,6 +55,26 @@ def test_logprobs_equal_a_separate_hf_forward(engine, hf_model, requests):
         assert len(result.response_ids) == len(result.logprobs) == 10 and result.finish_reason == "length"
         expected = hf_logprobs(hf_model, requests[result.request_index], result, sampling.temperature)
         torch.testing.assert_close(torch.tensor(result.logprobs), expected, rtol=0, atol=1e-5)
+
+
+def test_length_grouped_vision_attention_equals_hf_per_window(checkpoint):
+    """The engine's batched window attention gives HF's vision features (per-window SDPA) within 1e-5,
+    for images whose windows have several different sizes."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    requests = make_requests(model.config, [[1, 4, 6], [1, 10, 6], [1, 4, 4]])
+    pixel_values = torch.cat([r.pixel_values for r in requests])
+    grid = torch.cat([r.image_grid_thw for r in requests])
+
+    def features():
+        with torch.no_grad():
+            output = model.model.get_image_features(pixel_values, grid)
+        return torch.cat(list(getattr(output, "pooler_output", output)))
+
+    expected = features()
+    use_length_grouped_vision_attention(model)
+    torch.testing.assert_close(features(), expected, rtol=0, atol=1e-5)
 
 
 def test_greedy_follows_hf_argmax(engine, hf_model, requests):

@@ -14,6 +14,7 @@ from .graphs import DecodeGraphs
 from .kv_cache import StaticKVCache
 from .prompts import prepare_prompt
 from .stopping import StopRules
+from .vision import use_length_grouped_vision_attention
 from .weights import build_empty_model, copy_into_parameter, iter_checkpoint_buckets, module_name, parameters_by_module_name
 
 CACHE_LEN_GRANULARITY = 128  # the cache grows in steps of this many tokens, so similar calls reuse it
@@ -34,6 +35,7 @@ class EmbeddedEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self.settings = settings or EmbeddedEngineConfig()
         self.model = build_empty_model(hf_dir, self.device, dtype)
+        use_length_grouped_vision_attention(self.model)
         self.decoder = QwenVLDecoder(self.model)
         self._parameters = parameters_by_module_name(self.model)
         self._weights_loaded = False

@@ -1,0 +1,57 @@
+"""Window attention of the Qwen2.5-VL vision tower with one kernel per window size, not per window.
+
+Without flash-attention, transformers runs the tower's attention as one SDPA call per window (a
+448x448 image has 16 windows, so a batch of 256 images costs about 115,000 calls over the 28 window
+layers), which makes the vision tower, not decoding, the cost of a multimodal rollout. Windows of
+equal length are independent attention problems of one shape, so they stack into one batched call.
+The math is HF's: same projections, rotary embedding, scale and per-window softmax.
+"""
+import types
+from collections import defaultdict
+
+import torch
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+
+def length_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """Attention within each chunk [cu_seqlens[i], cu_seqlens[i+1]) of [S, heads, D] tensors -> [S, heads, D]."""
+    bounds = cu_seqlens.tolist()
+    starts_by_length = defaultdict(list)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            starts_by_length[end - start].append(start)
+    _, heads, head_dim = query.shape
+    output = torch.empty_like(query)
+    for length, starts in starts_by_length.items():
+        index = (torch.tensor(starts, device=query.device)[:, None]
+                 + torch.arange(length, device=query.device)[None, :]).flatten()
+
+        def windows(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor[index].view(len(starts), length, heads, head_dim).transpose(1, 2)
+
+        attended = torch.nn.functional.scaled_dot_product_attention(windows(query), windows(key), windows(value),
+                                                                    scale=scale)
+        output[index] = attended.transpose(1, 2).reshape(-1, heads, head_dim)
+    return output
+
+
+def _grouped_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """Qwen2_5_VLVisionAttention.forward with length-grouped attention (signature of transformers 5)."""
+    if position_embeddings is None:  # a caller of another transformers generation: keep HF's own path
+        return self._per_window_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+    length = hidden_states.shape[0]
+    query, key, value = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    query, key = apply_rotary_pos_emb_vision(query, key, *position_embeddings)
+    attended = length_grouped_attention(query, key, value, cu_seqlens, self.scaling)
+    return self.proj(attended.reshape(length, -1))
+
+
+def use_length_grouped_vision_attention(model: torch.nn.Module) -> None:
+    """Switch every vision block of this model instance (not the class) to length-grouped attention."""
+    for block in model.model.visual.blocks:
+        attention = block.attn
+        if hasattr(attention, "_per_window_forward"):
+            continue
+        attention._per_window_forward = attention.forward
+        attention.forward = types.MethodType(_grouped_vision_attention_forward, attention)
