@@ -405,7 +405,8 @@ def main() -> None:
     args, ignored = parser.parse_known_args()  # --base-gpu-id, --mem-fraction-static, ... mean nothing here
     server = FakeSGLangServer(args.model_path, args.tp_size, args.enable_memory_saver, args.host, args.port,
                               crash_after_generates=args.crash_after_generates)
-    print(f"fake sglang {PINNED_SGLANG_VERSION} serving {args.model_path} at {server.url}; ignored {ignored}", flush=True)
+    print(f"fake sglang {PINNED_SGLANG_VERSION} serving {args.model_path} at {server.url}; ignored {ignored}; "
+          f"SGLANG_RETURN_ORIGINAL_LOGPROB={os.environ.get('SGLANG_RETURN_ORIGINAL_LOGPROB')}", flush=True)
     server.start().thread.join()
     if server.crashed:
         print("fake sglang: crashed as planned", flush=True)
