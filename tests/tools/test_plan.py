@@ -186,3 +186,17 @@ def test_cli_reports_misfit_and_errors(capsys):
     assert "does NOT fit" in out and "try: " in out
     assert plan_main(["--config", path, "--gpus", "24"]) == 2
     assert "world size 24" in capsys.readouterr().err
+
+
+def test_docs_layout_table_matches_the_planner(capsys):
+    """Invariant: every row of docs/scale_out.md's layout table is what its plan command prints: the
+    layout fits and the peak (and its phase) are the planner's."""
+    with open(os.path.join(REPO, "docs", "scale_out.md")) as handle:
+        rows = re.findall(r"^\|.*\| ([\d.]+) \((\w+)\) \| `python tools/plan.py ([^`]+)` \|$", handle.read(), re.M)
+    assert len(rows) >= 6
+    for peak, phase, arguments in rows:
+        argv = arguments.split()
+        argv[argv.index("--config") + 1] = os.path.join(REPO, argv[argv.index("--config") + 1])
+        assert plan_main(argv) == 0, arguments
+        printed = re.search(r"peak ([\d.]+) GiB \(\w+ stage, (\w+) phase\)", capsys.readouterr().out)
+        assert printed.groups() == (peak, phase), arguments
