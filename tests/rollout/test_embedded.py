@@ -9,6 +9,7 @@ from mmrl_megatron.config.schema import Config, EmbeddedEngineConfig
 from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint, load_tiny_tokenizer
 from mmrl_megatron.rollout import RolloutError, RolloutRequest, SamplingParams, build_engine
 from mmrl_megatron.rollout.embedded import EmbeddedEngine
+from mmrl_megatron.rollout.embedded.graphs import batch_bucket, kv_bucket
 from mmrl_megatron.rollout.embedded.vision import use_length_grouped_vision_attention
 from mmrl_megatron.rollout.embedded.weights import iter_checkpoint_buckets
 
@@ -119,6 +120,26 @@ def test_continuous_batching_matches_roomy_batch_when_sequences_end_early(checkp
     for a, b in zip(squeezed, roomy):
         assert (a.request_index, a.sample_index, a.response_ids, a.finish_reason) == \
             (b.request_index, b.sample_index, b.response_ids, b.finish_reason)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
+def test_bucketed_decode_as_graphs_replay_it_matches_exact_decode(engine, requests, monkeypatch):
+    """Decoding whole batch and KV-length buckets, as a captured CUDA graph replays it (idle slots and
+    unused cache positions included, masked), gives the same rollout as the exact-size step."""
+    sampling = _sampling(n=3, temperature=1.0, stop_token_ids=[7, 8, 9, 10])
+    exact = engine.generate(requests, sampling)
+
+    def bucketed_step(cache):
+        def step(batch, kv_len):
+            geometry = cache.geometry
+            return engine.decoder.decode(cache, batch_bucket(batch, geometry.slots),
+                                         kv_bucket(kv_len, geometry.max_len))[:batch]
+        return step
+
+    monkeypatch.setattr(engine, "_decode_step", bucketed_step)
+    padded = engine.generate(requests, sampling)
+    assert [(r.response_ids, r.finish_reason) for r in padded] == [(r.response_ids, r.finish_reason) for r in exact]
+    for a, b in zip(padded, exact):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
 
 
