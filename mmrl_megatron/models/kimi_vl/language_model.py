@@ -71,7 +71,7 @@ def _check_supported(text) -> None:
 
 def language_transformer_config(text, layout, params_dtype: torch.dtype = torch.float32,
                                 bias_update_rate: float = 0.0, sequence_parallel: Optional[bool] = None,
-                                use_cpu_initialization: bool = True):
+                                recompute: str = "none"):
     """megatron MLATransformerConfig for a DeepseekV3Config `text` on a ParallelLayout.
 
     sequence_parallel defaults to on whenever TP > 1: megatron-core's MoE layer requires it with tensor
@@ -109,7 +109,10 @@ def language_transformer_config(text, layout, params_dtype: torch.dtype = torch.
         tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
         expert_model_parallel_size=layout.expert, expert_tensor_parallel_size=layout.expert_tensor,
         sequence_parallel=sequence_parallel, params_dtype=params_dtype, pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16, use_cpu_initialization=use_cpu_initialization,
+        bf16=params_dtype == torch.bfloat16, use_cpu_initialization=cpu,
+        recompute_granularity=None if recompute == "none" else recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
         init_method_std=getattr(text, "initializer_range", 0.02),
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,

@@ -1,13 +1,14 @@
 """KimiVLModel: MoonViT + projector (first pipeline stage, replicated over TP) feeding the megatron-core
 MLA/MoE language model, with the project's model forward contract."""
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from .hf_config import KimiVLConfig
+from ...config import ConfigError
+from .hf_config import KimiVLConfig, kimi_vl_config_from_dict
 from .language_model import build_language_model, language_transformer_config
 from .vision import MoonViT, MultiModalProjector
 
@@ -25,9 +26,10 @@ class KimiVLModel(MegatronModule):
         self.media_placeholder_token_id = kimi.media_placeholder_token_id
         self.language_model = build_language_model(kimi.text, transformer_config, pre_process, post_process)
         if pre_process:
-            dtype = transformer_config.params_dtype
-            self.vision_tower = MoonViT(kimi.vision).to(dtype)
-            self.multi_modal_projector = MultiModalProjector(kimi.vision, kimi.text.hidden_size).to(dtype)
+            place = dict(dtype=transformer_config.params_dtype,
+                         device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+            self.vision_tower = MoonViT(kimi.vision).to(**place)
+            self.multi_modal_projector = MultiModalProjector(kimi.vision, kimi.text.hidden_size).to(**place)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -62,8 +64,31 @@ class KimiVLModel(MegatronModule):
 
 
 def build_kimi_vl_model(kimi: KimiVLConfig, layout, params_dtype: torch.dtype = torch.float32,
-                        bias_update_rate: float = 0.0) -> KimiVLModel:
+                        bias_update_rate: float = 0.0, recompute: str = "none") -> KimiVLModel:
     """This pipeline stage's KimiVLModel; call after init_model_parallel(layout)."""
-    config = language_transformer_config(kimi.text, layout, params_dtype, bias_update_rate)
+    config = language_transformer_config(kimi.text, layout, params_dtype, bias_update_rate, recompute=recompute)
     return KimiVLModel(kimi, config, pre_process=parallel_state.is_pipeline_first_stage(),
                        post_process=parallel_state.is_pipeline_last_stage())
+
+
+def build_kimi_vl(model_config, hf_config: Mapping, role: str) -> KimiVLModel:
+    """models.build_model's builder for model_type kimi_vl: roles "actor" and "reference" (logits).
+
+    model_config is config.ModelConfig (dtype, recompute, freezing, moe_router_bias_update_rate); the
+    layout is read from megatron's groups, so call after init_model_parallel."""
+    from ...parallel import ParallelLayout
+
+    if role == "critic":
+        raise ConfigError("Kimi-VL has no critic head yet: use a critic-free estimator (GRPO, RLOO, REINFORCE++)")
+    layout = ParallelLayout(
+        tensor=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline=parallel_state.get_pipeline_model_parallel_world_size(),
+        expert=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor=parallel_state.get_expert_tensor_parallel_world_size())
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model_config.dtype]
+    model = build_kimi_vl_model(kimi_vl_config_from_dict(dict(hf_config)), layout, dtype,
+                                model_config.moe_router_bias_update_rate, model_config.recompute)
+    if model.pre_process:
+        model.vision_tower.requires_grad_(not model_config.freeze_vision_tower)
+        model.multi_modal_projector.requires_grad_(not model_config.freeze_merger)
+    return model
