@@ -74,8 +74,10 @@ class EmbeddedEngine(RolloutEngine):
         """Free the KV cache and decode graphs; with settings.offload_weights also move weights to CPU."""
         self._cache = None
         self._graphs = None
-        if self.settings.offload_weights and self.device.type != "cpu" and not self._weights_offloaded:
+        if self.settings.offload_weights and self.device.type == "cuda" and not self._weights_offloaded:
             self.model.to("cpu")
+            for parameter in self.model.parameters():  # pinned pages copy back about twice as fast
+                parameter.data = parameter.data.pin_memory()
             self._weights_offloaded = True
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -83,7 +85,8 @@ class EmbeddedEngine(RolloutEngine):
     def resume_memory(self) -> None:
         """Bring offloaded weights back; the cache is re-allocated by the next generate."""
         if self._weights_offloaded:
-            self.model.to(self.device)
+            self.model.to(self.device, non_blocking=True)
+            torch.cuda.synchronize(self.device)
             self._weights_offloaded = False
 
     def shutdown(self) -> None:
