@@ -122,6 +122,10 @@ mmrl_main() {
     mmrl_export_runtime_env
     mmrl_job_settings
     mmrl_srun_command "${overrides[@]}"
+    if [[ ! -f "$REPO_DIR/$MMRL_CONFIG" && ! -f "$MMRL_CONFIG" ]]; then
+        echo "config ${MMRL_CONFIG} not found (relative paths are from ${REPO_DIR}); set CONFIG=<yaml>" >&2
+        ((dry_run)) || return 2
+    fi
     if ((dry_run)); then
         mmrl_print_dry_run "${overrides[@]}"
         return 0

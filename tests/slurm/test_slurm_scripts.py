@@ -96,8 +96,8 @@ def test_node_launch_runs_torchrun_with_this_nodes_rank(tmp_path):
 
 
 def _launch(tmp_path, trainer, **extra):
-    env = _slurm_env(tmp_path, path=f"{FAKE_BIN}:{SYSTEM_PATH}", RUN_DIR=str(tmp_path / "run"),
-                     FAKE_TRAINER=trainer, **extra)
+    settings = dict(RUN_DIR=str(tmp_path / "run"), FAKE_TRAINER=trainer, CONFIG="yaml_configs/ppo_qwen25vl_7b.yaml")
+    env = _slurm_env(tmp_path, path=f"{FAKE_BIN}:{SYSTEM_PATH}", **dict(settings, **extra))
     return subprocess.Popen(["bash", os.path.join(REPO, "slurm", "grpo_qwen25vl_7b.sh"), "trainer.steps=1"],
                             env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -132,6 +132,14 @@ def test_time_limit_signal_checkpoints_then_requeues(tmp_path, trainer):
     srun_args = (tmp_path / "srun.args").read_text().splitlines()
     assert srun_args[srun_args.index("--node-launch") + 1:] == ["trainer.steps=1"]
     assert (tmp_path / "srun.env").read_text().splitlines() == ["node-a:24242", "2", "8"]  # from scontrol
+
+
+def test_missing_config_stops_before_srun(tmp_path):
+    """Invariant: a config path that does not exist stops the job before anything is launched."""
+    process = _launch(tmp_path, "honours", CONFIG="yaml_configs/no_such_file.yaml")
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2 and "no_such_file.yaml not found" in output
+    assert not (tmp_path / "srun.started").exists()
 
 
 def test_failed_run_reports_its_status_without_requeue(tmp_path):
