@@ -55,7 +55,9 @@ class QwenVLDecoder:
         batch, length, _ = embeds.shape
         key_index = torch.arange(length, device=embeds.device)
         causal = key_index[None, :] <= key_index[:, None]
-        mask = (causal[None] & (key_index[None, None, :] < lengths[:, None, None])).unsqueeze(1)
+        visible = (causal[None] & (key_index[None, None, :] < lengths[:, None, None])).unsqueeze(1)
+        attention_bias = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+            ~visible, float("-inf"))
 
         def attend(layer_index: int, query, key, value):
             self_attention = self.layers[layer_index].self_attn
@@ -63,7 +65,7 @@ class QwenVLDecoder:
             cache.values[layer_index][slots, :, :length] = value[rows]
             groups = self.num_heads // self.num_kv_heads
             return torch.nn.functional.scaled_dot_product_attention(
-                query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask,
+                query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=attention_bias,
                 scale=self_attention.scaling)
 
         hidden = self._run_layers(embeds, positions, attend)
@@ -79,6 +81,9 @@ class QwenVLDecoder:
         positions = (cache_lens + cache.rope_deltas[:batch]).view(1, batch, 1).expand(3, batch, 1)
         slot_index = torch.arange(batch, device=tokens.device)
         visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= cache_lens[:, None])[:, None, None, :]
+        # Additive form built once per step; SDPA would otherwise convert a boolean mask in every layer.
+        attention_bias = torch.zeros(visible.shape, dtype=cache.keys[0].dtype, device=tokens.device).masked_fill(
+            ~visible, float("-inf"))
         groups = self.num_heads // self.num_kv_heads
 
         def attend(layer_index: int, query, key, value):
@@ -90,7 +95,7 @@ class QwenVLDecoder:
             # that head's query rows ([B, kv_heads, groups, D]); one fused kernel, fp32 softmax inside.
             grouped_query = query.view(batch, self.num_kv_heads, groups, self.head_dim)
             output = torch.nn.functional.scaled_dot_product_attention(
-                grouped_query, keys[:batch, :, :kv_len], values[:batch, :, :kv_len], attn_mask=visible,
+                grouped_query, keys[:batch, :, :kv_len], values[:batch, :, :kv_len], attn_mask=attention_bias,
                 scale=self.layers[layer_index].self_attn.scaling)
             return output.view(batch, self.num_heads, 1, self.head_dim)
 
