@@ -96,6 +96,14 @@ class EmbeddedEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> List[RolloutResult]:
+        """n results per request, ordered by (request_index, sample_index).
+
+        Semantics (shared with the SGLang backend where it has them): a stop token, the model's eos ids
+        (unless ignore_eos) or the token completing a stop string ends a sequence and is kept in the
+        response (finish_reason "stop"); max_new_tokens gives "length". Log-probs are of the sampled
+        tokens under log_softmax(logits / temperature), unfiltered by top-k/top-p; greedy uses T = 1.
+        A seed fixes every sample: sample s of request r depends only on (seed, r, s) and the weights.
+        """
         self._check_generate(sampling)
         if not requests:
             return []
