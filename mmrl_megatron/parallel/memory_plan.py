@@ -20,6 +20,7 @@ import yaml
 
 from ..config.errors import ConfigError
 from ..config.schema import Config
+from ..models.common.logprobs import DEFAULT_CHUNK_TOKENS
 from ..config.validate import ModelShape, validate_layout
 from .model_dims import ModelDims
 
@@ -28,8 +29,10 @@ GIB = 1024 ** 3
 # of megatron-core land between 2 and 4 GiB per process; the allocator's fragmentation adds a share.
 RUNTIME_RESERVE_BYTES = 3 * GIB
 FRAGMENTATION_SHARE = 0.05
-# A micro-batch's logits: the bf16 shard, its fp32 upcast and the fp32 softmax kept for backward.
-LOGIT_BYTES_PER_ENTRY = 2 + 4 + 4
+# A micro-batch's logits: the bf16 shard kept for backward and its bf16 gradient, for every token; fp32
+# work (upcast, exponentials, probabilities) exists only for one chunk of rows at a time (logprobs.py).
+LOGIT_BYTES_PER_ENTRY = 2 + 2
+LOGIT_CHUNK_BYTES_PER_ENTRY = 4 + 4 + 4
 
 
 @dataclass
@@ -121,7 +124,9 @@ def _activation_bytes(dims: ModelDims, config: Config, stage: int, layers: int) 
     if stage == 0:
         result["vision activations"] = vision
     if stage == pipeline - 1:
-        result["logits"] = tokens * padded_vocab(dims, config) / p.tensor * LOGIT_BYTES_PER_ENTRY
+        shard = padded_vocab(dims, config) / p.tensor
+        result["logits"] = shard * (tokens * LOGIT_BYTES_PER_ENTRY
+                                    + min(tokens, DEFAULT_CHUNK_TOKENS) * LOGIT_CHUNK_BYTES_PER_ENTRY)
     return result
 
 

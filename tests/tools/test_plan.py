@@ -12,7 +12,7 @@ import pytest
 
 from mmrl_megatron.config import ConfigError, load_config
 from mmrl_megatron.config.schema import Config
-from mmrl_megatron.parallel.memory_plan import GIB, LOGIT_BYTES_PER_ENTRY, estimate, suggest_changes, with_overrides
+from mmrl_megatron.parallel.memory_plan import GIB, estimate, suggest_changes, with_overrides
 from mmrl_megatron.parallel.model_dims import BUILTIN_MODELS, LanguageDims, ModelDims, VisionDims, resolve_model_dims
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,7 +116,8 @@ def test_toy_arithmetic_by_hand():
     # q/k/v/out 2*(2*4+2*2)*16/2, SwiGLU 6*128/2 -> 512 + 192 + 384 = 1088 bytes
     assert first.training["activations"] == 2 * 2 * 1000 * 1088  # 2 micro-batches in flight x 2 layers
     assert last.training["activations"] == 1 * 2 * 1000 * 1088
-    assert last.training["logits"] == 1000 * 1024 / 2 * LOGIT_BYTES_PER_ENTRY
+    # bf16 logits and their gradient for all 1000 tokens, fp32 work for one chunk (here all 1000 rows)
+    assert last.training["logits"] == 1024 / 2 * (1000 * (2 + 2) + 1000 * (4 + 4 + 4))
     # images: min(100 prompt tokens, 401408 px / 28**2) = 100 of 128 sample tokens, 4 patches per token
     # -> 3125 patches; per patch and block 2*4*16 full width + (2*4*16 + 6*32) / TP 2 = 288 bytes
     assert first.training["vision activations"] == 2 * 1 * 3125 * 288
