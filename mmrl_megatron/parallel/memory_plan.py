@@ -33,6 +33,7 @@ FRAGMENTATION_SHARE = 0.05
 # work (upcast, exponentials, probabilities) exists only for one chunk of rows at a time (logprobs.py).
 LOGIT_BYTES_PER_ENTRY = 2 + 2
 LOGIT_CHUNK_BYTES_PER_ENTRY = 4 + 4 + 4
+SWIGLU_BYTES = 4 + 2 + 2
 
 
 @dataclass
@@ -87,12 +88,15 @@ def _layer_activation_bytes_per_token(dims: ModelDims, config: Config) -> float:
         attention = 2 * lm.heads * (2 * qk + 2 * lm.v_head_dim) / tensor + 2 * (2 * lm.kv_lora_rank + lm.qk_rope_head_dim)
     else:
         attention = 2 * (2 * lm.heads + 2 * lm.kv_heads) * lm.head_dim / tensor
+    # SwiGLU runs unfused (models/*/build set bias_activation_fusion off): per unit of MLP width it keeps
+    # the gate+up output (4 B), the SiLU output (2 B) and their product, the down projection's input (2 B).
     if lm.num_experts:
-        # k routed copies of each token (dispatched input, SwiGLU input/output), shared experts, fp32 router scores
+        # k routed copies of each token (dispatched input + SwiGLU), shared experts, fp32 router scores
         k = lm.experts_per_token
-        mlp = k * (2 * lm.hidden + 6 * lm.moe_ffn / expert_tensor) + 6 * lm.shared_ffn / tensor + 8 * lm.num_experts
+        mlp = k * (2 * lm.hidden + SWIGLU_BYTES * lm.moe_ffn / expert_tensor) + SWIGLU_BYTES * lm.shared_ffn / tensor \
+            + 8 * lm.num_experts
     else:
-        mlp = 6 * lm.ffn / tensor  # SwiGLU: gate+up output (kept by the activation) and its output
+        mlp = SWIGLU_BYTES * lm.ffn / tensor
     return replicated + attention + mlp
 
 
