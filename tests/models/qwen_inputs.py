@@ -85,6 +85,10 @@ def hf_logprobs(hf_dir: str, samples: List[Sample], dtype=torch.float32) -> List
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval()
+    rotary = model.model.language_model.rotary_emb
+    expected = 1.0 / rotary.config.rope_parameters["rope_theta"] ** (
+        torch.arange(0, rotary.inv_freq.numel() * 2, 2).float() / (rotary.inv_freq.numel() * 2))
+    assert torch.allclose(rotary.inv_freq.float(), expected), "HF oracle loaded with broken rotary buffers"
     results = []
     with torch.no_grad():
         for sample in samples:

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
@@ -43,6 +44,12 @@ class Qwen25VLModel(MegatronModule):
         if role == "critic" and self.post_process:
             self.language_model.output_layer = ValueHead(language_config)
         self.vision_model = VisionModel(vision_config, shape.vision, vision_spec) if self.pre_process else None
+        self.model_type = ModelType.encoder_or_decoder  # what megatron-core's pipeline schedules look for
+        self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        """The tied embedding/output weight; megatron-core's finalize_model_grads all-reduces its gradient."""
+        return self.language_model.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
         """The pipeline schedule hands the previous stage's activations here."""
