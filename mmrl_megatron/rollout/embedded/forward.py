@@ -27,6 +27,7 @@ class QwenVLDecoder:
         self.num_heads = text.num_attention_heads
         self.num_kv_heads = text.num_key_value_heads
         self.head_dim = text.hidden_size // text.num_attention_heads
+        self.query_groups = self.num_heads // self.num_kv_heads  # query heads per KV head (GQA)
         self.image_token_id = model.config.image_token_id
 
     def cache_geometry(self, slots: int, max_len: int) -> CacheGeometry:
@@ -56,17 +57,14 @@ class QwenVLDecoder:
         key_index = torch.arange(length, device=embeds.device)
         causal = key_index[None, :] <= key_index[:, None]
         visible = (causal[None] & (key_index[None, None, :] < lengths[:, None, None])).unsqueeze(1)
-        attention_bias = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
-            ~visible, float("-inf"))
+        attention_bias = _additive_mask(visible, embeds.dtype)
 
         def attend(layer_index: int, query, key, value):
-            self_attention = self.layers[layer_index].self_attn
             cache.keys[layer_index][slots, :, :length] = key[rows]
             cache.values[layer_index][slots, :, :length] = value[rows]
-            groups = self.num_heads // self.num_kv_heads
             return torch.nn.functional.scaled_dot_product_attention(
-                query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=attention_bias,
-                scale=self_attention.scaling)
+                query, repeat_kv(key, self.query_groups), repeat_kv(value, self.query_groups),
+                attn_mask=attention_bias, scale=self.layers[layer_index].self_attn.scaling)
 
         hidden = self._run_layers(embeds, positions, attend)
         last = hidden[torch.arange(batch, device=hidden.device), lengths - 1]
@@ -81,10 +79,7 @@ class QwenVLDecoder:
         positions = (cache_lens + cache.rope_deltas[:batch]).view(1, batch, 1).expand(3, batch, 1)
         slot_index = torch.arange(batch, device=tokens.device)
         visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= cache_lens[:, None])[:, None, None, :]
-        # Additive form built once per step; SDPA would otherwise convert a boolean mask in every layer.
-        attention_bias = torch.zeros(visible.shape, dtype=cache.keys[0].dtype, device=tokens.device).masked_fill(
-            ~visible, float("-inf"))
-        groups = self.num_heads // self.num_kv_heads
+        attention_bias = _additive_mask(visible, cache.keys[0].dtype)
 
         def attend(layer_index: int, query, key, value):
             keys = cache.keys[layer_index]
@@ -93,7 +88,7 @@ class QwenVLDecoder:
             values[slot_index, :, cache_lens] = value[:, :, 0]
             # Grouped-query attention without repeating the cache: the query heads sharing a KV head act as
             # that head's query rows ([B, kv_heads, groups, D]); one fused kernel, fp32 softmax inside.
-            grouped_query = query.view(batch, self.num_kv_heads, groups, self.head_dim)
+            grouped_query = query.view(batch, self.num_kv_heads, self.query_groups, self.head_dim)
             output = torch.nn.functional.scaled_dot_product_attention(
                 grouped_query, keys[:batch, :, :kv_len], values[:batch, :, :kv_len], attn_mask=attention_bias,
                 scale=self.layers[layer_index].self_attn.scaling)
@@ -119,3 +114,9 @@ class QwenVLDecoder:
             hidden = residual + attention.o_proj(attended)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
+
+
+def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where attention is allowed, -inf elsewhere: built once per step, since SDPA would otherwise
+    convert a boolean mask again in every layer."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
