@@ -26,6 +26,7 @@ setup(
         "matplotlib>=3.8",
         "wandb>=0.17",
         "tensorboard>=2.15",
+        "psutil>=5.9",  # megatron-core dist_checkpointing's writer processes need it (a hang without it)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

@@ -165,6 +165,9 @@ class RewardConfig:
 class TrainerConfig:
     steps: int = 10
     warmup_sft_steps: int = 0  # supervised steps on ground truth before RL (the tiny demo uses it)
+    warmup_sft_lr: float = 1e-3  # learning rate of those steps (the RL schedule starts after them)
+    warmup_sft_template: str = "\\boxed{{{answer}}}"  # target text; {answer} is the row's ground truth
+    prepare_demo_assets: bool = False  # build model.hf_path (tiny.py) and data files (make_synthetic) if missing
     run_dir: str = "runs/default"
     save_every: int = 0  # 0: only at the end
     resume: str = "auto"  # auto | never | a checkpoint directory

@@ -45,3 +45,12 @@ def rope_positions(input_ids, image_grid_thw, spatial_merge_size: int, image_tok
         cursor = start + count
     pieces.append(torch.arange(length - cursor).expand(3, length - cursor) + position)
     return torch.cat(pieces, dim=1).long()
+
+
+def with_response_positions(prompt_positions: torch.Tensor, response_length: int) -> torch.Tensor:
+    """[3, P] prompt positions -> [3, P + R]: generated tokens are text whatever their ids, continuing one past
+    the prompt's largest position, as HF generate and both rollout engines place them (a sampled
+    <|image_pad|> or <|vision_start|> id does not start an image)."""
+    start = int(prompt_positions.max()) + 1 if prompt_positions.numel() else 0
+    response = torch.arange(start, start + response_length).expand(3, response_length)
+    return torch.cat([prompt_positions, response], dim=1).long()

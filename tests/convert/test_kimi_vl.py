@@ -86,22 +86,23 @@ def _run_layouts(hf_dir):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from mmrl_megatron.convert.kimi_vl import SafetensorsReader, iter_kimi_vl_hf_tensors, load_kimi_vl_into_model
+    from mmrl_megatron.convert.hf_checkpoint import HFCheckpoint
+    from mmrl_megatron.convert.kimi_vl import iter_hf_tensors, load_hf_into_model
     from mmrl_megatron.models.kimi_vl.hf_config import load_kimi_vl_config
     from mmrl_megatron.models.kimi_vl.model import build_kimi_vl_model
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
 
-    kimi, reader = load_kimi_vl_config(hf_dir), SafetensorsReader(hf_dir)
+    kimi, reader = load_kimi_vl_config(hf_dir), HFCheckpoint(hf_dir)
     results = {}
     for tp, pp, ep, etp in LAYOUTS:
         layout = ParallelLayout(tensor=tp, pipeline=pp, expert=ep, expert_tensor=etp)
         init_model_parallel(layout)
         model_parallel_cuda_manual_seed(0)
         model = build_kimi_vl_model(kimi, layout)
-        load_kimi_vl_into_model(model, hf_dir)
-        exported = dict(iter_kimi_vl_hf_tensors(model))
-        wrong = sorted(set(exported) ^ set(reader.names()))
-        wrong += [name for name in reader.names() if name in exported and not torch.equal(exported[name],
+        load_hf_into_model(model, hf_dir)
+        exported = dict(iter_hf_tensors(model))
+        wrong = sorted(set(exported) ^ reader.names())
+        wrong += [name for name in sorted(reader.names()) if name in exported and not torch.equal(exported[name],
                                                                                           reader.get(name))]
         logprobs = (_megatron_logprobs(model, TEXT, images=False), _megatron_logprobs(model, WITH_IMAGE, images=True))
         reporter = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.is_pipeline_last_stage()

@@ -41,7 +41,7 @@ class BadRequest(Exception):
     pass
 
 
-def _checkpoint_tensors(model_path: str) -> Dict[str, torch.Tensor]:
+def checkpoint_tensors(model_path: str) -> Dict[str, torch.Tensor]:
     tensors = {}
     for file_name in sorted(os.listdir(model_path)):
         if file_name.endswith(".safetensors"):
@@ -99,13 +99,14 @@ class FakeSGLangServer:
         self.model_path = model_path
         self.tp_size = tp_size
         self.enable_memory_saver = enable_memory_saver
-        self.weights = _checkpoint_tensors(model_path)
+        self.weights = checkpoint_tensors(model_path)
         self.model = ToyBigramModel(self.weights)
         self.weight_version = "default"
         self.session_open = False
         self.released: set = set()
         self.update_groups: Dict[str, list] = {}
         self.calls: List[Tuple[str, dict]] = []  # (route, body) of every request, for payload checks
+        self.generates_received = 0
         self.generates_served = 0
         self.crash_after_generates = crash_after_generates
         self.in_flight = 0
@@ -167,10 +168,10 @@ class FakeSGLangServer:
         return Handler
 
     def _should_crash(self) -> bool:
+        """True for the generate requests that arrive after the first crash_after_generates."""
         with self.lock:
-            if self.crash_after_generates is not None and self.generates_served >= self.crash_after_generates:
-                return True
-            return False
+            self.generates_received += 1
+            return self.crash_after_generates is not None and self.generates_received > self.crash_after_generates
 
     def handle(self, method: str, route: str, body) -> Tuple[int, object]:
         if method == "GET" and route in ("/health", "/health_generate"):
@@ -276,6 +277,7 @@ class FakeSGLangServer:
         if body.get("load_format") != "flattened_bucket":
             raise BadRequest("this fake reads load_format='flattened_bucket' only")
         per_rank = [deserialize_bucket(payload) for payload in payloads]  # each TP rank reads its own entry
+        self.received_per_rank = [dict(rank_tensors) for rank_tensors in per_rank]
         for rank_tensors in per_rank[1:]:
             if [name for name, _ in rank_tensors] != [name for name, _ in per_rank[0]]:
                 raise BadRequest("TP ranks received different tensor lists")

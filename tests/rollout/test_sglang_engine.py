@@ -10,7 +10,7 @@ from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
 from mmrl_megatron.rollout.errors import RolloutError
 from mmrl_megatron.rollout.sglang import SGLangEngine
 from mmrl_megatron.rollout.types import RolloutRequest, SamplingParams
-from tests.rollout.fake_sglang_server import EOS_TOKEN_ID, InProcessLauncher
+from tests.rollout.fake_sglang_server import EOS_TOKEN_ID, InProcessLauncher, checkpoint_tensors
 
 VISION_START, IMAGE_PAD, VISION_END = 259, 261, 260
 
@@ -213,3 +213,51 @@ def test_repeated_crashes_stop_the_run_with_the_server_log(hf_dir):
             engine.generate([RolloutRequest(prompt_ids=[1, 2])], SamplingParams(max_new_tokens=2))
     finally:
         engine.shutdown()
+
+
+def _two_rank_group_body(hf_dir):
+    """Rank 0 leads a TP-2 group with rank 1; returns what each rank saw."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    launcher = InProcessLauncher(hf_dir, tp_size=2) if rank == 0 else None
+    engine = SGLangEngine(rollout_config(tensor_parallel=2), hf_dir, launcher=launcher)
+    try:
+        requests = [RolloutRequest(prompt_ids=[30 + rank, 40 + index]) for index in range(rank + 1)]
+        results = engine.generate(requests, SamplingParams(n=2, max_new_tokens=3, seed=7))
+        weights = {name: tensor * (0.5 + rank) for name, tensor in checkpoint_tensors(hf_dir).items()}
+        # each rank serializes its own copy; rank 1's values differ so the test can see whose entry loaded
+        engine.update_weights([list(weights.items())])
+        try:
+            engine.update_weights([[("model.wrong.weight", weights["model.norm.weight"])]])
+            name_error = None
+        except RolloutError as error:
+            name_error = str(error)
+        received = [entry["model.norm.weight"] for entry in launcher.server.received_per_rank] if rank == 0 else None
+        calls = [len(body["serialized_named_tensors"]) for route, body in launcher.server.calls
+                 if route == "/update_weights_from_tensor"] if rank == 0 else None
+        return {
+            "results": [(r.request_index, r.sample_index, r.response_ids) for r in results],
+            "prompts_last": [request.prompt_ids[-1] for request in requests],
+            "name_error": name_error,
+            "received_norms": received,
+            "expected_norm": weights["model.norm.weight"],
+            "payload_entries": calls,
+        }
+    finally:
+        engine.shutdown()
+
+
+def test_two_process_group_shares_one_server(hf_dir):
+    """Members hand requests and weight payloads to the leader and get their own results and errors back."""
+    from tests.cpu_ranks import run_on_cpu_ranks
+
+    leader, member = run_on_cpu_ranks(2, _two_rank_group_body, hf_dir)
+    assert [entry[:2] for entry in leader["results"]] == [(0, 0), (0, 1)]
+    assert [entry[:2] for entry in member["results"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert leader["payload_entries"] == [1 * 2] * len(leader["payload_entries"])
+    # one payload per engine rank, in group order: engine rank i reads process i's tensors
+    assert not torch.equal(member["expected_norm"], leader["expected_norm"])
+    assert torch.equal(leader["received_norms"][0], leader["expected_norm"])
+    assert torch.equal(leader["received_norms"][1], member["expected_norm"])
+    assert leader["name_error"] and leader["name_error"] == member["name_error"]

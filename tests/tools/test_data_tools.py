@@ -10,6 +10,7 @@ from PIL import Image
 
 from mmrl_megatron.config.schema import DataConfig
 from mmrl_megatron.data import PromptDataset
+from mmrl_megatron.data.synthetic import RED
 from mmrl_megatron.rewards.math_answer import compute_score
 from tests.data.conftest import tiny_model_dir  # noqa: F401  (fixture)
 from tests.data.images import png
@@ -86,7 +87,7 @@ def test_synthetic_task_is_deterministic_and_correct(tmp_path, tiny_model_dir):
         image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
         truth = row["reward_model"]["ground_truth"]
         assert image.size == (56, 56) and truth in {"1", "2", "3"}
-        assert _count_red_components(image, tool.RED) == int(truth)
+        assert _count_red_components(image, RED) == int(truth)
         assert compute_score(row["data_source"], f"\\boxed{{{truth}}}", truth, row["extra_info"])["score"] == 1.0
     samples = _samples(tmp_path / "a" / "test.parquet", tiny_model_dir)
     assert len(samples) == 4 and all(s.image_grid_thw.tolist() == [[1, 4, 4]] for s in samples)

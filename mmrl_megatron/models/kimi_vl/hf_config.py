@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Tuple
 
-from ...config import ConfigError
+from ..errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -45,17 +45,17 @@ def _vision_config(raw: dict) -> MoonViTConfig:
         values["merge_kernel_size"] = tuple(values["merge_kernel_size"])
     vision = MoonViTConfig(**values)
     if vision.head_dim % 4:
-        raise ConfigError(f"vision_config: head dim {vision.head_dim} (hidden_size/num_attention_heads) must be a "
+        raise ModelError(f"vision_config: head dim {vision.head_dim} (hidden_size/num_attention_heads) must be a "
                           "multiple of 4 for MoonViT's 2-D rotary embedding")
     return vision
 
 
 def kimi_vl_config_from_dict(raw: dict) -> KimiVLConfig:
-    """Typed config from config.json's contents; raises ConfigError naming the unsupported key."""
+    """Typed config from config.json's contents; raises ModelError naming the unsupported key."""
     from transformers import DeepseekV3Config
 
     if raw.get("model_type") != "kimi_vl":
-        raise ConfigError(f"config.json model_type is {raw.get('model_type')!r}, expected 'kimi_vl'")
+        raise ModelError(f"config.json model_type is {raw.get('model_type')!r}, expected 'kimi_vl'")
     text_raw = {key: value for key, value in raw["text_config"].items() if key != "model_type"}
     text = DeepseekV3Config(**text_raw)
     return KimiVLConfig(text=text, vision=_vision_config(raw.get("vision_config", {})),
@@ -65,6 +65,6 @@ def kimi_vl_config_from_dict(raw: dict) -> KimiVLConfig:
 def load_kimi_vl_config(hf_dir: str) -> KimiVLConfig:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found: model.hf_path must be a Kimi-VL checkpoint directory")
+        raise ModelError(f"{path} not found: model.hf_path must be a Kimi-VL checkpoint directory")
     with open(path) as handle:
         return kimi_vl_config_from_dict(json.load(handle))

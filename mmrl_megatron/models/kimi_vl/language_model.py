@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ...config import ConfigError
+from ..errors import ModelError
 from ..common.sdpa_attention import SDPACoreAttention
 from ..common.specs import transformer_engine_available
 
@@ -56,17 +56,17 @@ class LatentSDPACoreAttention(SDPACoreAttention):
 
 def _check_supported(text) -> None:
     if getattr(text, "scoring_func", "sigmoid") != "sigmoid":
-        raise ConfigError(f"text_config.scoring_func={text.scoring_func!r}: only 'sigmoid' (DeepSeek-V3) is supported")
+        raise ModelError(f"text_config.scoring_func={text.scoring_func!r}: only 'sigmoid' (DeepSeek-V3) is supported")
     if not text.norm_topk_prob or text.num_experts_per_tok < 2:
         # megatron renormalises sigmoid top-k weights exactly when top-k > 1, as HF does with norm_topk_prob
-        raise ConfigError("text_config: norm_topk_prob must be true and num_experts_per_tok >= 2 "
+        raise ModelError("text_config: norm_topk_prob must be true and num_experts_per_tok >= 2 "
                           f"(got {text.norm_topk_prob}, {text.num_experts_per_tok})")
     rope = text.rope_parameters or {}
     if rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"text_config.rope_parameters.rope_type={rope.get('rope_type')!r}: only default RoPE "
+        raise ModelError(f"text_config.rope_parameters.rope_type={rope.get('rope_type')!r}: only default RoPE "
                           "is mapped; add the yarn fields to language_transformer_config for scaled contexts")
     if text.n_group > 1 and text.n_routed_experts % text.n_group:
-        raise ConfigError(f"text_config: n_routed_experts {text.n_routed_experts} not divisible by n_group {text.n_group}")
+        raise ModelError(f"text_config: n_routed_experts {text.n_routed_experts} not divisible by n_group {text.n_group}")
 
 
 def language_transformer_config(text, layout, params_dtype: torch.dtype = torch.float32,
@@ -174,7 +174,7 @@ def build_language_model(text, config, pre_process: bool, post_process: bool):
 
     _mla_without_transformer_engine()
     if text.vocab_size % config.tensor_model_parallel_size:
-        raise ConfigError(f"text_config.vocab_size {text.vocab_size} is not divisible by parallel.tensor "
+        raise ModelError(f"text_config.vocab_size {text.vocab_size} is not divisible by parallel.tensor "
                           f"{config.tensor_model_parallel_size}")
     return GPTModel(
         config=config, transformer_layer_spec=decoder_block_spec(config), vocab_size=text.vocab_size,

@@ -7,7 +7,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from ...config import ConfigError
+from ..errors import ModelError
 from .hf_config import KimiVLConfig, kimi_vl_config_from_dict
 from .language_model import build_language_model, language_transformer_config
 from .vision import MoonViT, MultiModalProjector
@@ -24,6 +24,7 @@ class KimiVLModel(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.media_placeholder_token_id = kimi.media_placeholder_token_id
+        self.hf_config = kimi.raw  # the conversion rule table is read from it (convert/kimi_vl.py)
         self.language_model = build_language_model(kimi.text, transformer_config, pre_process, post_process)
         if pre_process:
             place = dict(dtype=transformer_config.params_dtype,
@@ -45,7 +46,7 @@ class KimiVLModel(MegatronModule):
         features = self.image_features(pixel_values, image_grid).to(embeddings.dtype)
         mask = (input_ids == self.media_placeholder_token_id).transpose(0, 1).unsqueeze(-1)  # [s, b, 1]
         if int(mask.sum()) != features.shape[0]:
-            raise ValueError(f"{int(mask.sum())} media placeholder tokens (id {self.media_placeholder_token_id}) "
+            raise ModelError(f"{int(mask.sum())} media placeholder tokens (id {self.media_placeholder_token_id}) "
                              f"but {features.shape[0]} image features: expand each <|media_pad|> per image grid")
         hidden = embeddings.shape[-1]
         placed = torch.zeros(mask.shape[0], mask.shape[1], hidden, dtype=embeddings.dtype,
@@ -79,7 +80,7 @@ def build_kimi_vl(model_config, hf_config: Mapping, role: str) -> KimiVLModel:
     from ...parallel import ParallelLayout
 
     if role == "critic":
-        raise ConfigError("Kimi-VL has no critic head yet: use a critic-free estimator (GRPO, RLOO, REINFORCE++)")
+        raise ModelError("Kimi-VL has no critic head yet: use a critic-free estimator (GRPO, RLOO, REINFORCE++)")
     layout = ParallelLayout(
         tensor=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline=parallel_state.get_pipeline_model_parallel_world_size(),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelError
 from .hf_config import MoonViTConfig
 
 ROPE_THETA = 10000.0
@@ -172,5 +173,5 @@ def check_image_grid(image_grid: torch.Tensor, config: MoonViTConfig) -> None:
     """Every image's patch grid must tile into merge kernels; the processor pads images to guarantee it."""
     for index, (rows, cols) in enumerate(image_grids(image_grid)):
         if rows % config.merge_kernel_size[0] or cols % config.merge_kernel_size[1]:
-            raise ValueError(f"image {index}: patch grid {rows}x{cols} is not a multiple of the merge kernel "
+            raise ModelError(f"image {index}: patch grid {rows}x{cols} is not a multiple of the merge kernel "
                              f"{tuple(config.merge_kernel_size)}; pad images as Kimi-VL's processor does")

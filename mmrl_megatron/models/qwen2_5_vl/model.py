@@ -25,7 +25,9 @@ class Qwen25VLModel(MegatronModule):
 
     Last stage: logits [b, s, padded_vocab / TP] with the padding columns at -inf ("actor"), or values
     [b, s] ("critic"); other stages: hidden states [s, b, h] for the pipeline schedule. Packed input is
-    b = 1 with `packed_seq_params` (THD, cu_seqlens); padded input is any b with packed_seq_params None."""
+    b = 1 with `packed_seq_params` (THD, cu_seqlens); padded input is any b with packed_seq_params None.
+    prompt_mask [b, s] (True on prompt tokens) limits image placement to prompts: a sampled response may hold
+    the <|image_pad|> id as an ordinary token, as the rollout engines treat it; None: every pad is an image's."""
 
     def __init__(self, language_config, vision_config, shape: Qwen25VLShape, role: str, language_spec,
                  vision_spec, padded_vocab_size: int) -> None:
@@ -55,10 +57,12 @@ class Qwen25VLModel(MegatronModule):
         """The pipeline schedule hands the previous stage's activations here."""
         self.language_model.set_input_tensor(input_tensor)
 
-    def _embed(self, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
+    def _embed(self, input_ids, pixel_values, image_grid_thw, prompt_mask) -> torch.Tensor:
         """[s, b, h] token embeddings with the vision tower's outputs in place of the image-pad tokens."""
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         image_tokens = input_ids == self.shape.image_token_id
+        if prompt_mask is not None:
+            image_tokens = image_tokens & prompt_mask
         count = int(image_tokens.sum())
         if pixel_values is None:
             if count:
@@ -86,8 +90,11 @@ class Qwen25VLModel(MegatronModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 packed_seq_params: Optional[PackedSeqParams] = None, pixel_values: Optional[torch.Tensor] = None,
-                image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
-        decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+                image_grid_thw: Optional[torch.Tensor] = None,
+                prompt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, prompt_mask)
         output = self.language_model(input_ids, position_ids, attention_mask=None, decoder_input=decoder_input,
                                      packed_seq_params=packed_seq_params)
         if not self.post_process:

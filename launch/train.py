@@ -1,0 +1,34 @@
+"""Reinforcement learning for a vision-language model; run on every rank.
+
+    torchrun --nproc_per_node N launch/train.py --config yaml_configs/NAME.yaml [key=value ...]
+
+Every key, its default and its meaning: mmrl_megatron/config/schema.py. Under Slurm: slurm/*.sh.
+"""
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file from yaml_configs/")
+    parser.add_argument("overrides", nargs="*", help="key=value pairs applied after the file, e.g. rollout.n=8")
+    args = parser.parse_args(argv)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+
+    from mmrl_megatron.config import ConfigError
+    from mmrl_megatron.trainer.run import run_training
+
+    try:
+        run_training(args.config, args.overrides)
+    except ConfigError as error:  # a mistake in the config: the message says what to change, no traceback
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # dist_checkpointing starts helper processes that re-import this file
+    sys.exit(main())

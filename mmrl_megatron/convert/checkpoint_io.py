@@ -1,0 +1,294 @@
+"""Checkpoints on disk in both layouts: megatron-core distributed checkpoints and HF safetensors directories.
+
+A megatron checkpoint written here is a `megatron.core.dist_checkpointing` directory of the model's
+sharded_state_dict (global tensors, so it loads under any TP/PP) plus `hf/`, a copy of the source HF
+directory's non-weight files (config.json, tokenizer, chat template, preprocessor), so the checkpoint
+alone is enough to build the model, score with it, or export it back to HF.
+
+Memory: the converters hold this rank's model shard (the whole model at TP=PP=1, 1/(TP*PP) of it on
+TP*PP ranks) plus one output shard of at most `max_shard_bytes` while writing safetensors. HF input is
+read tensor by tensor by load_hf_into_model; it is not bounded by the largest input shard alone.
+"""
+import json
+import os
+import shutil
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .errors import CheckpointError
+
+HF_FILES_SUBDIR = "hf"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # transformers' save_pretrained default
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
+
+
+# -- the HF side --------------------------------------------------------------------------------
+
+def copy_hf_side_files(source_dir: str, out_dir: str) -> List[str]:
+    """Copy every non-weight file (config, tokenizer, chat template, processor configs) from source_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    copied = []
+    for name in sorted(os.listdir(source_dir)):
+        path = os.path.join(source_dir, name)
+        if os.path.isfile(path) and not name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(path, os.path.join(out_dir, name))
+            copied.append(name)
+    if "config.json" not in copied:
+        raise CheckpointError(f"{source_dir} has no config.json: pass a Hugging Face model directory")
+    return copied
+
+
+def read_hf_config(model_dir: str) -> Dict:
+    """config.json of an HF directory, or of the `hf/` files kept inside a megatron checkpoint."""
+    path = os.path.join(hf_files_dir(model_dir), "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found: {model_dir} is neither an HF model directory nor a megatron "
+                              "checkpoint written by hf_to_mcore.py")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def hf_files_dir(model_dir: str) -> str:
+    """Where config.json and the tokenizer live for either kind of model directory."""
+    return os.path.join(model_dir, HF_FILES_SUBDIR) if is_mcore_checkpoint(model_dir) else model_dir
+
+
+def is_mcore_checkpoint(model_dir: str) -> bool:
+    from megatron.core.dist_checkpointing import check_is_distributed_checkpoint
+
+    return check_is_distributed_checkpoint(model_dir)
+
+
+def _shard_file_name(index: int) -> str:
+    # The final count is unknown while streaming; shards are renamed to transformers' pattern at the end.
+    return f"model-{index + 1:05d}.safetensors.partial"
+
+
+def write_hf_safetensors(named_tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str,
+                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
+    """Write (name, tensor) pairs as transformers-style safetensors shards, holding one shard at a time.
+
+    One shard becomes `model.safetensors`; several become `model-0000i-of-0000n.safetensors` plus
+    `model.safetensors.index.json`. Returns the tensor names in written order."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    shards: List[List[str]] = []
+    pending: Dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+
+    def flush():
+        save_file(pending, os.path.join(out_dir, _shard_file_name(len(shards))), metadata={"format": "pt"})
+        shards.append(list(pending))
+
+    for name, tensor in named_tensors:
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+            pending, pending_bytes = {}, 0
+        if name in pending or any(name in shard for shard in shards):
+            raise CheckpointError(f"tensor {name} was produced twice while writing {out_dir}; the rule table maps "
+                                  "two megatron parameters to one HF name")
+        # safetensors needs contiguous CPU tensors it owns (a gathered buffer may be reused by the producer).
+        pending[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        pending_bytes += size
+    if pending or not shards:
+        flush()
+    return _finalise_shards(out_dir, shards)
+
+
+def _finalise_shards(out_dir: str, shards: List[List[str]]) -> List[str]:
+    if len(shards) == 1:
+        os.replace(os.path.join(out_dir, _shard_file_name(0)), os.path.join(out_dir, "model.safetensors"))
+        return shards[0]
+    weight_map, total = {}, 0
+    for index, names in enumerate(shards):
+        final = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(os.path.join(out_dir, _shard_file_name(index)), os.path.join(out_dir, final))
+        weight_map.update({name: final for name in names})
+        total += os.path.getsize(os.path.join(out_dir, final))
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as handle:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
+    return [name for names in shards for name in names]
+
+
+def _is_writer() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# -- the megatron side --------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def checkpoint_dtype(hf_config: Dict) -> str:
+    """The dtype name the HF checkpoint stores ("float32" or "bfloat16"); conversion keeps it, so it is exact."""
+    text = hf_config.get("text_config") or {}
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    name = str(name or "bfloat16").replace("torch.", "")
+    if name not in _DTYPES:
+        raise CheckpointError(f"config.json says dtype {name!r}; the converters keep the stored precision and "
+                              f"support {sorted(_DTYPES)} only")
+    return name
+
+
+def build_model_from_dir(model_dir: str, role: str = "actor", device: Optional[torch.device] = None,
+                         dtype: Optional[str] = None):
+    """This pipeline stage's model for an HF directory or a megatron checkpoint, with its weights loaded.
+
+    Call after init_model_parallel on every rank. `dtype` defaults to the checkpoint's own precision."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from ..config.schema import ModelConfig
+    from ..models import build_model
+
+    hf_config = read_hf_config(model_dir)
+    model_config = ModelConfig(hf_path=hf_files_dir(model_dir), dtype=dtype or checkpoint_dtype(hf_config))
+    # Initial values are overwritten by the load; the seed only makes megatron's RNG tracker exist.
+    model_parallel_cuda_manual_seed(0)
+    model = build_model(model_config, hf_config, role)
+    if device is not None:
+        model.to(device)
+    load_model_weights(model, model_dir)
+    return model
+
+
+def load_model_weights(model, model_dir: str) -> None:
+    """Fill this rank's shards from an HF directory or a megatron checkpoint (either kind of model_dir)."""
+    if is_mcore_checkpoint(model_dir):
+        load_mcore_checkpoint(model, model_dir)
+    else:
+        from . import load_hf_into_model
+
+        load_hf_into_model(model, model_dir)
+
+
+def save_mcore_checkpoint(model, out_dir: str, hf_dir: str) -> None:
+    """Write `model` (all ranks' shards, collective) as a distributed checkpoint plus hf_dir's non-weight files."""
+    from megatron.core import dist_checkpointing
+
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise CheckpointError(f"{out_dir} is not empty: choose a new output directory (nothing was overwritten)")
+    os.makedirs(out_dir, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()  # no rank may see another's first file and mistake it for old contents
+    sharded = model.sharded_state_dict()
+    check_tensor_parallel_entries(sharded)
+    dist_checkpointing.save(sharded, out_dir)
+    if _is_writer():
+        copy_hf_side_files(hf_files_dir(hf_dir), os.path.join(out_dir, HF_FILES_SUBDIR))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _local_sharded_tensors(sharded_state_dict) -> Dict[str, object]:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    return {item.key: item for item in nested_values(sharded_state_dict) if isinstance(item, ShardedTensor)}
+
+
+def check_tensor_parallel_entries(sharded_state_dict) -> None:
+    """Raise CheckpointError naming a tensor-parallel parameter whose checkpoint entry is not TP-sharded.
+
+    Such an entry claims every TP rank holds the same tensor: a save keeps TP rank 0's shard for all of
+    them and a load hands it to every rank, silently. It happens when a module holds megatron layers in
+    a plain container (nn.ModuleList) without a sharded_state_dict that delegates to them."""
+    from megatron.core import parallel_state
+
+    tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
+    if tensor_parallel == 1:
+        return
+    for key, entry in _local_sharded_tensors(sharded_state_dict).items():
+        data = entry.data
+        if not getattr(data, "tensor_model_parallel", False):
+            continue
+        axis = data.partition_dim + entry.prepend_axis_num
+        if entry.global_shape[axis] != data.shape[data.partition_dim] * tensor_parallel:
+            raise CheckpointError(f"tensor {key} is split over {tensor_parallel} tensor-parallel ranks but its "
+                                  f"sharded_state_dict entry describes it as replicated (global shape "
+                                  f"{tuple(entry.global_shape)}); the module holding it needs a sharded_state_dict "
+                                  "that delegates to its megatron layers")
+
+
+def check_checkpoint_matches(sharded_state_dict, mcore_dir: str) -> None:
+    """Raise CheckpointError naming the first tensor this rank needs that the checkpoint lacks or shapes differently."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    stored = load_tensors_metadata(mcore_dir)
+    for key, wanted in _local_sharded_tensors(sharded_state_dict).items():
+        if key not in stored:
+            raise CheckpointError(f"{mcore_dir} has no tensor {key}: it was written for a different model "
+                                  "configuration (compare its hf/config.json with the model's)")
+        stored_shape, wanted_shape = tuple(stored[key].global_shape), tuple(wanted.global_shape)
+        if wanted.allow_shape_mismatch:
+            # vocabulary-padded tensors: megatron pads the vocabulary to a multiple of TP, so the row
+            # count depends on the layout that wrote them; the real rows load and the padding is zero.
+            stored_shape, wanted_shape = stored_shape[1:], wanted_shape[1:]
+        if stored_shape != wanted_shape:
+            raise CheckpointError(f"tensor {key} in {mcore_dir} has global shape {tuple(stored[key].global_shape)}, "
+                                  f"the model expects {tuple(wanted.global_shape)}")
+
+
+def load_mcore_checkpoint(model, mcore_dir: str) -> None:
+    """Fill `model` from a distributed checkpoint written under any TP/PP (collective)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    sharded = model.sharded_state_dict()
+    check_tensor_parallel_entries(sharded)
+    check_checkpoint_matches(sharded, mcore_dir)
+    try:
+        # RAISE_ALL also stops on tensors stored in the checkpoint that no rank's model has.
+        state = dist_checkpointing.load(sharded, mcore_dir, strict=StrictHandling.RAISE_ALL)
+    except Exception as error:  # megatron raises several types; all mean the checkpoint does not fit
+        raise CheckpointError(f"loading {mcore_dir} failed: {error}") from error
+    model.load_state_dict(state)
+
+
+# -- whole conversions (the CLIs' bodies) -------------------------------------------------------
+
+def init_conversion_ranks(tensor: int = 1, pipeline: int = 1) -> torch.device:
+    """Join the job (a single process when not launched by torchrun/Slurm) and build the TP/PP groups."""
+    from ..parallel import ParallelLayout, init_distributed, init_model_parallel, pick_device
+
+    device = pick_device()
+    if device.type == "cpu":
+        from ..parallel.cpu_support import enable_cpu_execution
+
+        enable_cpu_execution()
+    init_distributed(device)
+    world = dist.get_world_size()
+    if world % (tensor * pipeline):
+        raise CheckpointError(f"{world} ranks cannot hold tensor={tensor} x pipeline={pipeline}; launch a multiple "
+                              f"of {tensor * pipeline} ranks")
+    init_model_parallel(ParallelLayout(tensor=tensor, pipeline=pipeline, data=world // (tensor * pipeline)))
+    return device
+
+
+def convert_hf_to_mcore(hf_dir: str, out_dir: str, device: Optional[torch.device] = None) -> None:
+    """HF safetensors -> a megatron distributed checkpoint (collective over every rank)."""
+    model = build_model_from_dir(hf_dir, device=device)
+    save_mcore_checkpoint(model, out_dir, hf_dir)
+
+
+def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.device] = None,
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
+    """A megatron checkpoint -> HF safetensors with the original names, vocabulary padding removed, and the
+    config/tokenizer/processor files; rank 0 writes, every rank joins the gather. Returns the names written."""
+    from . import iter_hf_tensors
+
+    if not is_mcore_checkpoint(mcore_dir):
+        raise CheckpointError(f"{mcore_dir} is not a megatron distributed checkpoint (no metadata.json)")
+    model = build_model_from_dir(mcore_dir, device=device)
+    named = iter_hf_tensors([model])
+    if _is_writer():
+        names = write_hf_safetensors(named, out_dir, max_shard_bytes)
+        copy_hf_side_files(hf_files_dir(mcore_dir), out_dir)
+    else:
+        names = [name for name, _ in named]  # the gather is collective: other ranks take part and discard
+    if dist.is_initialized():
+        dist.barrier()
+    return names

@@ -1,0 +1,132 @@
+"""One step's experience: samples (prompt + response + what each phase adds), token-budget micro-batches
+packed without padding, and the padded [B, L] response views the algorithm functions take.
+
+Convention: response tensors are left-aligned, right-padded [B, L]; the log-prob of response token j of a
+sequence sits at packed position offset + prompt_length - 1 + j (the position that predicts it).
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+# Per-sample response-aligned 1-D tensors the phases fill in (name -> [response_length]).
+ResponseTensors = Dict[str, torch.Tensor]
+
+
+@dataclass
+class Sample:
+    """One response to one prompt, and everything computed about it during a step."""
+
+    prompt_ids: List[int]
+    response_ids: List[int]
+    group: int  # index of its prompt within this rank's step; the n samples of a prompt share it
+    rollout_logprobs: Optional[List[float]] = None
+    pixel_values: Optional[torch.Tensor] = None
+    image_grid_thw: Optional[torch.Tensor] = None
+    position_ids: Optional[torch.Tensor] = None  # [3, prompt + response]
+    finish_reason: str = "stop"
+    score: float = 0.0
+    accuracy: float = 0.0
+    tensors: ResponseTensors = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def split_by_token_budget(lengths: Sequence[int], budget: int) -> List[List[int]]:
+    """Consecutive index groups whose total length stays within `budget` (a longer sequence goes alone).
+
+    Order is kept so a micro-batch's samples stay together and results map back by index."""
+    groups: List[List[int]] = []
+    current: List[int] = []
+    used = 0
+    for index, length in enumerate(lengths):
+        if current and used + length > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += length
+    if current:
+        groups.append(current)
+    return groups
+
+
+def pad_responses(values: Sequence[torch.Tensor], width: Optional[int] = None) -> torch.Tensor:
+    """Right-pad 1-D tensors into [B, width] with zeros."""
+    width = width if width is not None else max((len(v) for v in values), default=0)
+    out = torch.zeros(len(values), width, dtype=torch.float32)
+    for row, value in enumerate(values):
+        out[row, :len(value)] = value.float()
+    return out
+
+
+def response_mask(samples: Sequence[Sample]) -> torch.Tensor:
+    width = max(len(s.response_ids) for s in samples)
+    mask = torch.zeros(len(samples), width)
+    for row, sample in enumerate(samples):
+        mask[row, :len(sample.response_ids)] = 1.0
+    return mask
+
+
+@dataclass
+class MicroBatch:
+    """Packed model inputs for a few samples plus their response-aligned training tensors."""
+
+    samples: List[Sample]
+    input_ids: torch.Tensor  # [1, T]
+    labels: torch.Tensor  # [1, T], the next token (0 at each sequence's last position)
+    position_ids: torch.Tensor  # [3, 1, T]
+    packed_seq_params: object
+    pixel_values: Optional[torch.Tensor]
+    image_grid_thw: Optional[torch.Tensor]
+    response_index: torch.Tensor  # [B, L] packed positions of each response token's prediction
+    mask: torch.Tensor  # [B, L]
+    prompt_mask: torch.Tensor  # [1, T] True on prompt tokens (the only ones image placeholders may occupy)
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        for name in ("input_ids", "labels", "position_ids", "pixel_values", "image_grid_thw", "response_index", "mask",
+                     "prompt_mask"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device, non_blocking=True))
+        return self
+
+    def response_view(self, packed: torch.Tensor) -> torch.Tensor:
+        """Per-position values [1, T] or [T] of the packed stream -> [B, L] response values, 0 on padding."""
+        return packed.reshape(-1)[self.response_index] * self.mask
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """The samples' response tensor `name` as [B, L] on the mask's device."""
+        return pad_responses([s.tensors[name] for s in self.samples], self.mask.shape[1]).to(self.mask.device)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def build_micro_batch(samples: List[Sample], pack_sequences: Callable) -> MicroBatch:
+    """Pack `samples` into one sequence stream (no padding) with their labels, positions and images."""
+    sequences = [s.prompt_ids + s.response_ids for s in samples]
+    input_ids, cu_seqlens, packed_seq_params = pack_sequences(sequences)
+    labels = torch.zeros_like(input_ids)
+    prompt_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    width = max(len(s.response_ids) for s in samples)
+    response_index = torch.zeros(len(samples), width, dtype=torch.long)
+    for row, (sample, start) in enumerate(zip(samples, cu_seqlens[:-1].tolist())):
+        length = sample.length
+        labels[0, start:start + length - 1] = input_ids[0, start + 1:start + length]
+        prompt_mask[0, start:start + len(sample.prompt_ids)] = True
+        first = start + len(sample.prompt_ids) - 1
+        response_index[row, :len(sample.response_ids)] = torch.arange(first, first + len(sample.response_ids))
+    position_ids = torch.cat([s.position_ids for s in samples], dim=1).unsqueeze(1)
+    with_images = [s for s in samples if s.pixel_values is not None]
+    pixel_values = torch.cat([s.pixel_values for s in with_images]) if with_images else None
+    image_grid_thw = torch.cat([s.image_grid_thw for s in with_images]) if with_images else None
+    return MicroBatch(samples, input_ids, labels, position_ids, packed_seq_params, pixel_values, image_grid_thw,
+                      response_index, response_mask(samples), prompt_mask)
+
+
+def build_micro_batches(samples: List[Sample], token_budget: int, pack_sequences: Callable) -> List[MicroBatch]:
+    groups = split_by_token_budget([s.length for s in samples], token_budget)
+    return [build_micro_batch([samples[i] for i in group], pack_sequences) for group in groups]

@@ -1,0 +1,199 @@
+"""Build every part of a run from a Config on this rank and hand them to the loop (trainer/loop.py).
+
+Order: devices and process groups -> layout validation -> models (actor, reference, critic) with their
+optimizers -> checkpoint resume -> data, rewards, rollout engine, weight bridge -> tracker.
+"""
+import json
+import logging
+import os
+from dataclasses import asdict
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config.schema import Config
+from ..parallel import init_distributed, init_model_parallel, layout_from_config, pick_device
+from .checkpoint import Checkpointer, export_hf, latest_checkpoint
+from .experience import ExperienceSources
+from .loop import Trainer, TrainerParts
+from .optim import build_optimizer, wrap_for_data_parallel
+from .roles import ModelRole
+from .tracking import build_tracker, progress
+from .warmup import evaluate, supervised_samples, supervised_warmup
+
+logger = logging.getLogger(__name__)
+
+
+def start_processes(config: Config) -> torch.device:
+    """Pick the device, redirect megatron-core's CUDA calls on CPU, join the process group."""
+    device = pick_device(config.trainer.device)
+    if device.type == "cpu":
+        from ..parallel.cpu_support import enable_cpu_execution
+
+        enable_cpu_execution()
+    init_distributed(device)
+    return device
+
+
+def _total_optimizer_steps(config: Config) -> int:
+    return max(config.trainer.steps * config.actor.ppo_epochs * config.actor.mini_batches_per_step, 1)
+
+
+def load_model(config: Config, hf_config, role: str, device: torch.device, hf_path: Optional[str] = None):
+    """This pipeline stage's model for role ("actor" or "critic"), filled from the HF checkpoint."""
+    from ..convert import load_hf_into_model
+    from ..models import build_model
+
+    model = build_model(config.model, hf_config, role)
+    model.to(device)
+    load_hf_into_model(model, hf_path or config.model.hf_path)
+    return model
+
+
+def build_role(name: str, model, config: Config, device: torch.device, optim_config=None,
+               offload: bool = False) -> ModelRole:
+    """Frozen when optim_config is None; otherwise DDP-wrapped with megatron-core's optimizer and schedule."""
+    from megatron.core.utils import get_model_config
+
+    transformer_config = get_model_config(model)
+    transformer_config.variable_seq_lengths = True  # packed micro-batches differ in length between pipeline stages
+    if optim_config is None:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return ModelRole(name, [model], device, offload_between_uses=offload)
+    chunks = wrap_for_data_parallel([model], transformer_config,
+                                    optim_config.use_distributed_optimizer and device.type == "cuda")
+    optimizer, scheduler = build_optimizer(chunks, optim_config, _total_optimizer_steps(config),
+                                           config.model.dtype == "bfloat16", device)
+    return ModelRole(name, chunks, device, optimizer, scheduler)
+
+
+def _read_hf_config(hf_path: str) -> dict:
+    with open(os.path.join(hf_path, "config.json")) as handle:
+        return json.load(handle)
+
+
+def position_rule(hf_config: dict):
+    """(prompt ids, response length, image_grid_thw) -> [3, P + R] M-RoPE positions: the prompt's as
+    transformers' get_rope_index computes them, the response's as generation places them."""
+    from ..data.rope import rope_positions, with_response_positions
+
+    vision = hf_config.get("vision_config", {})
+    merge = vision.get("spatial_merge_size", 2)
+    image_token, vision_start = hf_config["image_token_id"], hf_config["vision_start_token_id"]
+
+    def positions(prompt_ids: List[int], response_length: int, image_grid_thw):
+        prompt = rope_positions(torch.tensor(prompt_ids), image_grid_thw, merge, image_token, vision_start)
+        return with_response_positions(prompt, response_length)
+
+    return positions
+
+
+def _unwrapped(chunks):
+    return [getattr(chunk, "module", chunk) for chunk in chunks]
+
+
+def _parameter_count(chunks, device) -> float:
+    from megatron.core import parallel_state
+
+    count = torch.tensor([float(sum(p.numel() for p in _unwrapped(chunks)[0].parameters()))], device=device)
+    dist.all_reduce(count, group=parallel_state.get_model_parallel_group())
+    return float(count)
+
+
+def build_trainer(config: Config, device: torch.device) -> Trainer:
+    """Every part of the run on this rank; resumes from the latest checkpoint when trainer.resume allows."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from transformers import AutoTokenizer
+
+    from ..bridge import WeightBridge
+    from ..config.validate import read_model_shape
+    from ..data import PromptDataset
+    from ..models.common.packing import pack_sequences
+    from ..rewards import build_reward_function
+    from ..rollout import build_engine
+
+    trainer_config, algorithm = config.trainer, config.algorithm
+    layout = layout_from_config(config, dist.get_world_size(), read_model_shape(config.model.hf_path))
+    init_model_parallel(layout)
+    # identical CPU-initialised replicated weights on every tensor-parallel rank, then per-rank streams
+    torch.manual_seed(trainer_config.seed)
+    model_parallel_cuda_manual_seed(trainer_config.seed)
+    hf_config = _read_hf_config(config.model.hf_path)
+
+    actor = build_role("actor", load_model(config, hf_config, "actor", device), config, device, config.actor.optim)
+    reference = None
+    if algorithm.kl_coef > 0:
+        reference = build_role("reference", load_model(config, hf_config, "actor", device), config, device,
+                               offload=config.actor.offload_reference)
+    critic = None
+    if algorithm.advantage == "gae":
+        critic = build_role("critic", load_model(config, hf_config, "critic", device, config.critic.hf_path), config,
+                            device, config.critic.optim)
+    trainable = {"actor": actor, **({"critic": critic} if critic else {})}
+    checkpointer = Checkpointer(os.path.join(trainer_config.run_dir, "checkpoints"), trainable)
+
+    data_parallel = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dataset = PromptDataset(config.data.train_files, config.data, config.model.hf_path,
+                            config.data.prompts_per_step // data_parallel, dp_rank, data_parallel, train=True)
+    state = {"step": 0, "nonfinite_skips": 0, "consecutive_nonfinite": 0, "warmup_done": False}
+    resume_path = _resume_path(trainer_config, checkpointer.root)
+    if resume_path:
+        common, data_state = checkpointer.load(resume_path)
+        state.update({key: common[key] for key in state if key in common})
+        if data_state is not None:
+            dataset.load_state_dict(data_state)
+        logger.info("resumed from %s at step %d", resume_path, state["step"])
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
+    positions = position_rule(hf_config)
+    engine = build_engine(config, config.model.hf_path, device)
+    reward = build_reward_function(config.reward, config.data, device=str(device))
+    sources = ExperienceSources(prompts=iter(dataset), engine=engine, reward=reward,
+                                decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), positions=positions)
+    bridge = WeightBridge(_unwrapped(actor.chunks), engine, config.rollout.sync_bucket_mb << 20)
+    tracker = build_tracker(config.logging, trainer_config.run_dir, dist.get_rank() == 0,
+                            resolved_config=asdict(config))
+    parts = TrainerParts(config=config, device=device, actor=actor, reference=reference, critic=critic,
+                         sources=sources, bridge=bridge, pack_sequences=pack_sequences, tracker=tracker,
+                         checkpointer=checkpointer, dataset=dataset,
+                         parameter_count=_parameter_count(actor.chunks, device), state=state)
+    trainer = Trainer(parts)
+    if config.data.val_files:
+        validation = PromptDataset(config.data.val_files, config.data, config.model.hf_path,
+                                   max(config.data.prompts_per_step // data_parallel, 1), dp_rank, data_parallel,
+                                   train=False)
+        parts.evaluate = lambda: evaluate(validation, sources, config.rollout.max_new_tokens)
+    if trainer_config.warmup_sft_steps:
+        end_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>"])
+
+        def make_samples(prompts):
+            return supervised_samples(prompts, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                                      trainer_config.warmup_sft_template, end_ids, positions)
+
+        parts.warmup = lambda: tracker.log(0, supervised_warmup(
+            actor, sources.prompts, trainer_config.warmup_sft_steps, trainer_config.warmup_sft_lr,
+            config.actor.optim.grad_clip, config.actor.micro_batch_tokens, pack_sequences, make_samples,
+            trainer.normaliser, progress))
+    if trainer_config.export_hf:
+        parts.export = lambda: export_hf(_unwrapped(actor.chunks), config.model.hf_path,
+                                         os.path.join(trainer_config.run_dir, "hf_export"))
+    return trainer
+
+
+def _resume_path(trainer_config, root: str) -> Optional[str]:
+    if trainer_config.resume == "never":
+        return None
+    if trainer_config.resume == "auto":
+        return latest_checkpoint(root)
+    return trainer_config.resume
+
+
+def close_trainer(trainer: Trainer) -> None:
+    parts = trainer.parts
+    parts.tracker.close()
+    parts.sources.reward.close()
+    parts.sources.engine.shutdown()

@@ -1,0 +1,97 @@
+"""The loss functions the roles run on the last pipeline stage: they turn model output for one packed
+micro-batch into a mini-batch-normalised scalar plus statistics, using the pure algorithm functions.
+
+Statistics are (sum, count) pairs so that micro-batches and ranks combine into exact means (token means
+for losses, whatever the loss aggregation).
+"""
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+
+from .. import algorithms
+from ..config.schema import AlgorithmConfig
+from .batch import MicroBatch
+
+Stats = Dict[str, Tuple[float, float]]
+
+
+def _vocab_parallel():
+    from ..models.common import logprobs
+
+    return logprobs.vocab_parallel_logprobs, logprobs.vocab_parallel_entropy
+
+
+def response_logprobs(logits: torch.Tensor, micro_batch: MicroBatch, temperature: float) -> torch.Tensor:
+    """[B, L] log-probs of the response tokens under logits / temperature (TP-sharded vocabulary)."""
+    logprobs_fn, _ = _vocab_parallel()
+    return micro_batch.response_view(logprobs_fn(logits / temperature, micro_batch.labels))
+
+
+def response_entropy(logits: torch.Tensor, micro_batch: MicroBatch, temperature: float) -> torch.Tensor:
+    _, entropy_fn = _vocab_parallel()
+    return micro_batch.response_view(entropy_fn(logits / temperature))
+
+
+def _masked_stat(values: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
+    return float((values.detach() * mask).sum()), float(mask.sum())
+
+
+@dataclass
+class Normaliser:
+    """Mini-batch totals over all data-parallel ranks, scaled so DDP's gradient averaging yields the global mean."""
+
+    tokens: float
+    sequences: float
+
+
+def actor_loss(logits: torch.Tensor, micro_batch: MicroBatch, config: AlgorithmConfig, temperature: float,
+               normaliser: Normaliser) -> Tuple[torch.Tensor, Stats]:
+    mask = micro_batch.mask
+    logprobs = response_logprobs(logits, micro_batch, temperature)
+    old_logprobs = micro_batch.stacked("old_logprobs")
+    advantages = micro_batch.stacked("advantages")
+    loss_fn = algorithms.gspo_loss if config.policy_loss == "gspo" else algorithms.ppo_clip_loss
+    policy = loss_fn(logprobs, old_logprobs, advantages, mask, config.clip_low, config.clip_high, config.dual_clip)
+    per_token = policy.per_token_loss
+    if config.tis_cap is not None:
+        per_token = per_token * algorithms.truncated_importance_weights(
+            old_logprobs, micro_batch.stacked("rollout_logprobs"), config.tis_cap)
+
+    def aggregate(values):
+        return algorithms.aggregate_loss(values, mask, config.loss_agg, normaliser.tokens, normaliser.sequences)
+
+    loss = aggregate(per_token)
+    stats: Stats = {"loss/policy": _masked_stat(per_token, mask),
+                    "actor/clip_fraction": (float(policy.clip_fraction) * float(mask.sum()), float(mask.sum())),
+                    "actor/approx_kl": (float(policy.approx_kl) * float(mask.sum()), float(mask.sum()))}
+    if config.kl_coef > 0 and "ref_logprobs" in micro_batch.samples[0].tensors:
+        kl = algorithms.kl_penalty(logprobs, micro_batch.stacked("ref_logprobs"), config.kl_estimator)
+        stats["kl/mean"] = _masked_stat(kl, mask)
+        if not config.kl_in_reward:
+            loss = loss + config.kl_coef * aggregate(kl)
+    if config.entropy_coef > 0:
+        entropy = response_entropy(logits, micro_batch, temperature)
+        loss = loss + aggregate(algorithms.entropy_bonus_loss(entropy, config.entropy_coef))
+    else:
+        with torch.no_grad():
+            entropy = response_entropy(logits, micro_batch, temperature)
+    stats["actor/entropy"] = _masked_stat(entropy, mask)
+    return loss, stats
+
+
+def critic_loss(values: torch.Tensor, micro_batch: MicroBatch, value_clip, normaliser: Normaliser,
+                loss_agg: str) -> Tuple[torch.Tensor, Stats]:
+    mask = micro_batch.mask
+    predicted = micro_batch.response_view(values.float())
+    returns = micro_batch.stacked("returns")
+    per_token = algorithms.clipped_value_loss(predicted, micro_batch.stacked("old_values"), returns, mask, value_clip)
+    loss = algorithms.aggregate_loss(per_token, mask, loss_agg, normaliser.tokens, normaliser.sequences)
+    return loss, {"critic/value_loss": _masked_stat(per_token, mask)}
+
+
+def supervised_loss(logits: torch.Tensor, micro_batch: MicroBatch, normaliser: Normaliser) -> Tuple[torch.Tensor, Stats]:
+    """Negative log-likelihood of the response tokens (the warm-up on ground-truth answers)."""
+    logprobs = response_logprobs(logits, micro_batch, 1.0)
+    loss = algorithms.aggregate_loss(-logprobs, micro_batch.mask, "token_mean", normaliser.tokens)
+    return loss, {"loss/sft": _masked_stat(-logprobs, micro_batch.mask)}

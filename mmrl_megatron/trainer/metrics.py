@@ -1,0 +1,88 @@
+"""Step metrics in one place: combining (sum, count) statistics across ranks, rollout statistics,
+throughput (tokens/s/GPU) and model FLOPs utilisation (MFU)."""
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .batch import Sample
+
+Stats = Dict[str, Tuple[float, float]]
+
+# Dense bf16 peak FLOP/s per GPU, by substring of the device name.
+PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12))
+
+
+def add_stats(into: Stats, more: Stats) -> Stats:
+    for key, (value, count) in more.items():
+        total, weight = into.get(key, (0.0, 0.0))
+        into[key] = (total + value, weight + count)
+    return into
+
+
+def reduce_across_ranks(stats: Stats, maxima: Dict[str, float]) -> Dict[str, float]:
+    """Means of (sum, count) statistics and maxima over every rank; same result on all ranks."""
+    gathered: List = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (stats, maxima))
+    total: Stats = {}
+    peak: Dict[str, float] = {}
+    for rank_stats, rank_maxima in gathered:
+        add_stats(total, rank_stats)
+        for key, value in rank_maxima.items():
+            peak[key] = max(peak.get(key, -math.inf), value)
+    means = {key: value / count for key, (value, count) in total.items() if count > 0}
+    return {**means, **peak}
+
+
+def rollout_stats(samples: List[Sample], all_scores: List[float], max_new_tokens: int) -> Tuple[Stats, Dict[str, float]]:
+    """Reward, accuracy, response length and clip ratio, and rollout-vs-trainer log-prob difference."""
+    lengths = [len(s.response_ids) for s in samples]
+    count = float(len(samples))
+    stats: Stats = {
+        "reward/mean": (sum(all_scores), float(len(all_scores))),
+        "reward/sq": (sum(x * x for x in all_scores), float(len(all_scores))),
+        "reward/accuracy": (sum(s.accuracy for s in samples), count),
+        "response/length_mean": (float(sum(lengths)), count),
+        "response/clip_ratio": (float(sum(s.finish_reason == "length" or n >= max_new_tokens
+                                          for s, n in zip(samples, lengths))), count),
+    }
+    diffs = [(torch.tensor(s.rollout_logprobs) - s.tensors["old_logprobs"]).abs()
+             for s in samples if s.rollout_logprobs and "old_logprobs" in s.tensors]
+    if diffs:
+        flat = torch.cat(diffs)
+        stats["rollout/logprob_abs_diff"] = (float(flat.sum()), float(flat.numel()))
+    maxima = {"response/length_max": float(max(lengths, default=0))}
+    if diffs:
+        maxima["rollout/logprob_abs_diff_max"] = float(flat.max())
+    return stats, maxima
+
+
+def finish_reward_std(metrics: Dict[str, float]) -> None:
+    """Turn the mean of squares into the population std of the rewards (reward/std)."""
+    square_mean = metrics.pop("reward/sq", None)
+    if square_mean is not None and "reward/mean" in metrics:
+        metrics["reward/std"] = math.sqrt(max(square_mean - metrics["reward/mean"] ** 2, 0.0))
+
+
+def peak_flops_per_device(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def throughput_metrics(step_tokens: float, forward_passes: float, train_passes: float, generated_tokens: float,
+                       parameter_count: float, seconds: float, world_size: int,
+                       device: torch.device) -> Dict[str, float]:
+    """tokens/s/GPU over the whole step and MFU from 2N FLOPs per token per forward and 6N per trained token.
+
+    step_tokens: prompt + response tokens of the global batch; forward_passes: scoring passes over them
+    (old, reference, critic); train_passes: update passes (epochs x roles); generated_tokens: decoded tokens."""
+    metrics = {"throughput/tokens_per_s_per_gpu": step_tokens / max(seconds, 1e-9) / world_size}
+    peak = peak_flops_per_device(device)
+    if peak:
+        flops = parameter_count * (2 * step_tokens * forward_passes + 6 * step_tokens * train_passes
+                                   + 2 * generated_tokens)
+        metrics["throughput/mfu"] = flops / (seconds * world_size * peak)
+    return metrics

@@ -1,0 +1,128 @@
+"""A role is one megatron model (actor, reference or critic) driven through megatron-core's pipeline
+schedule, for scoring (forward only) and for updates (forward + backward + clipped optimizer step)."""
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .batch import MicroBatch
+from .optim import clipped_step, current_lr
+
+# loss_fn(model_output, micro_batch) -> (scalar loss normalised to the whole mini-batch, {stat: (sum, count)})
+LossFn = Callable[[torch.Tensor, MicroBatch], Tuple[torch.Tensor, Dict[str, Tuple[float, float]]]]
+# score_fn(model_output, micro_batch) -> [B, L] per-response-token values
+ScoreFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
+
+
+def _model_forward(model, micro_batch: MicroBatch):
+    return model(micro_batch.input_ids, micro_batch.position_ids, micro_batch.packed_seq_params,
+                 pixel_values=micro_batch.pixel_values, image_grid_thw=micro_batch.image_grid_thw,
+                 prompt_mask=micro_batch.prompt_mask)
+
+
+class ModelRole:
+    """Model chunks of this pipeline stage (DDP-wrapped when trainable) plus optimizer and schedule."""
+
+    def __init__(self, name: str, chunks: List[torch.nn.Module], device: torch.device, optimizer=None,
+                 scheduler=None, offload_between_uses: bool = False):
+        self.name, self.chunks, self.device = name, chunks, device
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.offload_between_uses = offload_between_uses and device.type == "cuda"
+        if self.offload_between_uses:
+            self._move_parameters(torch.device("cpu"))
+
+    @property
+    def trainable(self) -> bool:
+        return self.optimizer is not None
+
+    def _move_parameters(self, device: torch.device) -> None:
+        for chunk in self.chunks:
+            for tensor in list(chunk.parameters()) + list(chunk.buffers()):
+                tensor.data = tensor.data.to(device, non_blocking=True)
+
+    def _schedule(self, micro_batches: List[MicroBatch], output_fn, forward_only: bool) -> List:
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        batches = iter([mb.to(self.device) for mb in micro_batches])
+        count = len(micro_batches)
+
+        def forward_step(data_iterator, model):
+            micro_batch = next(data_iterator)
+            return _model_forward(model, micro_batch), lambda output: output_fn(output, micro_batch, count)
+
+        if self.offload_between_uses:
+            self._move_parameters(self.device)
+        try:
+            outputs = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=batches, model=self.chunks, num_microbatches=count,
+                seq_length=max(mb.num_tokens for mb in micro_batches), micro_batch_size=1,
+                forward_only=forward_only,
+            )
+        finally:
+            if self.offload_between_uses:
+                self._move_parameters(torch.device("cpu"))
+        return outputs if parallel_state.is_pipeline_last_stage() else []
+
+    @torch.no_grad()
+    def score(self, micro_batches: List[MicroBatch], score_fn: ScoreFn, name: str) -> None:
+        """Store score_fn's per-token values as sample.tensors[name] on every pipeline stage."""
+        from megatron.core import parallel_state
+
+        for chunk in self.chunks:
+            chunk.eval()
+
+        def output_fn(output, micro_batch, count):
+            return torch.zeros((), device=output.device), {"values": score_fn(output, micro_batch).float()}
+
+        results = self._schedule(micro_batches, output_fn, forward_only=True)
+        for index, micro_batch in enumerate(micro_batches):
+            values = results[index]["values"] if results else torch.zeros(micro_batch.mask.shape, device=self.device)
+            values = values.to(self.device).contiguous()
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                # values exist on the last stage; every stage needs them for advantages and metrics
+                dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())
+            values = values.cpu()
+            for row, sample in enumerate(micro_batch.samples):
+                sample.tensors[name] = values[row, :len(sample.response_ids)].clone()
+
+    def train_step(self, micro_batches: List[MicroBatch], loss_fn: LossFn, grad_clip: float,
+                   lr_override: Optional[float] = None):
+        """One optimizer step over the micro-batches; returns (stats {name: (sum, count)}, grad_norm, stepped).
+
+        lr_override (the supervised warm-up) steps at that learning rate without advancing the schedule.
+        A non-finite loss on any rank (checked across all ranks before the step) skips the step: stepped=False."""
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+        def output_fn(output, micro_batch, count):
+            loss, stats = loss_fn(output, micro_batch)
+            # the schedule divides by the number of micro-batches; our losses are already mini-batch normalised
+            return loss * count, dict(stats, _finite=(float(torch.isfinite(loss).item()), 1.0))
+
+        results = self._schedule(micro_batches, output_fn, forward_only=False)
+        stats: Dict[str, Tuple[float, float]] = {}
+        for item in results:
+            for key, (value, count) in item.items():
+                total, weight = stats.get(key, (0.0, 0.0))
+                stats[key] = (total + float(value), weight + float(count))
+        finite_here = stats.pop("_finite", (1.0, 1.0))
+        nonfinite = torch.tensor([float(finite_here[0] < finite_here[1])], device=self.device)
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+        if nonfinite.item() > 0:
+            return stats, float("nan"), False
+        if lr_override is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_override
+        stepped, grad_norm = clipped_step(self.optimizer, self.scheduler if lr_override is None else None, grad_clip)
+        return stats, grad_norm, stepped
+
+    def restore_scheduled_lr(self) -> None:
+        """Put the schedule's learning rate back after lr_override steps."""
+        self.scheduler.step(0)
+
+    def lr(self) -> float:
+        return current_lr(self.optimizer)

@@ -1,0 +1,132 @@
+"""The offline converters: HF -> megatron checkpoint (written at TP=1) -> loaded at TP=2 x PP=2 -> HF is
+bit-exact for every tensor, with the side files copied; checkpoints that do not fit stop with the tensor's name."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
+from tests.cpu_ranks import run_on_cpu_ranks
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SIDE_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
+CHANGED_TENSOR = "model.layers.1.mlp.down_proj.weight"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_tool(script: str, *args: str) -> None:
+    """Run a tool as a user would (one process, no launcher), failing the test with its output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()), MASTER_ADDR="127.0.0.1")
+    completed = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+
+def _rewrite_config(directory: str, top=None, text=None) -> None:
+    path = os.path.join(directory, "config.json")
+    with open(path) as handle:
+        config = json.load(handle)
+    config.update(top or {})
+    config["text_config"].update(text or {})
+    with open(path, "w") as handle:
+        json.dump(config, handle)
+
+
+def _error_of(function, *args) -> str:
+    """The CheckpointError message function(*args) raises ('' when it succeeds)."""
+    from mmrl_megatron.convert.errors import CheckpointError
+
+    try:
+        function(*args)
+    except CheckpointError as error:
+        return str(error)
+    return ""
+
+
+def _export_and_mismatches(mcore_dir: str, out_dir: str, bad_mcore_dirs, bad_hf_dirs):
+    """On 4 ranks: export at TP=2 x PP=2, then try each misfit checkpoint at TP=PP=1; returns the errors."""
+    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir, convert_mcore_to_hf, init_conversion_ranks
+
+    init_conversion_ranks(tensor=2, pipeline=2)
+    written = convert_mcore_to_hf(mcore_dir, out_dir)
+    init_conversion_ranks(tensor=1, pipeline=1)  # every rank holds the whole model: every rank must notice
+    errors = [_error_of(build_model_from_dir, path) for path in list(bad_mcore_dirs) + list(bad_hf_dirs)]
+    return written, errors
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    hf_dir = build_tiny_checkpoint(str(root / "hf"), tie_word_embeddings=False)
+    mcore_dir, back_dir = str(root / "mcore"), str(root / "hf_back")
+    run_tool("tools/checkpoint_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out", mcore_dir)
+
+    # misfits: megatron checkpoints whose config asks for a wider MLP (wrong shape), a layer more (the stacked
+    # layer tensors are too short), tied embeddings (the stored output layer is unknown to the model); HF
+    # directories with one tensor reshaped or dropped
+    bad_mcore = [str(root / name) for name in ("mcore_shape", "mcore_layers", "mcore_unknown")]
+    for path, change in zip(bad_mcore, [dict(text={"intermediate_size": 72}), dict(text={"num_hidden_layers": 5}),
+                                        dict(top={"tie_word_embeddings": True}, text={"tie_word_embeddings": True})]):
+        shutil.copytree(mcore_dir, path)
+        _rewrite_config(os.path.join(path, "hf"), **change)
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    bad_hf = {"shape": str(root / "hf_shape"), "missing": str(root / "hf_missing")}
+    for path, edit in [(bad_hf["shape"], lambda t: t.update({CHANGED_TENSOR: t[CHANGED_TENSOR][:, :-1].clone()})),
+                       (bad_hf["missing"], lambda t: t.pop(CHANGED_TENSOR))]:
+        shutil.copytree(hf_dir, path)
+        changed = dict(tensors)
+        edit(changed)
+        save_file(changed, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+    results = run_on_cpu_ranks(4, _export_and_mismatches, mcore_dir, back_dir,
+                               bad_mcore, [bad_hf["shape"], bad_hf["missing"]])
+    return hf_dir, mcore_dir, back_dir, results
+
+
+def test_round_trip_is_bit_exact(round_trip):
+    """Invariant: every HF tensor survives HF -> megatron (TP=1) -> megatron at TP=2 x PP=2 -> HF with torch.equal,
+    under its original name and shape (vocabulary padding removed), for untied embeddings, a TP-padded vocabulary
+    and one KV head per TP rank."""
+    hf_dir, _, back_dir, results = round_trip
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    exported = load_file(os.path.join(back_dir, "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    assert "lm_head.weight" in exported
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    written_on_rank0 = results[0][0]
+    assert sorted(written_on_rank0) == sorted(original)
+
+
+def test_side_files_travel_with_the_checkpoint(round_trip):
+    """Invariant: config, tokenizer and processor files are kept in the megatron checkpoint and copied back."""
+    hf_dir, mcore_dir, back_dir, _ = round_trip
+    for name in SIDE_FILES:
+        with open(os.path.join(hf_dir, name), "rb") as handle:
+            expected = handle.read()
+        for directory in (os.path.join(mcore_dir, "hf"), back_dir):
+            with open(os.path.join(directory, name), "rb") as handle:
+                assert handle.read() == expected, (directory, name)
+
+
+def test_misfit_checkpoints_stop_with_the_tensor_name(round_trip):
+    """Invariant: a checkpoint with a wrongly shaped, missing or unknown tensor stops the load on every rank with an
+    error naming that tensor, instead of loading garbage."""
+    _, _, _, results = round_trip
+    for _, (mcore_shape, mcore_layers, mcore_unknown, hf_shape, hf_missing) in results:
+        assert "mlp.linear_fc" in mcore_shape and "shape" in mcore_shape, mcore_shape
+        assert "decoder.layers." in mcore_layers and "(5, 32)" in mcore_layers, mcore_layers
+        assert "output_layer.weight" in mcore_unknown, mcore_unknown
+        assert CHANGED_TENSOR in hf_shape, hf_shape
+        assert CHANGED_TENSOR in hf_missing, hf_missing

@@ -1,0 +1,32 @@
+"""Convert a Hugging Face Qwen2.5-VL directory into a megatron-core distributed checkpoint.
+
+    python tools/checkpoint_convert/hf_to_mcore.py --hf-dir HF_DIR --out MCORE_DIR
+    torchrun --nproc_per_node 4 tools/checkpoint_convert/hf_to_mcore.py --hf-dir HF_DIR --out MCORE_DIR --tp 2 --pp 2
+
+The checkpoint holds global tensors, so it loads under any TP/PP whatever layout wrote it; more ranks
+only spread the memory (each holds 1/(TP*PP) of the model). Config, tokenizer and processor files are
+copied into MCORE_DIR/hf.
+"""
+import argparse
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", required=True, help="HF directory (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("--out", required=True, help="new, empty directory for the megatron checkpoint")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size used while converting")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used while converting")
+    args = parser.parse_args(argv)
+
+    from mmrl_megatron.convert.checkpoint_io import convert_hf_to_mcore, init_conversion_ranks
+    from mmrl_megatron.parallel import shutdown
+
+    device = init_conversion_ranks(args.tp, args.pp)
+    try:
+        convert_hf_to_mcore(args.hf_dir, args.out, device)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":  # dist_checkpointing may spawn helper processes, which re-import this file
+    main()

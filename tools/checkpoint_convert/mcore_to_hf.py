@@ -1,0 +1,32 @@
+"""Convert a megatron-core distributed checkpoint (from hf_to_mcore.py or a training run's model) to HF safetensors.
+
+    python tools/checkpoint_convert/mcore_to_hf.py --mcore-dir MCORE_DIR --out HF_DIR
+    torchrun --nproc_per_node 2 tools/checkpoint_convert/mcore_to_hf.py --mcore-dir MCORE_DIR --out HF_DIR --tp 2
+
+Writes the original HF tensor names with vocabulary padding removed, in shards of at most
+--max-shard-gb, plus the config, tokenizer and processor files kept in MCORE_DIR/hf.
+"""
+import argparse
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mcore-dir", required=True, help="megatron distributed checkpoint directory")
+    parser.add_argument("--out", required=True, help="output HF directory")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size used while converting")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used while converting")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file written")
+    args = parser.parse_args(argv)
+
+    from mmrl_megatron.convert.checkpoint_io import convert_mcore_to_hf, init_conversion_ranks
+    from mmrl_megatron.parallel import shutdown
+
+    device = init_conversion_ranks(args.tp, args.pp)
+    try:
+        convert_mcore_to_hf(args.mcore_dir, args.out, device, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":  # dist_checkpointing may spawn helper processes, which re-import this file
+    main()
