@@ -49,7 +49,7 @@ def read_samples(data_path: str, hf_dir: str, hf_config: Dict, args, rows: range
     from mmrl_megatron.data import PromptProcessor
     from mmrl_megatron.data.format import parse_row
     from mmrl_megatron.trainer.batch import Sample
-    from mmrl_megatron.trainer.build import position_rule
+    from mmrl_megatron.trainer.positions import position_rule
 
     default_min, default_max = _preprocessor_pixels(hf_dir)
     data_config = DataConfig(min_pixels=args.min_pixels or default_min, max_pixels=args.max_pixels or default_max,

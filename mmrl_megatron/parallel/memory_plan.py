@@ -155,7 +155,10 @@ def _stage_params(dims: ModelDims, config: Config, stage: int) -> Tuple[float, f
         dense += lm.hidden + (vocab * lm.hidden if (not lm.tied or p.pipeline > 1) else 0)
     vision = 0.0
     if stage == 0:  # the tower sits whole on the first stage
-        vision = dims.vision_params() / (p.tensor if dims.vision.split_over_tensor_parallel else 1)
+        vision = dims.vision_params()
+        if dims.vision.split_over_tensor_parallel:  # all but the patch embedding is split
+            patch = dims.vision.patch_embed_params()
+            vision = (vision - patch) / p.tensor + patch
     return dense / p.tensor, experts / expert_split, vision
 
 

@@ -86,20 +86,24 @@ class VisionDims:
     pos_emb_cells: int = 0  # MoonViT's learnable 2-D position table (height * width)
     split_over_tensor_parallel: bool = True  # models/qwen2_5_vl splits its tower; models/kimi_vl replicates MoonViT
 
+    def patch_embed_params(self) -> int:
+        """The patch embedding (and MoonViT's position table): replicated even when the tower is split."""
+        if self.kind == "qwen2_5_vit":
+            return self.hidden * 3 * self.temporal_patch * self.patch ** 2
+        return self.hidden * 3 * self.patch ** 2 + self.hidden + self.pos_emb_cells * self.hidden
+
     def params(self, out_hidden: int) -> int:
         hv, merged = self.hidden, self.hidden * self.merge ** 2
         attention = 3 * hv * hv + 3 * hv + hv * hv + hv
         if self.kind == "qwen2_5_vit":
             mlp = 2 * (hv * self.ffn + self.ffn) + self.ffn * hv + hv  # SwiGLU with biases
             block = attention + mlp + 2 * hv  # two RMSNorms
-            patch = hv * 3 * self.temporal_patch * self.patch ** 2
             merger = hv + merged * merged + merged + merged * out_hidden + out_hidden
-            return patch + self.depth * block + merger
+            return self.patch_embed_params() + self.depth * block + merger
         mlp = hv * self.ffn + self.ffn + self.ffn * hv + hv  # fc0, GELU, fc1
         block = attention + mlp + 4 * hv  # two LayerNorms (weight + bias)
-        patch = hv * 3 * self.patch ** 2 + hv + self.pos_emb_cells * hv
         projector = 2 * hv + merged * merged + merged + merged * out_hidden + out_hidden
-        return patch + self.depth * block + 2 * hv + projector
+        return self.patch_embed_params() + self.depth * block + 2 * hv + projector
 
     def activation_bytes_per_patch(self, tensor_parallel: int) -> float:
         """bf16 bytes one patch keeps for backward in one block on one GPU: norm/linear inputs (full

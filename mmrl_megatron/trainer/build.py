@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from dataclasses import asdict
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ from .checkpoint import Checkpointer, export_hf, latest_checkpoint
 from .experience import ExperienceSources
 from .loop import Trainer, TrainerParts
 from .optim import build_optimizer, wrap_for_data_parallel
+from .positions import position_rule
 from .roles import ModelRole
 from .tracking import build_tracker, progress
 from .warmup import evaluate, supervised_samples, supervised_warmup
@@ -72,22 +73,6 @@ def build_role(name: str, model, config: Config, device: torch.device, optim_con
 def _read_hf_config(hf_path: str) -> dict:
     with open(os.path.join(hf_path, "config.json")) as handle:
         return json.load(handle)
-
-
-def position_rule(hf_config: dict):
-    """(prompt ids, response length, image_grid_thw) -> [3, P + R] M-RoPE positions: the prompt's as
-    transformers' get_rope_index computes them, the response's as generation places them."""
-    from ..data.rope import rope_positions, with_response_positions
-
-    vision = hf_config.get("vision_config", {})
-    merge = vision.get("spatial_merge_size", 2)
-    image_token, vision_start = hf_config["image_token_id"], hf_config["vision_start_token_id"]
-
-    def positions(prompt_ids: List[int], response_length: int, image_grid_thw):
-        prompt = rope_positions(torch.tensor(prompt_ids), image_grid_thw, merge, image_token, vision_start)
-        return with_response_positions(prompt, response_length)
-
-    return positions
 
 
 def _unwrapped(chunks):
@@ -149,7 +134,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
         logger.info("resumed from %s at step %d", resume_path, state["step"])
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
-    positions = position_rule(hf_config)
+    positions = position_rule(hf_config, config.model)
     engine = build_engine(config, config.model.hf_path, device)
     reward = build_reward_function(config.reward, config.data, device=str(device))
     sources = ExperienceSources(prompts=iter(dataset), engine=engine, reward=reward,

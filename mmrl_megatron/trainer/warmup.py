@@ -2,7 +2,6 @@
 import logging
 from typing import Callable, Dict, Iterable, Iterator, List
 
-import torch
 import torch.distributed as dist
 
 from ..rollout import SamplingParams

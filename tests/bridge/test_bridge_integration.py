@@ -54,7 +54,7 @@ def _score_on_actor(model, hf_dir: str, requests, results) -> torch.Tensor:
     from mmrl_megatron.convert.checkpoint_io import read_hf_config
     from mmrl_megatron.models.common.packing import pack_sequences
     from mmrl_megatron.trainer.batch import Sample, build_micro_batches
-    from mmrl_megatron.trainer.build import position_rule
+    from mmrl_megatron.trainer.positions import position_rule
     from mmrl_megatron.trainer.losses import response_logprobs
     from mmrl_megatron.trainer.roles import ModelRole
 

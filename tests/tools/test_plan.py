@@ -106,8 +106,10 @@ def test_toy_arithmetic_by_hand():
     plan = estimate(_toy_config(), TOY, world_size=8)  # TP2 x PP2 -> data-parallel 2
     assert plan.data_parallel == 2
     first, last = plan.stages
-    # vocabulary 1000 padded to a multiple of 128 x TP 2 = 1024; layers, embedding and the tower split over TP
-    first_params = (2 * layer + 1024 * 64 + vision) / 2
+    # vocabulary 1000 padded to a multiple of 128 x TP 2 = 1024; layers, embedding and the tower split over TP,
+    # except the tower's patch embedding
+    patch = TOY.vision.patch_embed_params()
+    first_params = (2 * layer + 1024 * 64 + vision - patch) / 2 + patch
     assert first.training["actor weights"] == 2 * first_params
     assert first.training["gradient buffers"] == 4 * first_params
     assert first.training["optimizer states"] == 12 * first_params / 2

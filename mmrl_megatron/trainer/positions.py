@@ -1,0 +1,47 @@
+"""Position ids of a prompt + response sequence as the model scores it, per model family.
+
+A rule is (prompt ids, response length, image_grid_thw) -> [3, P + R]: the prompt's positions as the
+family's HF implementation computes them, the response's as generation places them.
+"""
+from typing import Callable, List, Mapping
+
+import torch
+
+from ..models import family_of
+from ..models.errors import ModelError
+
+PositionRule = Callable[[List[int], int, object], torch.Tensor]
+
+
+def _qwen2_5_vl(hf_config: Mapping) -> PositionRule:
+    """M-RoPE: transformers' get_rope_index for the prompt (data.rope_positions)."""
+    from ..data.rope import rope_positions, with_response_positions
+
+    merge = hf_config.get("vision_config", {}).get("spatial_merge_size", 2)
+    image_token, vision_start = hf_config["image_token_id"], hf_config["vision_start_token_id"]
+
+    def positions(prompt_ids: List[int], response_length: int, image_grid_thw) -> torch.Tensor:
+        prompt = rope_positions(torch.tensor(prompt_ids), image_grid_thw, merge, image_token, vision_start)
+        return with_response_positions(prompt, response_length)
+
+    return positions
+
+
+def _kimi_vl(hf_config: Mapping) -> PositionRule:
+    """1-D positions 0..P+R-1 (image tokens count one each), in M-RoPE's [3, L] shape; KimiVLModel
+    ignores them because megatron's MLA numbers each packed sequence from 0 itself, as generation does."""
+
+    def positions(prompt_ids: List[int], response_length: int, image_grid_thw) -> torch.Tensor:
+        return torch.arange(len(prompt_ids) + response_length).expand(3, -1).clone()
+
+    return positions
+
+
+RULES = {"qwen2_5_vl": _qwen2_5_vl, "kimi_vl": _kimi_vl}
+
+
+def position_rule(hf_config: Mapping, model_config=None) -> PositionRule:
+    family = family_of(model_config, hf_config)
+    if family not in RULES:
+        raise ModelError(f"no position rule for model_type {family!r}; known: {sorted(RULES)}")
+    return RULES[family](hf_config)
