@@ -15,6 +15,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
+from ..common.layer_list import ShardedLayerList
 from ...convert.qwen2_5_vl_shape import VisionShape
 
 
@@ -95,8 +96,8 @@ class VisionModel(MegatronModule):
         # A stride-equals-kernel Conv3d over one patch per row is a matmul; the weight keeps HF's 5-D shape.
         self.patch_embed = torch.nn.Parameter(torch.empty(patch, dtype=config.params_dtype))
         torch.nn.init.normal_(self.patch_embed, std=0.02)
-        self.layers = torch.nn.ModuleList(build_module(layer_spec, config=config, layer_number=index + 1)
-                                          for index in range(shape.depth))
+        self.layers = ShardedLayerList(build_module(layer_spec, config=config, layer_number=index + 1)
+                                       for index in range(shape.depth))
         self.merger = PatchMerger(config, shape)
         quarter = shape.head_dim // 2
         self.register_buffer("inv_freq", 1.0 / shape.rope_theta ** (torch.arange(0, quarter, 2).float() / quarter),
