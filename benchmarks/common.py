@@ -1,0 +1,190 @@
+"""Helpers shared by the benchmarks: device choice, a single-process megatron-core start, the measured
+bf16 matmul peak (the MFU denominator), device-timeline phase timing, peak memory and RESULTS.md rows."""
+import datetime
+import os
+import socket
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+GIB = float(1 << 30)
+
+
+def pick_device(requested: str, quick: bool) -> torch.device:
+    """'cuda' or 'cpu' as asked; 'auto' is the GPU when there is one, except for --quick runs (CPU smoke tests)."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() and not quick else "cpu"
+    if requested == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_single_process_megatron(device: torch.device, seed: int = 0) -> None:
+    """A world of one (gloo on CPU, NCCL on GPU) with megatron-core's groups at TP = PP = 1, seeded as the
+    trainer seeds (trainer/build.py); on CPU megatron-core's CUDA calls are redirected first."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from mmrl_megatron.parallel import ParallelLayout, init_distributed, init_model_parallel
+
+    if device.type == "cpu":
+        from mmrl_megatron.parallel.cpu_support import enable_cpu_execution
+
+        enable_cpu_execution()
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))  # concurrent runs must not share the default port
+    init_distributed(device)
+    init_model_parallel(ParallelLayout())
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 50) -> float:
+    """FLOP/s of a size^3 matmul in `dtype`, timed here: MFU is reported against what this device reaches
+    in this run, not a datasheet figure."""
+    left = torch.randn(size, size, device=device, dtype=dtype)
+    right = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    for _ in range(3):  # cuBLAS heuristics and clocks settle
+        torch.matmul(left, right, out=out)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(left, right, out=out)
+    synchronize(device)
+    return 2.0 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+class PhaseClock:
+    """Seconds per named phase on the device's timeline: CUDA events on a GPU (recording them does not
+    synchronise, so the timed work runs as it would untimed), perf_counter on the CPU.
+
+    mark(phase) opens a phase and closes the previous one; stop() closes the last. Phases named more
+    than once accumulate (e.g. the forward of every micro-batch)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._marks: List[Tuple[Optional[str], object]] = []
+
+    def _now(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _seconds(self, start, end) -> float:
+        if self.device.type == "cuda":
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+    def mark(self, phase: str) -> None:
+        self._marks.append((phase, self._now()))
+
+    def stop(self) -> None:
+        self._marks.append((None, self._now()))
+
+    def reset(self) -> None:
+        self._marks = []
+
+    def seconds_per_phase(self) -> Dict[str, float]:
+        synchronize(self.device)
+        totals: Dict[str, float] = {}
+        for (phase, start), (_, end) in zip(self._marks[:-1], self._marks[1:]):
+            if phase is not None:
+                totals[phase] = totals.get(phase, 0.0) + self._seconds(start, end)
+        return totals
+
+
+def _resident_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def allocated_bytes(device: torch.device) -> int:
+    """Memory in use now: tensors held by the CUDA caching allocator, or the process's resident set on CPU."""
+    if device.type == "cuda":
+        synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return _resident_bytes("VmRSS")
+
+
+class PeakMemory:
+    """Peak memory while the block runs: the CUDA allocator's peak on a GPU; on the CPU the kernel's
+    resident-set high-water mark, reset on entry (/proc/self/clear_refs), else the resident set on exit.
+    CPU figures include the allocator's slack and are smoke values; GPU figures are the ones to report."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self._high_water_reset = False
+
+    def __enter__(self) -> "PeakMemory":
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # 5: reset the high-water mark to the current resident set
+            self._high_water_reset = True
+        except OSError:
+            self._high_water_reset = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak_bytes = _resident_bytes("VmHWM" if self._high_water_reset else "VmRSS")
+
+
+def profile_call(call: Callable[[], object], device: torch.device, trace_path: str, rows: int = 40) -> str:
+    """Run `call` once under torch.profiler; write its Chrome trace to trace_path (.json.gz) and return the
+    operator table sorted by each operator's own device time (CPU time on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as profiler:
+        call()
+        synchronize(device)
+    profiler.export_chrome_trace(trace_path)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
+def utc_date() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
+    """The command that reproduces this run, for the RESULTS.md row."""
+    arguments = list(argv if argv is not None else sys.argv[1:])
+    return " ".join([f"python benchmarks/{script}"] + arguments)
+
+
+def markdown_row(cells: Sequence[object]) -> str:
+    """One benchmarks/RESULTS.md table row: | date | device | workload | ours | baseline | ratio | command |."""
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
