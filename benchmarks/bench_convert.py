@@ -16,7 +16,6 @@ import os
 import re
 import sys
 import tempfile
-import threading
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -26,36 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_rollout import build_config  # noqa: E402  (the published 3B/7B geometries, kept in one place)
+from common import PeakMemory, significant  # noqa: E402
 
 # transformers' in-memory module names -> the hub names checkpoints are saved under
 _MODULE_TO_CHECKPOINT = [(re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model.")]
-
-
-class PeakMemory:
-    """Peak resident set size of this process while the block runs, sampled every 20 ms (psutil)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> "PeakMemory":
-        self.peak_bytes = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
 
 
 def checkpoint_tensor_specs(config) -> List[Tuple[str, Tuple[int, ...]]]:
@@ -132,15 +105,15 @@ def run(shape: str, work_dir: str) -> Dict:
     checkpoint_gb = safetensors_bytes(hf_dir) / 1e9
     device = init_conversion_ranks()
     try:
-        results = {"shape": shape, "checkpoint_gb": round(checkpoint_gb, 3)}
+        results = {"shape": shape, "checkpoint_gb": significant(checkpoint_gb)}
         for direction, convert in [("hf_to_mcore", lambda: convert_hf_to_mcore(hf_dir, mcore_dir, device)),
                                    ("mcore_to_hf", lambda: convert_mcore_to_hf(mcore_dir, back_dir, device))]:
-            with PeakMemory() as memory:
+            with PeakMemory(torch.device("cpu")) as memory:  # peak resident set (VmHWM)
                 start = time.perf_counter()
                 convert()
                 seconds = time.perf_counter() - start
-            results[direction] = {"seconds": round(seconds, 3), "gb_per_s": round(checkpoint_gb / seconds, 3),
-                                  "peak_rss_gb": round(memory.peak_bytes / 1e9, 3)}
+            results[direction] = {"seconds": significant(seconds), "gb_per_s": significant(checkpoint_gb / seconds),
+                                  "peak_rss_gb": significant(memory.peak_bytes / 1e9)}
     finally:
         shutdown()
     results["round_trip_difference"] = first_difference(hf_dir, back_dir)

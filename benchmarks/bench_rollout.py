@@ -41,16 +41,15 @@ WORKLOADS = {"text": "3b", "image": "7b"}
 
 def build_config(shape: str):
     """A Qwen2_5_VLConfig of the published geometry (`shape` 3b/7b) or the tests' tiny one ("tiny")."""
-    from transformers import Qwen2_5_VLConfig
+    from mmrl_megatron.models.qwen2_5_vl.tiny import build_byte_tokenizer, config_with_tokenizer_ids, tiny_config
 
     if shape == "tiny":
-        from mmrl_megatron.models.qwen2_5_vl.tiny import build_byte_tokenizer, tiny_config
-
         return tiny_config(build_byte_tokenizer())
     text = dict(TEXT_SHAPES[shape], max_position_embeddings=32768, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
     vision = dict(VISION_QWEN, out_hidden_size=text["hidden_size"])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
+    # special token ids of the byte tokenizer that benchmark checkpoints are saved with (tiny.py)
+    return config_with_tokenizer_ids(text, vision, build_byte_tokenizer())
 
 
 def make_requests(config, count: int, prompt_tokens: int, image_size: Optional[int], seed: int = 0) -> List[RolloutRequest]:

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_convert import write_random_checkpoint  # noqa: E402
+from common import significant  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -48,8 +49,8 @@ def run(args, hf_dir: str) -> Optional[Dict]:
     seconds = statistics.median(s.seconds for s in stats)
     return {"shape": args.shape, "dtype": args.dtype, "tp": args.tp, "pp": args.pp, "bucket_mb": args.bucket_mb,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "seconds_median": round(seconds, 4), "gigabytes": round(stats[0].gigabytes, 4),
-            "gb_per_s": round(stats[0].gigabytes / seconds, 3), "tensors": stats[0].tensors,
+            "seconds_median": significant(seconds), "gigabytes": significant(stats[0].gigabytes),
+            "gb_per_s": significant(stats[0].gigabytes / seconds), "tensors": stats[0].tensors,
             "buckets": stats[0].buckets, "verified_tensors": len(verified)}
 
 

@@ -175,6 +175,11 @@ def profile_call(call: Callable[[], object], device: torch.device, trace_path: s
     return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """A figure rounded to significant digits, so tiny --quick figures do not round to 0."""
+    return float(f"{value:.{digits}g}")
+
+
 def utc_date() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
 

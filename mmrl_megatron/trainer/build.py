@@ -151,7 +151,8 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
         validation = PromptDataset(config.data.val_files, config.data, config.model.hf_path,
                                    max(config.data.prompts_per_step // data_parallel, 1), dp_rank, data_parallel,
                                    train=False)
-        parts.evaluate = lambda: evaluate(validation, sources, config.rollout.max_new_tokens)
+        parts.evaluate = lambda: evaluate(validation, sources, config.rollout.max_new_tokens,
+                                          config.rollout.temperature, config.rollout.n)
     if trainer_config.warmup_sft_steps:
         end_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>"])
 

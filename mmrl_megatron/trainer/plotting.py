@@ -4,13 +4,16 @@ import math
 import os
 from typing import Dict, List, Tuple
 
+# one panel per entry: (title, y-axis label, the metrics drawn in it)
 PLOTTED = (
-    ("reward/mean", "mean reward"),
-    ("loss/policy", "policy loss"),
-    ("kl/mean", "KL to reference"),
-    ("response/length_mean", "response length (tokens)"),
-    ("throughput/tokens_per_s_per_gpu", "tokens/s/GPU"),
+    ("reward", "mean reward", ("reward/mean", "eval/reward_sampled", "eval/accuracy_greedy")),
+    ("policy loss", "loss", ("loss/policy",)),
+    ("KL to reference", "KL", ("kl/mean",)),
+    ("response length", "tokens", ("response/length_mean",)),
+    ("throughput", "tokens/s/GPU", ("throughput/tokens_per_s_per_gpu",)),
 )
+LEGEND = {"reward/mean": "training samples", "eval/reward_sampled": "held-out, sampled",
+          "eval/accuracy_greedy": "held-out, greedy accuracy"}
 
 
 def read_series(metrics_path: str) -> Dict[str, List[Tuple[int, float]]]:
@@ -39,14 +42,16 @@ def build_figure(series: Dict[str, List[Tuple[int, float]]], title: str):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.4), squeeze=False)
-    for axis, (key, label) in zip(axes[0], PLOTTED):
-        points = series.get(key, [])
-        if points:
-            steps, values = zip(*points)
-            axis.plot(steps, values, marker="o", markersize=3)
-        else:
+    for axis, (title, label, keys) in zip(axes[0], PLOTTED):
+        drawn = [key for key in keys if series.get(key)]
+        for key in drawn:
+            steps, values = zip(*series[key])
+            axis.plot(steps, values, marker="o", markersize=3, label=LEGEND.get(key, key))
+        if not drawn:
             axis.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axis.transAxes)
-        axis.set_title(key)
+        elif len(drawn) > 1:
+            axis.legend(fontsize=7)
+        axis.set_title(title)
         axis.set_xlabel("step")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

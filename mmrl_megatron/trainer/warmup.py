@@ -8,7 +8,7 @@ from ..rollout import SamplingParams
 from .batch import Sample, build_micro_batches
 from .experience import ExperienceSources, generate_and_score
 from .losses import Normaliser, supervised_loss
-from .metrics import reduce_across_ranks
+from .metrics import add_stats, reduce_across_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,19 @@ def supervised_warmup(actor, prompts: Iterator, steps: int, lr: float, grad_clip
     return {"warmup/sft_loss": last.get("loss/sft", float("nan"))}
 
 
-def evaluate(batches: Iterable, sources: ExperienceSources, max_new_tokens: int) -> Dict[str, float]:
-    """Greedy single-sample reward and accuracy over the held-out prompts (every data-parallel rank its share)."""
-    sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
-    total, correct, count = 0.0, 0.0, 0.0
+def evaluate(batches: Iterable, sources: ExperienceSources, max_new_tokens: int, temperature: float,
+             samples_per_prompt: int) -> Dict[str, float]:
+    """Held-out reward and accuracy, greedy (one answer per prompt) and sampled as training samples
+    (`samples_per_prompt` answers at the rollout temperature, fixed seed); every data-parallel rank its share."""
+    modes = {"greedy": SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0),
+             "sampled": SamplingParams(n=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
+                                       seed=0)}
+    stats = {}
     for prompts in batches:
-        samples = generate_and_score(prompts, sources, sampling, 0, 0.0)
-        total += sum(s.score for s in samples)
-        correct += sum(s.accuracy for s in samples)
-        count += len(samples)
-    metrics = reduce_across_ranks({"eval/reward_mean": (total, count), "eval/accuracy": (correct, count)}, {})
+        for mode, sampling in modes.items():
+            samples = generate_and_score(prompts, sources, sampling, 0, 0.0)
+            add_stats(stats, {f"eval/reward_{mode}": (sum(s.score for s in samples), float(len(samples))),
+                              f"eval/accuracy_{mode}": (sum(s.accuracy for s in samples), float(len(samples)))})
+    metrics = reduce_across_ranks(stats, {})
     dist.barrier()
     return metrics

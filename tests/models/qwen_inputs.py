@@ -77,26 +77,27 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[:-1].float(), dim=-1).gather(-1, ids[1:, None]).squeeze(-1)
 
 
-def hf_logprobs(hf_dir: str, samples: List[Sample], dtype=torch.float32) -> List[torch.Tensor]:
+def hf_logprobs(hf_dir: str, samples: List[Sample], dtype=torch.float32, device: str = "cpu") -> List[torch.Tensor]:
     """The oracle: transformers' Qwen2_5_VLForConditionalGeneration, one sample at a time, positions its own.
 
     Call it in a process where parallel.cpu_support.enable_cpu_execution has not run: its wrapped tensor
     factories leave from_pretrained's rotary inv_freq buffers uninitialised (seen with transformers 5.24)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
     rotary = model.model.language_model.rotary_emb
     expected = 1.0 / rotary.config.rope_parameters["rope_theta"] ** (
         torch.arange(0, rotary.inv_freq.numel() * 2, 2).float() / (rotary.inv_freq.numel() * 2))
-    assert torch.allclose(rotary.inv_freq.float(), expected), "HF oracle loaded with broken rotary buffers"
+    assert torch.allclose(rotary.inv_freq.float().cpu(), expected), "HF oracle loaded with broken rotary buffers"
     results = []
     with torch.no_grad():
         for sample in samples:
             # transformers 5.x computes M-RoPE positions (get_rope_index) only when given mm_token_type_ids
-            image_tokens = (sample.ids == model.config.image_token_id).int()[None]
+            ids = sample.ids.to(device)
+            image_tokens = (ids == model.config.image_token_id).int()[None]
             extra = {} if sample.pixel_values is None else dict(
-                pixel_values=sample.pixel_values.to(dtype), image_grid_thw=sample.grid_thw,
+                pixel_values=sample.pixel_values.to(device, dtype), image_grid_thw=sample.grid_thw.to(device),
                 mm_token_type_ids=image_tokens)
-            logits = model(input_ids=sample.ids[None], **extra).logits[0]
-            results.append(token_logprobs(logits, sample.ids))
+            logits = model(input_ids=ids[None], **extra).logits[0]
+            results.append(token_logprobs(logits, ids).cpu())
     return results

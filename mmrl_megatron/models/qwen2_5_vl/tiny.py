@@ -48,8 +48,6 @@ def build_byte_tokenizer():
 
 def tiny_config(tokenizer, **overrides):
     """A Qwen2_5_VLConfig with test-sized widths; keyword overrides go to the text config, `vision_*` to the vision config."""
-    from transformers import Qwen2_5_VLConfig
-
     vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
                   tokens_per_second=2)
@@ -62,11 +60,19 @@ def tiny_config(tokenizer, **overrides):
             vision[key[len("vision_"):]] = value
         else:
             text[key] = value
+    return config_with_tokenizer_ids(text, vision, tokenizer)
+
+
+def config_with_tokenizer_ids(text: dict, vision: dict, tokenizer):
+    """A Qwen2_5_VLConfig whose special token ids (image pad, vision start/end, eos, pad) are the
+    tokenizer's, so a directory holding both is consistent whatever the vocabulary size."""
+    from transformers import Qwen2_5_VLConfig
+
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
            [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
             ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
             ("eos_token_id", "<|im_end|>"), ("pad_token_id", "<|endoftext|>")]}
-    text.update(bos_token_id=None, eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    text = dict(text, bos_token_id=None, eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"], **ids)
 
 
