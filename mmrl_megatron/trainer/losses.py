@@ -22,15 +22,20 @@ def _vocab_parallel():
     return logprobs.vocab_parallel_logprobs, logprobs.vocab_parallel_entropy
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, without a copy of the whole logits tensor at temperature 1."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def response_logprobs(logits: torch.Tensor, micro_batch: MicroBatch, temperature: float) -> torch.Tensor:
     """[B, L] log-probs of the response tokens under logits / temperature (TP-sharded vocabulary)."""
     logprobs_fn, _ = _vocab_parallel()
-    return micro_batch.response_view(logprobs_fn(logits / temperature, micro_batch.labels))
+    return micro_batch.response_view(logprobs_fn(_tempered(logits, temperature), micro_batch.labels))
 
 
 def response_entropy(logits: torch.Tensor, micro_batch: MicroBatch, temperature: float) -> torch.Tensor:
     _, entropy_fn = _vocab_parallel()
-    return micro_batch.response_view(entropy_fn(logits / temperature))
+    return micro_batch.response_view(entropy_fn(_tempered(logits, temperature)))
 
 
 def _masked_stat(values: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
