@@ -42,7 +42,7 @@ def build_figure(series: Dict[str, List[Tuple[int, float]]], title: str):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.4), squeeze=False)
-    for axis, (title, label, keys) in zip(axes[0], PLOTTED):
+    for axis, (panel_title, label, keys) in zip(axes[0], PLOTTED):
         drawn = [key for key in keys if series.get(key)]
         for key in drawn:
             steps, values = zip(*series[key])
@@ -51,7 +51,7 @@ def build_figure(series: Dict[str, List[Tuple[int, float]]], title: str):
             axis.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axis.transAxes)
         elif len(drawn) > 1:
             axis.legend(fontsize=7)
-        axis.set_title(title)
+        axis.set_title(panel_title)
         axis.set_xlabel("step")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

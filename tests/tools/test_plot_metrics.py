@@ -20,7 +20,8 @@ def test_plot_from_tracker_output(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     series = read_series(str(metrics))
     assert series["reward/mean"][-1] == (5, 0.5)
-    figure = build_figure(series, "run")
+    figure = build_figure(series, "my run")
+    assert figure._suptitle.get_text() == "my run"
     for axis, (title, label, _) in zip(figure.axes, PLOTTED):
         assert axis.get_xlabel() == "step" and axis.get_ylabel() == label and axis.get_title() == title
         assert len(axis.lines[0].get_xdata()) == 5
