@@ -10,7 +10,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 import torch.distributed as dist
 
-from .families import rule_table
+from .families import family_override, rule_table
 from .loader import model_role
 from .model_params import ShardedParam, as_chunks, sharded_params
 
@@ -51,8 +51,13 @@ def iter_hf_tensors(model) -> Iterator[Tuple[str, torch.Tensor]]:
     `model`: this rank's module or list of chunks (DDP/Float16Module wrappers are unwrapped), built by
     models.build_model (which records the HF config on it). Collective over TP and PP: all ranks of the
     model-parallel group iterate to the end together. Tied output layers are emitted once, as the
-    embedding; vocabulary padding is removed; tensors keep the parameters' dtype."""
+    embedding; vocabulary padding is removed; tensors keep the parameters' dtype. A family with its own
+    exporter (families.py) produces the stream instead, under the same contract."""
     hf_config = as_chunks(model)[0].hf_config
+    own_exporter = family_override(hf_config, "iter_hf_tensors")
+    if own_exporter is not None:
+        yield from own_exporter(model)
+        return
     table = rule_table(hf_config, model_role(model))
     local: Dict[Key, ShardedParam] = {}
     metadata: Dict[Key, list] = {}

@@ -1,7 +1,9 @@
 """Which rule table converts which checkpoint: HF config model_type -> family.
 
 A family registers "module" whose `rules(hf_config, role) -> List[Rule]` and `ALIASES` (stored HF
-prefix -> canonical prefix pairs) define its conversion; modules import on first use."""
+prefix -> canonical prefix pairs) define its conversion; modules import on first use. A module may also
+define its own `load_hf_into_model` / `iter_hf_tensors` applying its table to layouts the generic ones
+(loader.py, exporter.py) do not know: Kimi-VL's handle expert parallelism and the router's bias buffer."""
 import importlib
 from typing import Mapping
 
@@ -10,6 +12,7 @@ from .rules import RuleTable
 
 FAMILIES = {
     "qwen2_5_vl": "mmrl_megatron.convert.qwen2_5_vl",
+    "kimi_vl": "mmrl_megatron.convert.kimi_vl",
 }
 
 
@@ -26,3 +29,8 @@ def rule_table(hf_config: Mapping, role: str = "actor") -> RuleTable:
 
 def aliases(hf_config: Mapping):
     return getattr(family_module(hf_config), "ALIASES", ())
+
+
+def family_override(hf_config: Mapping, function_name: str):
+    """The family module's own `function_name` (load_hf_into_model, iter_hf_tensors), or None."""
+    return getattr(family_module(hf_config), function_name, None)

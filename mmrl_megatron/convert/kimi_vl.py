@@ -9,9 +9,9 @@ slime do the same). MLA tensors are copied as they are (megatron's MLA applies D
 rope itself). Tensor-parallel splits follow each parameter's own `partition_dim`, over the expert-TP
 group for expert weights; gated fc1 weights split gate and up separately (rules.GATED).
 
-The framework's loader/exporter (convert/loader.py, exporter.py) do not yet know expert parallelism or the
-router's expert-bias buffer, so this module applies the same rule table with both:
-`load_hf_into_model` and `iter_hf_tensors`.
+The generic loader/exporter (convert/loader.py, exporter.py) do not know expert parallelism or the
+router's expert-bias buffer, so this module applies the same rule table with both: `load_hf_into_model`
+and `iter_hf_tensors`, which convert's entry points of the same names call for kimi_vl (families.py).
 """
 import re
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple

@@ -4,7 +4,7 @@ from typing import Mapping
 import torch
 
 from .errors import CheckpointError
-from .families import aliases, rule_table
+from .families import aliases, family_override, rule_table
 from .hf_checkpoint import HFCheckpoint, read_hf_config
 from .model_params import as_chunks, sharded_params
 
@@ -24,8 +24,13 @@ def load_hf_into_model(model, hf_dir: str, hf_config: Mapping = None) -> None:
     """Fill every parameter of `model` (a module or this rank's list of chunks) from hf_dir.
 
     Raises CheckpointError naming the tensor for a missing tensor, a wrong shape, a checkpoint tensor no
-    rule converts, or a model parameter no rule fills."""
+    rule converts, or a model parameter no rule fills. A family with its own loader (families.py) gets
+    the call instead."""
     hf_config = hf_config or read_hf_config(hf_dir)
+    own_loader = family_override(hf_config, "load_hf_into_model")
+    if own_loader is not None:
+        own_loader(model, hf_dir, hf_config)
+        return
     table = rule_table(hf_config, model_role(model))
     checkpoint = HFCheckpoint(hf_dir, aliases(hf_config))
     _check_known(checkpoint, table, hf_dir)

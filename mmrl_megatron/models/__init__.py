@@ -11,6 +11,7 @@ from .errors import ModelError
 
 BUILDERS = {
     "qwen2_5_vl": "mmrl_megatron.models.qwen2_5_vl.build:build_qwen2_5_vl",
+    "kimi_vl": "mmrl_megatron.models.kimi_vl.model:build_kimi_vl",
 }
 ROLES = ("actor", "reference", "critic")
 

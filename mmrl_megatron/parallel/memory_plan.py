@@ -237,7 +237,8 @@ def _engine_warnings(dims: ModelDims, config: Config, gpu_bytes: float) -> List[
                     f"under 20% for the KV cache after {shard / GIB:.1f} GiB of weights per GPU; raise "
                     "rollout.sglang.tensor_parallel or mem_fraction_static"]
     elif dims.language.num_experts or dims.vision.kind != "qwen2_5_vit":
-        return ["the embedded engine runs Qwen2.5-VL only; use rollout.backend=sglang for this model"]
+        return ["the plan models the embedded engine's memory for Qwen2.5-VL only (it runs Kimi-VL too, with an "
+                "MLA latent KV cache and no CUDA graphs); measure it, or use rollout.backend=sglang for this model"]
     return []
 
 

@@ -52,6 +52,11 @@ def build_optimizer(model_chunks, config: OptimizerConfig, total_steps: int, bf1
     return optimizer, scheduler
 
 
+def _stepped_parameters(optimizer) -> List[torch.nn.Parameter]:
+    """Every parameter a megatron optimizer steps; MoE models get a ChainedOptimizer (dense + experts)."""
+    return [p for part in getattr(optimizer, "chained_optimizers", [optimizer]) for p in part.get_parameters()]
+
+
 def clipped_step(optimizer, scheduler, max_norm: float) -> Tuple[bool, float]:
     """Reduce grads into main params, clip by the global norm, step, advance the schedule (when given).
 
@@ -62,7 +67,7 @@ def clipped_step(optimizer, scheduler, max_norm: float) -> Tuple[bool, float]:
     if not math.isfinite(grad_norm):
         return False, grad_norm
     if max_norm > 0 and grad_norm > max_norm:
-        grads = [p.grad for p in optimizer.get_parameters() if p.grad is not None]
+        grads = [p.grad for p in _stepped_parameters(optimizer) if p.grad is not None]
         torch._foreach_mul_(grads, max_norm / (grad_norm + 1e-6))
     stepped = bool(optimizer.step_with_ready_grads())
     if stepped and scheduler is not None:

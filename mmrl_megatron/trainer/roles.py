@@ -1,5 +1,10 @@
 """A role is one megatron model (actor, reference or critic) driven through megatron-core's pipeline
-schedule, for scoring (forward only) and for updates (forward + backward + clipped optimizer step)."""
+schedule, for scoring (forward only) and for updates (forward + backward + clipped optimizer step).
+
+With expert parallelism the MoE layers exchange tokens between data-parallel ranks once per micro-batch,
+so every data-parallel rank runs as many micro-batches as the busiest one: a rank with fewer repeats its
+last micro-batch as a filler whose loss and scores are discarded (zero gradient; its tokens do count in
+the MoE routing metrics)."""
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -20,6 +25,17 @@ def _model_forward(model, micro_batch: MicroBatch):
                  prompt_mask=micro_batch.prompt_mask)
 
 
+def _micro_batches_to_run(count: int, device: torch.device) -> int:
+    """`count`, or with expert parallelism the largest count of any data-parallel rank (a collective)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_expert_model_parallel_world_size() == 1:
+        return count
+    most = torch.tensor([count], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    return int(most.item())
+
+
 class ModelRole:
     """Model chunks of this pipeline stage (DDP-wrapped when trainable) plus optimizer and schedule."""
 
@@ -30,10 +46,32 @@ class ModelRole:
         self.offload_between_uses = offload_between_uses and device.type == "cuda"
         if self.offload_between_uses:
             self._move_parameters(torch.device("cpu"))
+        self._routing_stats: Dict[str, Tuple[float, float]] = {}
+        if self.trainable:
+            self._read_routing_before_gradients_finalize()
 
     @property
     def trainable(self) -> bool:
         return self.optimizer is not None
+
+    def _read_routing_before_gradients_finalize(self) -> None:
+        """MoE routers count their tokens during the backward passes and finalize_model_grads (run by the
+        schedule) resets the counts, so the routing metrics are read just before it, once per update."""
+        from megatron.core.utils import get_model_config
+
+        from ..models.common.moe_metrics import moe_routing_metrics
+
+        config = get_model_config(self.chunks[0])
+        finalize = config.finalize_model_grads_func
+        if not config.num_moe_experts or finalize is None:
+            return
+
+        def finalize_after_reading_routing(model_chunks, *args, **kwargs):
+            metrics = moe_routing_metrics(model_chunks)
+            self._routing_stats = {key: (value, 1.0) for key, value in metrics.items()}
+            return finalize(model_chunks, *args, **kwargs)
+
+        config.finalize_model_grads_func = finalize_after_reading_routing
 
     def _move_parameters(self, device: torch.device) -> None:
         for chunk in self.chunks:
@@ -44,11 +82,14 @@ class ModelRole:
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        batches = iter([mb.to(self.device) for mb in micro_batches])
-        count = len(micro_batches)
+        placed = [mb.to(self.device) for mb in micro_batches]
+        count = _micro_batches_to_run(len(placed), self.device)
+        batches = iter([(mb, False) for mb in placed] + [(placed[-1], True)] * (count - len(placed)))
 
         def forward_step(data_iterator, model):
-            micro_batch = next(data_iterator)
+            micro_batch, filler = next(data_iterator)
+            if filler:
+                return _model_forward(model, micro_batch), lambda output: (output.sum() * 0.0, {})
             return _model_forward(model, micro_batch), lambda output: output_fn(output, micro_batch, count)
 
         if self.offload_between_uses:
@@ -62,7 +103,7 @@ class ModelRole:
         finally:
             if self.offload_between_uses:
                 self._move_parameters(torch.device("cpu"))
-        return outputs if parallel_state.is_pipeline_last_stage() else []
+        return outputs[:len(placed)] if parallel_state.is_pipeline_last_stage() else []
 
     @torch.no_grad()
     def score(self, micro_batches: List[MicroBatch], score_fn: ScoreFn, name: str) -> None:
@@ -109,6 +150,8 @@ class ModelRole:
             for key, (value, count) in item.items():
                 total, weight = stats.get(key, (0.0, 0.0))
                 stats[key] = (total + float(value), weight + float(count))
+        stats.update(self._routing_stats)
+        self._routing_stats = {}
         finite_here = stats.pop("_finite", (1.0, 1.0))
         nonfinite = torch.tensor([float(finite_here[0] < finite_here[1])], device=self.device)
         dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)

@@ -3,10 +3,13 @@ MLA/MoE language model, with the project's model forward contract."""
 from typing import Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
+from ..common.packing import append_padding_sequence
 from ..errors import ModelError
 from .hf_config import KimiVLConfig, kimi_vl_config_from_dict
 from .language_model import build_language_model, language_transformer_config
@@ -15,9 +18,13 @@ from .vision import MoonViT, MultiModalProjector
 
 class KimiVLModel(MegatronModule):
     """forward(input_ids [1, T], position_ids, packed_seq_params, pixel_values [patches, 3, p, p],
-    image_grid_thw [images, 3] or [images, 2]) -> logits [1, T, vocab/TP] on the last stage, else the
-    hidden states for the pipeline schedule. position_ids are not used: MLA applies 1-D rotary per
-    packed sequence itself, which is Kimi-VL's position scheme (no M-RoPE)."""
+    image_grid_thw [images, 3] or [images, 2], prompt_mask [1, T]) -> logits [1, T, vocab/TP] on the last
+    stage, else the hidden states for the pipeline schedule. position_ids are not used: MLA applies 1-D
+    rotary per packed sequence itself, which is Kimi-VL's position scheme (no M-RoPE). prompt_mask (True
+    on prompt tokens) limits media placeholders to prompts: a response may sample the placeholder id.
+
+    Internally the packed stream may grow by one padding sequence (see _padded_length); its outputs
+    are cut off again, so callers always see T positions."""
 
     def __init__(self, kimi: KimiVLConfig, transformer_config, pre_process: bool, post_process: bool):
         super().__init__(config=transformer_config)
@@ -26,6 +33,8 @@ class KimiVLModel(MegatronModule):
         self.media_placeholder_token_id = kimi.media_placeholder_token_id
         self.hf_config = kimi.raw  # the conversion rule table is read from it (convert/kimi_vl.py)
         self.language_model = build_language_model(kimi.text, transformer_config, pre_process, post_process)
+        # megatron's finalize_model_grads reads these to all-reduce a tied embedding's gradient over PP stages
+        self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
         if pre_process:
             place = dict(dtype=transformer_config.params_dtype,
                          device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
@@ -35,16 +44,25 @@ class KimiVLModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def image_features(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> torch.Tensor:
         """[image tokens, text hidden], in image order."""
         return self.multi_modal_projector(self.vision_tower(pixel_values, image_grid))
 
-    def _embed(self, input_ids, pixel_values, image_grid) -> torch.Tensor:
+    def _embed(self, input_ids, pixel_values, image_grid, prompt_mask) -> torch.Tensor:
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s(/TP), b, h]
+        placeholders = input_ids == self.media_placeholder_token_id
+        if prompt_mask is not None:
+            placeholders = placeholders & prompt_mask
         if pixel_values is None:
+            if placeholders.any():
+                raise ModelError(f"{int(placeholders.sum())} media placeholder tokens in the prompts but no "
+                                 "pixel_values were given")
             return embeddings
         features = self.image_features(pixel_values, image_grid).to(embeddings.dtype)
-        mask = (input_ids == self.media_placeholder_token_id).transpose(0, 1).unsqueeze(-1)  # [s, b, 1]
+        mask = placeholders.transpose(0, 1).unsqueeze(-1)  # [s, b, 1]
         if int(mask.sum()) != features.shape[0]:
             raise ModelError(f"{int(mask.sum())} media placeholder tokens (id {self.media_placeholder_token_id}) "
                              f"but {features.shape[0]} image features: expand each <|media_pad|> per image grid")
@@ -57,11 +75,32 @@ class KimiVLModel(MegatronModule):
                 parallel_state.get_tensor_model_parallel_rank()]
         return torch.where(mask, placed, embeddings)
 
-    def forward(self, input_ids, position_ids=None, packed_seq_params=None, pixel_values=None,
-                image_grid_thw=None, labels: Optional[torch.Tensor] = None):
-        decoder_input = self._embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
-        return self.language_model(input_ids=input_ids, position_ids=None, attention_mask=None,
-                                   decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params)
+    def _padded_length(self, length: int) -> int:
+        """The packed length the MoE layers can take. megatron's all-gather token dispatcher (the CPU
+        path) gathers equal-sized chunks over the tensor-and-expert-parallel group, whose expert-parallel
+        ranks may hold other data-parallel ranks' micro-batches: all take the group's longest. Sequence
+        parallelism splits the stream over TP: a multiple of TP. Every pipeline stage computes the same."""
+        if self.config.moe_token_dispatcher_type == "allgather":
+            group = parallel_state.get_expert_tensor_and_model_parallel_group()
+            if dist.get_world_size(group) > 1:
+                device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+                longest = torch.tensor([length], device=device)
+                dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+                length = int(longest.item())
+        if self.config.sequence_parallel:
+            tensor = self.config.tensor_model_parallel_size
+            length = -(-length // tensor) * tensor
+        return length
+
+    def forward(self, input_ids, position_ids=None, packed_seq_params: Optional[PackedSeqParams] = None,
+                pixel_values=None, image_grid_thw=None, prompt_mask: Optional[torch.Tensor] = None):
+        length = input_ids.shape[1]
+        input_ids, packed_seq_params, prompt_mask = append_padding_sequence(
+            input_ids, packed_seq_params, prompt_mask, self._padded_length(length))
+        decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, prompt_mask) if self.pre_process else None
+        output = self.language_model(input_ids=input_ids, position_ids=None, attention_mask=None,
+                                     decoder_input=decoder_input, packed_seq_params=packed_seq_params)
+        return output[:, :length] if self.post_process else output
 
 
 def build_kimi_vl_model(kimi: KimiVLConfig, layout, params_dtype: torch.dtype = torch.float32,

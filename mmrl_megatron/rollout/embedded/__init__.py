@@ -1,4 +1,5 @@
-"""The default rollout backend: transformers' Qwen2.5-VL with a static KV cache, continuous batching and CUDA graphs."""
+"""The default rollout backend: Qwen2.5-VL and Kimi-VL on transformers' modules with a static KV cache,
+continuous batching and (where the model allows) CUDA graphs."""
 from .engine import EmbeddedEngine
 
 __all__ = ["EmbeddedEngine"]

@@ -1,4 +1,5 @@
-"""The embedded rollout engine: transformers' Qwen2.5-VL driven by our own batched decode loop."""
+"""The embedded rollout engine: a model family's transformers (and project) modules driven by our own
+batched decode loop (family.py says which family serves a checkpoint)."""
 import random
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -8,14 +9,12 @@ from ...config.schema import EmbeddedEngineConfig
 from ..engine import NamedTensors, RolloutEngine
 from ..errors import RolloutError
 from ..types import RolloutRequest, RolloutResult, SamplingParams
-from .forward import QwenVLDecoder
+from .family import eos_ids, load_embedded_model
 from .generation import GenerationRun
 from .graphs import DecodeGraphs
 from .kv_cache import StaticKVCache
-from .prompts import prepare_prompt
 from .stopping import StopRules
-from .vision import use_length_grouped_vision_attention
-from .weights import build_empty_model, copy_into_parameter, iter_checkpoint_buckets, module_name, parameters_by_module_name
+from .weights import copy_into_weight, iter_checkpoint_buckets
 
 CACHE_LEN_GRANULARITY = 128  # the cache grows in steps of this many tokens, so similar calls reuse it
 
@@ -34,10 +33,9 @@ class EmbeddedEngine(RolloutEngine):
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.settings = settings or EmbeddedEngineConfig()
-        self.model = build_empty_model(hf_dir, self.device, dtype)
-        use_length_grouped_vision_attention(self.model)
-        self.decoder = QwenVLDecoder(self.model)
-        self._parameters = parameters_by_module_name(self.model)
+        self.family = load_embedded_model(hf_dir, self.device, dtype)
+        self.model = self.family.module
+        self.decoder = self.family.decoder
         self._weights_loaded = False
         self._weights_offloaded = False
         self._cache: Optional[StaticKVCache] = None
@@ -52,16 +50,16 @@ class EmbeddedEngine(RolloutEngine):
         with torch.no_grad():
             for bucket in buckets:
                 for name, tensor in bucket:
-                    copy_into_parameter(self._parameters, name, tensor)
+                    copy_into_weight(self.family.weight, name, tensor)
         self._weights_loaded = True
 
     def get_weights(self, names: Sequence[str]) -> Dict[str, torch.Tensor]:
         weights = {}
         for name in names:
-            parameter = self._parameters.get(module_name(name))
-            if parameter is None:
+            tensor = self.family.weight(name)
+            if tensor is None:
                 raise RolloutError(f"engine has no tensor named {name!r} (expected a Hugging Face checkpoint name)")
-            weights[name] = parameter.detach().to("cpu", copy=True)
+            weights[name] = tensor.detach().to("cpu", copy=True)
         return weights
 
     def load_checkpoint(self, bucket_bytes: int = 1 << 30) -> None:
@@ -107,7 +105,7 @@ class EmbeddedEngine(RolloutEngine):
         self._check_generate(sampling)
         if not requests:
             return []
-        prompts = [prepare_prompt(self.model, request, index) for index, request in enumerate(requests)]
+        prompts = [self.family.prepare_prompt(request, index) for index, request in enumerate(requests)]
         longest = max(prompt.length for prompt in prompts) + sampling.max_new_tokens
         cache = self._cache_for(len(requests) * sampling.n, longest)
         decode = self._decode_step(cache)
@@ -115,7 +113,7 @@ class EmbeddedEngine(RolloutEngine):
         stop_rules = StopRules(stop_ids, sampling.stop, self.device, self._decode_text if sampling.stop else None)
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(1 << 32)
         run = GenerationRun(self.decoder, cache, decode, sampling, stop_rules, seed,
-                            self.settings.prefill_tokens, self.model.model.visual.dtype)
+                            self.settings.prefill_tokens, self.family.pixel_dtype)
         return run.run(prompts)
 
     def _check_generate(self, sampling: SamplingParams) -> None:
@@ -151,7 +149,7 @@ class EmbeddedEngine(RolloutEngine):
         def eager(batch: int, kv_len: int) -> torch.Tensor:
             return self.decoder.decode(cache, batch, kv_len)
 
-        if self.device.type != "cuda" or not self.settings.cuda_graphs:
+        if self.device.type != "cuda" or not self.settings.cuda_graphs or not self.family.cuda_graphs:
             return eager
         if self._graphs is None:
             self._graphs = DecodeGraphs(eager, cache.geometry.slots, cache.geometry.max_len)
@@ -161,14 +159,11 @@ class EmbeddedEngine(RolloutEngine):
         """eos ids from config.json's text config and generation_config.json, as HF generate uses them."""
         from transformers import GenerationConfig
 
-        ids = []
-        sources = [self.model.config.text_config.eos_token_id]
+        ids = list(self.family.end_of_sequence_ids)
         try:
-            sources.append(GenerationConfig.from_pretrained(self.hf_dir).eos_token_id)
+            ids.extend(eos_ids(GenerationConfig.from_pretrained(self.hf_dir).eos_token_id))
         except OSError:
             pass  # no generation_config.json: config.json's ids are all there is
-        for source in sources:
-            ids.extend([source] if isinstance(source, int) else list(source or []))
         return sorted(set(ids))
 
     def _decode_text(self, token_ids: List[int]) -> str:

@@ -1,9 +1,12 @@
-"""Prefill and decode over transformers' own Qwen2.5-VL modules with a static KV cache.
+"""Prefill and decode over a static KV cache, around transformers' own modules.
 
-The weights, norms, projections, rotary embedding and vision tower are transformers' modules; only
-the attention around the cache is ours, because HF's cache classes and mask builders allocate and
-branch per step, which prevents CUDA-graph capture. Numerics follow HF's layer exactly (same modules
-in the same order), so log-probs match a plain HF forward pass.
+`CachedDecoder` holds what every family shares: the masks, the cache writes and the attention over
+cached keys/values. A family's decoder supplies the layer loop (`_run_layers`) and says what its
+attention keeps in the cache; `QwenVLDecoder` runs transformers' Qwen2.5-VL modules (kimi_vl.py holds
+Kimi-VL's). The weights, norms, projections, rotary embeddings and vision towers are transformers' (or
+the project's) modules; only the attention around the cache is ours, because HF's cache classes and mask
+builders allocate and branch per step, which prevents CUDA-graph capture. Numerics follow HF's layers
+(same modules in the same order), so log-probs match a plain HF forward pass.
 """
 from typing import Optional
 
@@ -13,8 +16,94 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from .kv_cache import CacheGeometry, StaticKVCache
 
 
-class QwenVLDecoder:
+class CachedDecoder:
+    """prefill/decode over a StaticKVCache. Subclasses set `layers` (HF decoder layers whose
+    `self_attn.scaling` is the softmax scale), `embed_tokens`, `final_norm`, `lm_head`, the attention
+    geometry (`num_heads`, `num_kv_heads`, `key_dim`, `value_dim`), `position_rows` (3 for M-RoPE, 1 for
+    1-D positions), and implement `embed_prompts` and `_run_layers`."""
+
+    layers: torch.nn.ModuleList
+    num_heads: int
+    num_kv_heads: int
+    key_dim: int
+    value_dim: int
+    position_rows: int
+
+    @property
+    def query_groups(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    def cache_geometry(self, slots: int, max_len: int) -> CacheGeometry:
+        return CacheGeometry(len(self.layers), self.num_kv_heads, self.key_dim, slots, max_len, self.value_dim)
+
+    def embed_prompts(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                      image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings [B, T, H] with the vision tower's features written over the image placeholders."""
+        raise NotImplementedError
+
+    def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers over hidden [B, L, H] at positions [position_rows, B, L]; the attention core is
+        attend(layer_index, query [B, heads, L, key_dim], key [B, kv_heads, L, key_dim],
+        value [B, kv_heads, L, value_dim]) -> [B, heads, L, value_dim]."""
+        raise NotImplementedError
+
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                cache: StaticKVCache, slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Run right-padded prompts embeds [B, T, H] (positions [position_rows, B, T], true lengths [B]).
+
+        Writes each row's keys/values into cache slot `slots[i]` from prompt row `rows[i]` (one prompt can
+        fill several slots: its n samples share the prefill). Returns logits [B, vocab] at each last token.
+        """
+        batch, length, _ = embeds.shape
+        key_index = torch.arange(length, device=embeds.device)
+        causal = key_index[None, :] <= key_index[:, None]
+        visible = (causal[None] & (key_index[None, None, :] < lengths[:, None, None])).unsqueeze(1)
+        attention_bias = additive_mask(visible, embeds.dtype)
+
+        def attend(layer_index: int, query, key, value):
+            cache.keys[layer_index][slots, :, :length] = key[rows]
+            cache.values[layer_index][slots, :, :length] = value[rows]
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, repeat_kv(key, self.query_groups), repeat_kv(value, self.query_groups),
+                attn_mask=attention_bias, scale=self.layers[layer_index].self_attn.scaling)
+
+        hidden = self._run_layers(embeds, positions, attend)
+        last = hidden[torch.arange(batch, device=hidden.device), lengths - 1]
+        return self.lm_head(self.final_norm(last))
+
+    def decode(self, cache: StaticKVCache, batch: int, kv_len: int) -> torch.Tensor:
+        """One token for cache slots [0, batch): feeds cache.last_token, appends its keys/values at
+        cache.cache_lens, attends over the first kv_len cached positions; returns logits [batch, vocab].
+        Reads and writes only fixed storage, so it can be captured as a CUDA graph."""
+        tokens = cache.last_token[:batch]
+        cache_lens = cache.cache_lens[:batch]
+        positions = (cache_lens + cache.rope_deltas[:batch]).view(1, batch, 1).expand(self.position_rows, batch, 1)
+        slot_index = torch.arange(batch, device=tokens.device)
+        visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= cache_lens[:, None])[:, None, None, :]
+        attention_bias = additive_mask(visible, cache.keys[0].dtype)
+
+        def attend(layer_index: int, query, key, value):
+            keys = cache.keys[layer_index]
+            values = cache.values[layer_index]
+            keys[slot_index, :, cache_lens] = key[:, :, 0]
+            values[slot_index, :, cache_lens] = value[:, :, 0]
+            # Grouped-query attention without repeating the cache: the query heads sharing a KV head act as
+            # that head's query rows ([B, kv_heads, groups, D]); one fused kernel, fp32 softmax inside.
+            grouped_query = query.reshape(batch, self.num_kv_heads, self.query_groups, self.key_dim)
+            output = torch.nn.functional.scaled_dot_product_attention(
+                grouped_query, keys[:batch, :, :kv_len], values[:batch, :, :kv_len], attn_mask=attention_bias,
+                scale=self.layers[layer_index].self_attn.scaling)
+            return output.view(batch, self.num_heads, 1, self.value_dim)
+
+        hidden = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions, attend)
+        return self.lm_head(self.final_norm(hidden[:, 0]))
+
+
+class QwenVLDecoder(CachedDecoder):
     """Runs a Qwen2_5_VLForConditionalGeneration's language model over a StaticKVCache."""
+
+    position_rows = 3  # M-RoPE
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -23,15 +112,12 @@ class QwenVLDecoder:
         self.final_norm = language_model.norm
         self.rotary = language_model.rotary_emb
         self.embed_tokens = language_model.embed_tokens
+        self.lm_head = model.lm_head
         text = model.config.text_config
         self.num_heads = text.num_attention_heads
         self.num_kv_heads = text.num_key_value_heads
-        self.head_dim = text.hidden_size // text.num_attention_heads
-        self.query_groups = self.num_heads // self.num_kv_heads  # query heads per KV head (GQA)
+        self.key_dim = self.value_dim = text.hidden_size // text.num_attention_heads
         self.image_token_id = model.config.image_token_id
-
-    def cache_geometry(self, slots: int, max_len: int) -> CacheGeometry:
-        return CacheGeometry(len(self.layers), self.num_kv_heads, self.head_dim, slots, max_len)
 
     def embed_prompts(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
                       image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
@@ -46,57 +132,6 @@ class QwenVLDecoder:
         image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(image_mask, features)
 
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                cache: StaticKVCache, slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Run right-padded prompts embeds [B, T, H] (M-RoPE positions [3, B, T], true lengths [B]).
-
-        Writes each row's keys/values into cache slot `slots[i]` from prompt row `rows[i]` (one prompt can
-        fill several slots: its n samples share the prefill). Returns logits [B, vocab] at each last token.
-        """
-        batch, length, _ = embeds.shape
-        key_index = torch.arange(length, device=embeds.device)
-        causal = key_index[None, :] <= key_index[:, None]
-        visible = (causal[None] & (key_index[None, None, :] < lengths[:, None, None])).unsqueeze(1)
-        attention_bias = _additive_mask(visible, embeds.dtype)
-
-        def attend(layer_index: int, query, key, value):
-            cache.keys[layer_index][slots, :, :length] = key[rows]
-            cache.values[layer_index][slots, :, :length] = value[rows]
-            return torch.nn.functional.scaled_dot_product_attention(
-                query, repeat_kv(key, self.query_groups), repeat_kv(value, self.query_groups),
-                attn_mask=attention_bias, scale=self.layers[layer_index].self_attn.scaling)
-
-        hidden = self._run_layers(embeds, positions, attend)
-        last = hidden[torch.arange(batch, device=hidden.device), lengths - 1]
-        return self.model.lm_head(self.final_norm(last))
-
-    def decode(self, cache: StaticKVCache, batch: int, kv_len: int) -> torch.Tensor:
-        """One token for cache slots [0, batch): feeds cache.last_token, appends its keys/values at
-        cache.cache_lens, attends over the first kv_len cached positions; returns logits [batch, vocab].
-        Reads and writes only fixed storage, so it can be captured as a CUDA graph."""
-        tokens = cache.last_token[:batch]
-        cache_lens = cache.cache_lens[:batch]
-        positions = (cache_lens + cache.rope_deltas[:batch]).view(1, batch, 1).expand(3, batch, 1)
-        slot_index = torch.arange(batch, device=tokens.device)
-        visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= cache_lens[:, None])[:, None, None, :]
-        attention_bias = _additive_mask(visible, cache.keys[0].dtype)
-
-        def attend(layer_index: int, query, key, value):
-            keys = cache.keys[layer_index]
-            values = cache.values[layer_index]
-            keys[slot_index, :, cache_lens] = key[:, :, 0]
-            values[slot_index, :, cache_lens] = value[:, :, 0]
-            # Grouped-query attention without repeating the cache: the query heads sharing a KV head act as
-            # that head's query rows ([B, kv_heads, groups, D]); one fused kernel, fp32 softmax inside.
-            grouped_query = query.view(batch, self.num_kv_heads, self.query_groups, self.head_dim)
-            output = torch.nn.functional.scaled_dot_product_attention(
-                grouped_query, keys[:batch, :, :kv_len], values[:batch, :, :kv_len], attn_mask=attention_bias,
-                scale=self.layers[layer_index].self_attn.scaling)
-            return output.view(batch, self.num_heads, 1, self.head_dim)
-
-        hidden = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions, attend)
-        return self.model.lm_head(self.final_norm(hidden[:, 0]))
-
     def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         """HF's Qwen2_5_VLDecoderLayer.forward, with the attention core replaced by `attend`."""
         batch, length, _ = hidden.shape
@@ -105,9 +140,9 @@ class QwenVLDecoder:
             attention = layer.self_attn
             residual = hidden
             normed = layer.input_layernorm(hidden)
-            query = attention.q_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            key = attention.k_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            value = attention.v_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            query = attention.q_proj(normed).view(batch, length, -1, self.key_dim).transpose(1, 2)
+            key = attention.k_proj(normed).view(batch, length, -1, self.key_dim).transpose(1, 2)
+            value = attention.v_proj(normed).view(batch, length, -1, self.key_dim).transpose(1, 2)
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
             attended = attend(layer_index, query, key, value)
             attended = attended.transpose(1, 2).reshape(batch, length, -1)
@@ -116,7 +151,7 @@ class QwenVLDecoder:
         return hidden
 
 
-def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where attention is allowed, -inf elsewhere: built once per step, since SDPA would otherwise
     convert a boolean mask again in every layer."""
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))

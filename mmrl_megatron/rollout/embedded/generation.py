@@ -13,7 +13,7 @@ import torch
 
 from ..sampling import counter_uniforms, sample_tokens, sequence_seeds, token_logprobs
 from ..types import RolloutResult, SamplingParams
-from .forward import QwenVLDecoder
+from .forward import CachedDecoder
 from .kv_cache import StaticKVCache
 from .prompts import PreparedPrompt, collate_prefill
 from .stopping import LENGTH, STOP, StopRules
@@ -30,7 +30,7 @@ class _Running:
 class GenerationRun:
     """Generates n samples for every prompt; `decode(batch, kv_len)` is the (graph-replayed or eager) decode step."""
 
-    def __init__(self, decoder: QwenVLDecoder, cache: StaticKVCache, decode: Callable[[int, int], torch.Tensor],
+    def __init__(self, decoder: CachedDecoder, cache: StaticKVCache, decode: Callable[[int, int], torch.Tensor],
                  sampling: SamplingParams, stop_rules: StopRules, seed: int, prefill_tokens: int,
                  pixel_dtype: torch.dtype) -> None:
         self.decoder = decoder

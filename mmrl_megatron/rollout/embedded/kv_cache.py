@@ -4,6 +4,7 @@ Static shapes and fixed storage are what let the decode step be captured once as
 replayed: the graph reads the slot state and writes the cache in place, never reallocating.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -12,13 +13,19 @@ import torch
 class CacheGeometry:
     num_layers: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  # key width
     slots: int  # sequences decoded together
     max_len: int  # tokens per slot (prompt + response)
+    value_dim: Optional[int] = None  # value width when it differs from the key's (MLA's latent form)
+
+    @property
+    def value_width(self) -> int:
+        return self.head_dim if self.value_dim is None else self.value_dim
 
 
 class StaticKVCache:
-    """keys[layer] / values[layer]: [slots, kv_heads, max_len, head_dim], plus per-slot decode state.
+    """keys[layer]: [slots, kv_heads, max_len, head_dim], values[layer]: [slots, kv_heads, max_len,
+    value_width], plus per-slot decode state.
 
     Slot state (all [slots], updated in place): `last_token` is the token the next decode step feeds,
     `cache_lens` the number of cached tokens (also the next token's index), `rope_deltas` the M-RoPE
@@ -26,10 +33,12 @@ class StaticKVCache:
     """
 
     def __init__(self, geometry: CacheGeometry, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (geometry.slots, geometry.num_kv_heads, geometry.max_len, geometry.head_dim)
+        shape = (geometry.slots, geometry.num_kv_heads, geometry.max_len)
         self.geometry = geometry
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
+        self.keys = [torch.zeros(*shape, geometry.head_dim, dtype=dtype, device=device)
+                     for _ in range(geometry.num_layers)]
+        self.values = [torch.zeros(*shape, geometry.value_width, dtype=dtype, device=device)
+                       for _ in range(geometry.num_layers)]
         self.last_token = torch.zeros(geometry.slots, dtype=torch.long, device=device)
         self.cache_lens = torch.zeros(geometry.slots, dtype=torch.long, device=device)
         self.rope_deltas = torch.zeros(geometry.slots, dtype=torch.long, device=device)
@@ -37,6 +46,6 @@ class StaticKVCache:
     def fits(self, geometry: CacheGeometry) -> bool:
         """Whether this cache can serve `geometry` (same model, at least as many slots and tokens)."""
         own = self.geometry
-        return ((own.num_layers, own.num_kv_heads, own.head_dim) ==
-                (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+        return ((own.num_layers, own.num_kv_heads, own.head_dim, own.value_width) ==
+                (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.value_width)
                 and own.slots >= geometry.slots and own.max_len >= geometry.max_len)

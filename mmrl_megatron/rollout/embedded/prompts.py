@@ -1,10 +1,13 @@
-"""Requests -> validated prompts with M-RoPE positions, and batches of them for one prefill."""
+"""Prepared prompts (ids, rotary positions, images) and batches of them for one prefill.
+
+Families prepare their own prompts (qwen2_5_vl.py: M-RoPE positions; kimi_vl.py: 1-D positions) with
+the checks here, so that every family reports a malformed request the same way.
+"""
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 
-from ...data.rope import rope_positions
 from ..errors import RolloutError
 from ..types import RolloutRequest
 
@@ -13,7 +16,7 @@ from ..types import RolloutRequest
 class PreparedPrompt:
     request_index: int
     input_ids: torch.Tensor  # [L] long, CPU
-    positions: torch.Tensor  # [3, L] M-RoPE positions (HF get_rope_index), CPU
+    positions: torch.Tensor  # [position rows, L] rotary positions (3 rows for M-RoPE), CPU
     rope_delta: int  # next position = next index + rope_delta
     pixel_values: Optional[torch.Tensor]
     image_grid_thw: Optional[torch.Tensor]
@@ -23,36 +26,27 @@ class PreparedPrompt:
         return int(self.input_ids.numel())
 
 
-def prepare_prompt(model: torch.nn.Module, request: RolloutRequest, request_index: int) -> PreparedPrompt:
-    """Check that the image pads match the images and compute M-RoPE positions.
-
-    Positions come from data.rope_positions, the function the trainer scores with (equal to HF's
-    get_rope_index, whose signature differs between transformers 5 releases).
-    """
-    config = model.config
+def prompt_ids(request: RolloutRequest, request_index: int) -> torch.Tensor:
+    """The request's prompt ids as a 1-D long tensor; raises RolloutError for an empty prompt."""
     input_ids = torch.as_tensor(request.prompt_ids, dtype=torch.long).flatten()
     if input_ids.numel() == 0:
         raise RolloutError(f"request {request_index} has an empty prompt_ids")
-    image_tokens = input_ids == config.image_token_id
-    grid = request.image_grid_thw
-    expected = 0 if grid is None else int((grid.prod(-1) // config.vision_config.spatial_merge_size ** 2).sum())
-    if int(image_tokens.sum()) != expected or (expected > 0) != (request.pixel_values is not None):
-        raise RolloutError(f"request {request_index} has {int(image_tokens.sum())} <|image_pad|> tokens but its "
-                           f"image_grid_thw implies {expected} (pixel_values given: {request.pixel_values is not None}):"
-                           " expand each image pad to grid_t*grid_h*grid_w/merge_size**2 copies")
-    try:
-        positions = rope_positions(input_ids, grid, config.vision_config.spatial_merge_size, config.image_token_id,
-                                   config.vision_start_token_id)
-    except ValueError as error:
-        raise RolloutError(f"request {request_index}: {error}") from error
-    rope_delta = int(positions.max()) + 1 - input_ids.numel()
-    return PreparedPrompt(request_index, input_ids, positions, rope_delta, request.pixel_values, grid)
+    return input_ids
+
+
+def check_image_placeholders(request: RolloutRequest, request_index: int, found: int, expected: int,
+                             placeholder: str, expansion: str) -> None:
+    """Raise RolloutError unless the prompt holds exactly the `expected` placeholder tokens its images need
+    (and images come with pixel_values exactly when it holds any); `expansion` says how to expand them."""
+    if found != expected or (expected > 0) != (request.pixel_values is not None):
+        raise RolloutError(f"request {request_index} has {found} {placeholder} tokens but its image_grid_thw implies "
+                           f"{expected} (pixel_values given: {request.pixel_values is not None}): {expansion}")
 
 
 @dataclass
 class PrefillBatch:
     input_ids: torch.Tensor  # [B, T] right-padded
-    positions: torch.Tensor  # [3, B, T]
+    positions: torch.Tensor  # [position rows, B, T]
     lengths: torch.Tensor  # [B]
     pixel_values: Optional[torch.Tensor]
     image_grid_thw: Optional[torch.Tensor]
@@ -62,7 +56,7 @@ def collate_prefill(prompts: Sequence[PreparedPrompt], device: torch.device, pix
     """Right-pad prompts into one batch; images are concatenated in prompt order, as the pads appear."""
     length = max(prompt.length for prompt in prompts)
     input_ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    positions = torch.zeros(3, len(prompts), length, dtype=torch.long)
+    positions = torch.zeros(prompts[0].positions.shape[0], len(prompts), length, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         input_ids[row, :prompt.length] = prompt.input_ids
         positions[:, row, :prompt.length] = prompt.positions

@@ -18,7 +18,7 @@ def _train_step(rate):
 
     from mmrl_megatron.config.schema import ModelConfig
     from mmrl_megatron.models.kimi_vl.model import build_kimi_vl
-    from mmrl_megatron.models.kimi_vl.moe_metrics import moe_routing_metrics
+    from mmrl_megatron.models.common.moe_metrics import moe_routing_metrics
     from mmrl_megatron.models.kimi_vl.tiny import tiny_config_dict
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
 
