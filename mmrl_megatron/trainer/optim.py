@@ -30,6 +30,19 @@ def distributed_optimizer_allowed(config: OptimizerConfig, device: torch.device)
     return config.use_distributed_optimizer and device.type == "cuda"
 
 
+def _use_fused_adam(optimizer) -> None:
+    """Without TE or apex megatron-core steps with torch's AdamW, which defaults to its multi-tensor
+    (foreach) kernels: several passes over every state tensor. On CUDA the fused kernel does the update
+    in one pass; it reads the flag from each parameter group at step time."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            if all(p.is_cuda and p.dtype == torch.float32 for p in group["params"]):
+                group.update(fused=True, foreach=False)
+
+
 def build_optimizer(model_chunks, config: OptimizerConfig, total_steps: int, bf16: bool, device: torch.device):
     """(megatron optimizer, OptimizerParamScheduler) for DDP-wrapped chunks; the schedule counts optimizer steps."""
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -42,6 +55,7 @@ def build_optimizer(model_chunks, config: OptimizerConfig, total_steps: int, bf1
         use_distributed_optimizer=distributed_optimizer_allowed(config, device),
     )
     optimizer = get_megatron_optimizer(megatron_config, model_chunks)
+    _use_fused_adam(optimizer)
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup else config.lr, max_lr=config.lr, min_lr=config.min_lr,
