@@ -6,7 +6,7 @@
 Workload per step (the per-GPU share of EasyR1's Geometry3K baseline, 512 prompts x n=5 on 8 GPUs):
 64 prompts x n=5, each one 448x448 image (256 image tokens) plus about 150 text tokens, 512 sampled
 response tokens (a random model almost never samples eos), the embedded engine colocated, a frozen
-reference for the KL loss, 4 optimizer steps per rollout. Every phase runs: generate, reward, old and
+reference for the KL loss, 4 optimizer steps per rollout, full activation recompute. Every phase runs: generate, reward, old and
 reference log-probs, update, weight sync. Prints per-step JSON (time per phase, tokens/s/GPU) and a
 markdown row for benchmarks/RESULTS.md against the best published figure for this task (EasyR1 on
 8xH100: 1,800 tokens/s/GPU for 3B), which cannot be run here; the steady-state figure leaves out step 1
@@ -52,8 +52,9 @@ def write_prompts(path: str, count: int, image_size: int, seed: int = 0) -> None
 def step_overrides(args, work_dir: str, hf_dir: str, data_path: str) -> List[str]:
     pixels = args.image_size * args.image_size
     return [
-        f"model.hf_path={hf_dir}", f"model.dtype={args.dtype}", f"trainer.run_dir={work_dir}/run",
-        f"trainer.steps={args.steps}", "trainer.resume=never", f"data.train_files=[{data_path}]",
+        f"model.hf_path={hf_dir}", f"model.dtype={args.dtype}", f"model.recompute={args.recompute}",
+        f"trainer.run_dir={work_dir}/run",
+        f"trainer.steps={args.steps}", "trainer.resume=never", "trainer.save_every=-1", f"data.train_files=[{data_path}]",
         f"data.prompts_per_step={args.prompts}", f"data.min_pixels={pixels}", f"data.max_pixels={pixels}",
         "data.max_prompt_length=2048", f"rollout.n={args.n}", f"rollout.max_new_tokens={args.response_tokens}",
         f"rollout.max_batch_size={args.prompts * args.n}", "algorithm.kl_coef=0.001",
@@ -101,6 +102,8 @@ def parse_args(argv: Optional[List[str]]):
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per rollout")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--recompute", choices=["none", "selective", "full"], default="full",
+                        help="activation recompute (EasyR1's baseline checkpoints activations too)")
     parser.add_argument("--work-dir", default=None, help="checkpoint, data and run directory (default: temporary)")
     args = parser.parse_args(argv)
     if args.quick:

@@ -169,7 +169,7 @@ class TrainerConfig:
     warmup_sft_template: str = "\\boxed{{{answer}}}"  # target text; {answer} is the row's ground truth
     prepare_demo_assets: bool = False  # build model.hf_path (tiny.py) and data files (make_synthetic) if missing
     run_dir: str = "runs/default"
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 0  # steps between checkpoints; 0: only at the end; -1: never (benchmarks)
     resume: str = "auto"  # auto | never | a checkpoint directory
     export_hf: bool = False
     seed: int = 1234

@@ -17,6 +17,10 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+# megatron-core 0.16's DistributedOptimizer defaults to fully_sharded_model_space, whose flattened
+# ShardedTensors its own dist_checkpointing then rejects ("flattened_range is not supported", seen on an
+# H200); fully_reshardable stores each parameter's state whole, so a checkpoint resumes at any TP/PP/DP.
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(RuntimeError):
@@ -75,7 +79,8 @@ class Checkpointer:
             for index, chunk in enumerate(role.chunks):
                 state[f"{name}.model{index}"] = chunk.sharded_state_dict(prefix=f"{name}.")
                 merged.update(state[f"{name}.model{index}"])
-            state[f"{name}.optimizer"] = role.optimizer.sharded_state_dict(merged, is_loading=is_loading)
+            state[f"{name}.optimizer"] = role.optimizer.sharded_state_dict(merged, is_loading=is_loading,
+                                                                           metadata=OPTIMIZER_FORMAT)
         return state
 
     def save(self, step: int, common: Dict, data_state: Optional[Dict]) -> str:

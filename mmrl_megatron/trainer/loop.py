@@ -264,7 +264,8 @@ class Trainer:
                 metrics.update(self.parts.evaluate())
             self.parts.tracker.log(step, metrics)  # step 8
             stop = self.stop_requested()
-            if (trainer.save_every and step % trainer.save_every == 0) or step == trainer.steps or stop:
+            periodic = trainer.save_every > 0 and step % trainer.save_every == 0
+            if stop or (trainer.save_every >= 0 and (periodic or step == trainer.steps)):
                 self.save_checkpoint(step)
             if stop:
                 logger.warning("step %d: %s found; checkpoint saved, stopping", step, STOP_FILE)

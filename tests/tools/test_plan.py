@@ -1,6 +1,7 @@
 """The memory planner: parameter counts equal real HF models, the byte arithmetic matches hand-computed
 cases, the suggested changes really fit, and every shipped YAML loads (the scale-out ones fit on the GPU
 count their header documents)."""
+import gc
 import glob
 import importlib.util
 import json
@@ -262,7 +263,7 @@ def test_weights_and_gradient_buffers_equal_what_megatron_allocates(tmp_path):
 
 
 def _measured_training_peak(hf_config: dict, recompute: str, tokens: int, steps: int = 2) -> int:
-    """Peak bytes allocated on this GPU over `steps` actor updates (the last `steps - 1` measured, so the
+    """Peak bytes this run allocates on the GPU over `steps` actor updates (the last `steps - 1` measured, so the
     optimizer states exist): bf16 model, megatron DDP with fp32 grads, distributed Adam, one packed
     micro-batch of `tokens` tokens, chunked vocab-parallel log-probs as the loss."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -274,6 +275,9 @@ def _measured_training_peak(hf_config: dict, recompute: str, tokens: int, steps:
     from mmrl_megatron.models.common.logprobs import vocab_parallel_logprobs
     from mmrl_megatron.models.common.packing import pack_sequences
 
+    gc.collect()  # what earlier tests in this process left behind is not this run's memory
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated()
     model = build_model(ModelConfig(dtype="bfloat16", recompute=recompute), hf_config, "actor").cuda()
     ddp = DistributedDataParallel(get_model_config(model), DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
@@ -296,7 +300,7 @@ def _measured_training_peak(hf_config: dict, recompute: str, tokens: int, steps:
         loss.backward()
         optimizer.step()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    return torch.cuda.max_memory_allocated() - baseline
 
 
 @pytest.mark.gpu

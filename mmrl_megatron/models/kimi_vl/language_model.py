@@ -29,7 +29,9 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # where megatron's own modules put their weights: the CPU only with use_cpu_initialization
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x):
@@ -159,20 +161,24 @@ def decoder_block_spec(config, pp_rank: Optional[int] = None):
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
-def _mla_without_transformer_engine() -> None:
+def _mla_and_moe_without_transformer_engine() -> None:
     """Without Transformer Engine, megatron-core 0.16.1 stands a mock in for TELinear yet still sets MLA's
-    HAVE_TE, and MLASelfAttention's isinstance(linear_proj, TELinear) then raises; clear the flag."""
+    HAVE_TE, and MLASelfAttention's isinstance(linear_proj, TELinear) then raises: clear the flag. Its MoE
+    router also names moe_utils.te_general_gemm, which only a TE import defines: define it as absent."""
     from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
 
     if not transformer_engine_available():
         multi_latent_attention.HAVE_TE = False
+        if not hasattr(moe_utils, "te_general_gemm"):
+            moe_utils.te_general_gemm = None
 
 
 def build_language_model(text, config, pre_process: bool, post_process: bool):
     """megatron GPTModel for this pipeline stage; forward as GPTModel's (position ids unused: MLA ropes itself)."""
     from megatron.core.models.gpt import GPTModel
 
-    _mla_without_transformer_engine()
+    _mla_and_moe_without_transformer_engine()
     if text.vocab_size % config.tensor_model_parallel_size:
         raise ModelError(f"text_config.vocab_size {text.vocab_size} is not divisible by parallel.tensor "
                           f"{config.tensor_model_parallel_size}")

@@ -94,7 +94,8 @@ class CachedDecoder:
             output = torch.nn.functional.scaled_dot_product_attention(
                 grouped_query, keys[:batch, :, :kv_len], values[:batch, :, :kv_len], attn_mask=attention_bias,
                 scale=self.layers[layer_index].self_attn.scaling)
-            return output.view(batch, self.num_heads, 1, self.value_dim)
+            # some SDPA backends (fp32 on CUDA) return a strided output: reshape, not view
+            return output.reshape(batch, self.num_heads, 1, self.value_dim)
 
         hidden = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions, attend)
         return self.lm_head(self.final_norm(hidden[:, 0]))
