@@ -19,7 +19,8 @@ from ..rollout import SamplingParams
 from . import losses
 from .batch import MicroBatch, Sample, build_micro_batches, response_mask
 from .experience import ExperienceSources, collect_experience
-from .metrics import add_stats, finish_reward_std, reduce_across_ranks, rollout_stats, throughput_metrics
+from .metrics import (add_stats, finish_reward_std, reduce_across_ranks, rollout_stats, summed_counters,
+                      throughput_metrics)
 from .roles import ModelRole
 
 logger = logging.getLogger(__name__)
@@ -240,8 +241,9 @@ class Trainer:
                                           self.parts.device))
         metrics.update(times)
         metrics.update(sync_metrics)
-        metrics.update(self.parts.dataset.metrics())
-        metrics.update(self.parts.sources.reward.metrics())
+        # every model-parallel rank of a data-parallel rank reads the same rows; each rank scores its own share
+        metrics.update(summed_counters(self.parts.dataset.metrics(), parallel_state.get_data_parallel_group()))
+        metrics.update(summed_counters(self.parts.sources.reward.metrics()))
         metrics["train/nonfinite_skips"] = float(self.parts.state["nonfinite_skips"])
         return metrics
 

@@ -35,6 +35,18 @@ def reduce_across_ranks(stats: Stats, maxima: Dict[str, float]) -> Dict[str, flo
     return {**means, **peak}
 
 
+def summed_counters(counters: Dict[str, float], group=None, largest: Tuple[str, ...] = ("data/epoch",)) -> Dict[str, float]:
+    """Counters added up over the ranks of `group` (all ranks when None), the keys in `largest` maximised:
+    each rank counts only the rows it read and the responses it scored."""
+    gathered: List = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, counters, group=group)
+    total: Dict[str, float] = {}
+    for rank_counters in gathered:
+        for key, value in rank_counters.items():
+            total[key] = max(total.get(key, value), value) if key in largest else total.get(key, 0.0) + value
+    return total
+
+
 def rollout_stats(samples: List[Sample], all_scores: List[float], max_new_tokens: int) -> Tuple[Stats, Dict[str, float]]:
     """Reward, accuracy, response length and clip ratio, and rollout-vs-trainer log-prob difference."""
     lengths = [len(s.response_ids) for s in samples]

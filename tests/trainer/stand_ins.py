@@ -125,16 +125,18 @@ class StandInDataset:
     position: int = 0
     skipped: int = field(default=0)
 
+    def prompt(self, index: int) -> SimpleNamespace:
+        """The prompt at `index`, with the fields of a data.PromptSample the loop reads."""
+        generator = torch.Generator().manual_seed(index)
+        ids = torch.randint(0, VOCAB, (PROMPT_LENGTH,), generator=generator).tolist()
+        return SimpleNamespace(index=index, prompt_ids=ids, pixel_values=None, image_grid_thw=None, images=[],
+                               prompt_text="", ground_truth="", data_source="stand_in", extra_info={})
+
     def __iter__(self):
         while True:
             batch = []
             for _ in range(self.batch_size):
-                index = self.position * 1000 + self.dp_rank
-                generator = torch.Generator().manual_seed(index)
-                ids = torch.randint(0, VOCAB, (PROMPT_LENGTH,), generator=generator).tolist()
-                batch.append(SimpleNamespace(index=index, prompt_ids=ids, pixel_values=None, image_grid_thw=None,
-                                             images=[], prompt_text="", ground_truth="", data_source="stand_in",
-                                             extra_info={}))
+                batch.append(self.prompt(self.position * 1000 + self.dp_rank))
                 self.position += 1
             yield batch
 

@@ -27,9 +27,24 @@ def _records(tmp_path):
         return [json.loads(line) for line in handle]
 
 
+def _training_rows_with_bad_ones(path) -> None:
+    """12 synthetic rows plus a corrupt image, a row without reward_model and a prompt 10x over the limit."""
+    from mmrl_megatron.data.format import write_rows
+    from mmrl_megatron.data.synthetic import make_rows
+
+    rows = make_rows(15, seed=0, split="train")
+    rows[3]["images"] = [{"bytes": rows[3]["images"][0]["bytes"][:40]}]
+    rows[7]["reward_model"] = None
+    rows[11]["prompt"] = [{"role": "user", "content": "<image>" + "count " * 500}]  # 3,000 tokens; limit 256
+    path.parent.mkdir(parents=True)
+    write_rows(str(path), rows)
+
+
 def test_demo_runs_end_to_end_and_resumes(tmp_path):
-    """Invariant: the main job runs from nothing on 2 CPU ranks (assets built, warm-up, GRPO, evaluation,
-    curves, checkpoint) and a relaunch with more steps resumes after the last checkpointed step."""
+    """Invariant: the main job runs from nothing on 2 CPU ranks (model built, warm-up, GRPO, evaluation,
+    curves, checkpoint), trains past a corrupt image, a missing field and an over-long prompt while
+    counting each, and a relaunch with more steps resumes after the last checkpointed step."""
+    _training_rows_with_bad_ones(tmp_path / "assets" / "train.parquet")
     first = _launch(tmp_path, "trainer.steps=2")
     assert first.returncode == 0, first.stderr[-4000:]
     records = _records(tmp_path)
@@ -40,6 +55,10 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     evaluations = [r for r in records if "eval/reward_sampled" in r]
     assert [r["step"] for r in evaluations] == [0, 2]  # before GRPO, then every 2 steps
     assert "warmup/sft_loss" in records[0]
+    # 20 prompts drawn from 12 usable rows: the epoch wrapped, and every bad row was met and counted
+    assert steps[-1]["data/epoch"] >= 1
+    for reason in ("undecodable_image", "missing_field", "overlong_prompt"):
+        assert steps[-1][f"data/skipped_{reason}"] >= 1, reason
     run = tmp_path / "run"
     assert (run / "curves.png").stat().st_size > 10_000
     assert (run / "checkpoints" / "latest").read_text() == "step_00000002"

@@ -4,11 +4,13 @@ from a tiny published-layout checkpoint, the embedded engine on every rank, the 
 optimizer and checkpointing; only the prompts (ids and pixels built here, as the data path is
 Qwen-specific) and the reward are stand-ins."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.cpu_ranks import run_on_cpu_ranks
+from tests.trainer.stand_ins import StandInDataset
 
 MEDIA = 250  # models/kimi_vl/tiny.MEDIA_PLACEHOLDER_TOKEN_ID
 STEPS = 3
@@ -16,42 +18,19 @@ LOGPROB_TOLERANCE = 1e-4
 MOE_KEYS = ("moe/max_load_ratio", "moe/mean_load_ratio", "moe/dropped_token_fraction", "moe/layers")
 
 
-class ImagePrompts:
+class ImagePrompts(StandInDataset):
     """One image per prompt (grids 4x4 and 4x6 patches alternate); data-parallel rank r's prompts carry
     8 + 10 r text tokens, so the ranks' micro-batches differ in length and number."""
 
-    def __init__(self, batch_size: int, dp_rank: int):
-        from types import SimpleNamespace
-
-        self.batch_size, self.dp_rank, self.position = batch_size, dp_rank, 0
-        self._namespace = SimpleNamespace
-
-    def _prompt(self, index: int):
+    def prompt(self, index: int) -> SimpleNamespace:
         generator = torch.Generator().manual_seed(index)
         rows, cols = (4, 4) if index % 2 == 0 else (4, 6)
         text = torch.randint(3, 240, (8 + 10 * self.dp_rank,), generator=generator).tolist()
         prompt_ids = [0] + text[:3] + [MEDIA] * (rows * cols // 4) + text[3:]
-        return self._namespace(index=index, prompt_ids=prompt_ids, pixel_values=torch.randn(rows * cols, 3, 14, 14,
-                                                                                           generator=generator),
+        pixel_values = torch.randn(rows * cols, 3, 14, 14, generator=generator)
+        return SimpleNamespace(index=index, prompt_ids=prompt_ids, pixel_values=pixel_values,
                                image_grid_thw=torch.tensor([[1, rows, cols]]), images=[], prompt_text="",
                                ground_truth="", data_source="synthetic", extra_info={})
-
-    def __iter__(self):
-        while True:
-            batch = []
-            for _ in range(self.batch_size):
-                batch.append(self._prompt(self.position * 1000 + self.dp_rank))
-                self.position += 1
-            yield batch
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
-
-    def metrics(self):
-        return {}
 
 
 class RecordingTracker:
