@@ -1,20 +1,19 @@
 """Turn a parsed row into a PromptSample: chat template, image processing, pad expansion, length limit.
 
-transformers' Qwen2_5_VLProcessor cannot be constructed without torchvision, so this loads the image
-processor (AutoImageProcessor) and the tokenizer separately and expands each image pad token itself,
-exactly as the processor does: grid_t * grid_h * grid_w / merge_size^2 copies per image, in order.
+The same steps for every model family; what differs (the image pad and span tokens, the image processor,
+how many pads an image stands for) is the family's entry in data/vision_families.py, chosen by the
+checkpoint's config.json model_type. Each image pad is expanded as the family's own processor does:
+tokens_per_image copies per image, in order.
 """
 import random
 import re
 from typing import List, Optional
 
-
 from mmrl_megatron.data.errors import DataError, SkippedRow
 from mmrl_megatron.data.format import ParsedRow
 from mmrl_megatron.data.images import augment_image, decode_images, encode_png
 from mmrl_megatron.data.types import PromptSample
-
-IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+from mmrl_megatron.data.vision_families import vision_family
 
 
 def truncate_text_middle(ids: List[int], protected: List[bool], max_length: int) -> Optional[List[int]]:
@@ -29,26 +28,40 @@ def truncate_text_middle(ids: List[int], protected: List[bool], max_length: int)
     return [token for position, token in enumerate(ids) if position not in dropped]
 
 
+def image_span_mask(ids: List[int], start_id: int, end_id: int) -> List[bool]:
+    """True for every token from an image span's start token through its end token, inclusive."""
+    mask, inside = [], False
+    for token in ids:
+        inside = inside or token == start_id
+        mask.append(inside)
+        inside = inside and token != end_id
+    return mask
+
+
 class PromptProcessor:
-    """Processes rows for one model directory under one data config (min/max pixels, length limit, augmentation)."""
+    """Processes rows for one model directory under one data config (min/max pixels, length limit, augmentation).
+
+    Token ids (image_token_id: the expanded pad; vision_start/end_token_id: the image span's ends;
+    end_of_turn_token_id) and merge_size (patches merged per image token, per side) are the checkpoint's."""
 
     def __init__(self, model_dir: str, data_config):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.config = data_config
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        # min_pixels/max_pixels keys in preprocessor_config.json override `size`, so pass them too
-        self.image_processor = AutoImageProcessor.from_pretrained(
-            model_dir, size={"shortest_edge": data_config.min_pixels, "longest_edge": data_config.max_pixels},
-            min_pixels=data_config.min_pixels, max_pixels=data_config.max_pixels)
-        self.merge_size = self.image_processor.merge_size
-        token_ids = {token: self.tokenizer.convert_tokens_to_ids(token) for token in (IMAGE_PAD, VISION_START, VISION_END)}
-        if any(value is None or value == self.tokenizer.unk_token_id for value in token_ids.values()):
-            raise DataError(f"{model_dir}: the tokenizer lacks the Qwen vision tokens {list(token_ids)}")
-        self.image_token_id = token_ids[IMAGE_PAD]
-        self.vision_start_token_id = token_ids[VISION_START]
-        self.protected_ids = set(token_ids.values())
         self.model_dir = model_dir
+        self.family_name, self.family = vision_family(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.image_processor = self.family.load_image_processor(model_dir, data_config)
+        family = self.family
+        tokens = (family.image_pad, family.vision_start, family.vision_end, family.end_of_turn)
+        token_ids = {token: self.tokenizer.convert_tokens_to_ids(token) for token in tokens}
+        if any(value is None or value == self.tokenizer.unk_token_id for value in token_ids.values()):
+            raise DataError(f"{model_dir}: the tokenizer lacks the {self.family_name} tokens {list(token_ids)}")
+        self.image_token_id = token_ids[family.image_pad]
+        self.vision_start_token_id, self.vision_end_token_id = (token_ids[family.vision_start],
+                                                                token_ids[family.vision_end])
+        self.end_of_turn_token_id = token_ids[family.end_of_turn]
+        self.merge_size = self.image_processor.merge_size
 
     def _images(self, parsed: ParsedRow, augment_seed: Optional[int]):
         images = decode_images(parsed.images)
@@ -64,18 +77,16 @@ class PromptProcessor:
         `augment_seed` enables data.augment for this sample (training); None leaves images untouched."""
         images, encoded = self._images(parsed, augment_seed)
         text = self.tokenizer.apply_chat_template(parsed.messages, tokenize=False, add_generation_prompt=True)
-        if text.count(IMAGE_PAD) != len(images):
-            raise DataError(f"{self.model_dir}: the chat template rendered {text.count(IMAGE_PAD)} image pads for "
-                            f"{len(images)} images; use the model's own Qwen2.5-VL chat template")
+        pad = self.family.image_pad
+        if text.count(pad) != len(images):
+            raise DataError(f"{self.model_dir}: the chat template rendered {text.count(pad)} image pads {pad} for "
+                            f"{len(images)} images; use the model's own {self.family_name} chat template")
         pixel_values = grid = None
         token_counts = []
         if images:
-            try:
-                processed = self.image_processor(images=images, return_tensors="pt")
-            except (ValueError, RuntimeError) as error:
-                raise SkippedRow("unprocessable_image", f"image processor rejected the images: {error}") from error
-            pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"].long()
-            token_counts = (grid.prod(dim=-1) // self.merge_size ** 2).tolist()
+            processed = self.image_processor(images)
+            pixel_values, grid, token_counts = (processed.pixel_values, processed.image_grid_thw,
+                                                processed.tokens_per_image)
         ids = self._expand_image_pads(self.tokenizer.encode(text, add_special_tokens=False), token_counts)
         fitted_ids, text = self._fit_length(ids, text)
         return PromptSample(index=index, prompt_ids=fitted_ids, pixel_values=pixel_values, image_grid_thw=grid,
@@ -97,8 +108,10 @@ class PromptProcessor:
             return ids, text
         if self.config.overlong_prompt == "filter":
             raise SkippedRow("overlong_prompt", f"prompt has {len(ids)} tokens (images included), limit {limit}")
-        truncated = truncate_text_middle(ids, [token in self.protected_ids for token in ids], limit)
+        protected = image_span_mask(ids, self.vision_start_token_id, self.vision_end_token_id)
+        truncated = truncate_text_middle(ids, protected, limit)
         if truncated is None:
             raise SkippedRow("overlong_prompt", f"image tokens alone exceed the limit of {limit} tokens")
         text = self.tokenizer.decode(truncated, skip_special_tokens=False)
-        return truncated, re.sub(f"(?:{re.escape(IMAGE_PAD)})+", IMAGE_PAD, text)
+        pad = self.family.image_pad
+        return truncated, re.sub(f"(?:{re.escape(pad)})+", pad, text)

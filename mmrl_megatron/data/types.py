@@ -5,12 +5,26 @@ import torch
 
 
 @dataclass
+class ProcessedImages:
+    """One prompt's images as a family's image processor returns them (data/vision_families.py).
+
+    pixel_values: every image's patches, image after image, in the layout the family's vision tower takes.
+    image_grid_thw: [num_images, 3] LongTensor (t, h, w) in patches.
+    tokens_per_image: how many copies of the image pad token stand for each image in the prompt.
+    """
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    tokens_per_image: List[int]
+
+
+@dataclass
 class PromptSample:
     """One processed prompt, ready for the rollout engine and the trainer.
 
     prompt_ids: chat-templated token ids with each image's pad token expanded to its patch count.
-    pixel_values: [num_patches, channels * temporal_patch * patch * patch] float32 (None without images).
-    image_grid_thw: [num_images, 3] LongTensor in patches (None without images).
+    pixel_values: float32 patches (None without images): Qwen2.5-VL [num_patches, channels * temporal_patch *
+        patch * patch], Kimi-VL [num_patches, channels, patch, patch].
+    image_grid_thw: [num_images, 3] LongTensor (t, h, w) in patches, t = 1 for Kimi-VL (None without images).
     images: the encoded images as the model sees them (after augmentation), for engines that take bytes.
     prompt_text: the templated prompt with one pad token per image (the form a processor or SGLang takes).
     messages: the chat as parsed (content parts {"type": "image"} / {"type": "text", "text": ...}).

@@ -154,7 +154,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
         parts.evaluate = lambda: evaluate(validation, sources, config.rollout.max_new_tokens,
                                           config.rollout.temperature, config.rollout.n)
     if trainer_config.warmup_sft_steps:
-        end_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>"])
+        end_ids = [dataset.processor.end_of_turn_token_id]  # the family's, as its chat template closes a turn
 
         def make_samples(prompts):
             return supervised_samples(prompts, lambda text: tokenizer.encode(text, add_special_tokens=False),

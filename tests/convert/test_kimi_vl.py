@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from mmrl_megatron.models.kimi_vl.tiny import MEDIA_PLACEHOLDER_TOKEN_ID as MEDIA
 from tests.cpu_ranks import run_on_cpu_ranks
 
 # (tensor, pipeline, expert, expert_tensor)
@@ -14,7 +15,6 @@ LAYOUTS = [(1, 1, 2, 1), (2, 1, 1, 1), (2, 1, 1, 2), (1, 2, 1, 1), (2, 1, 2, 1)]
 # two packed sequences; an odd total, which the model pads for sequence parallelism (TP > 1) to split it
 TEXT = [[5, 17, 99, 3, 42, 8, 200], [7, 7, 120, 64, 33, 249, 11, 90]]
 IMAGE_GRID = (4, 6)  # patches; 2x2 merging gives 6 image tokens
-MEDIA = 250  # tiny.MEDIA_PLACEHOLDER_TOKEN_ID
 WITH_IMAGE = [[5, 17, MEDIA, MEDIA, MEDIA, MEDIA, MEDIA, MEDIA, 99, 3], [7, 120, 64, 33, 11, 90]]
 LOGPROB_TOLERANCE = 1e-4
 

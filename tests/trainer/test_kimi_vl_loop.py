@@ -1,18 +1,19 @@
 """Kimi-VL through the real RL loop on 4 CPU ranks at TP=1, PP=2, EP=2 (so DP=2 and each expert-parallel
 group spans two data-parallel ranks holding different prompts): the megatron actor and reference loaded
 from a tiny published-layout checkpoint, the embedded engine on every rank, the weight bridge, megatron's
-optimizer and checkpointing; only the prompts (ids and pixels built here, as the data path is
-Qwen-specific) and the reward are stand-ins."""
+optimizer and checkpointing; only the prompts (ids and pixels built here, so that the ranks' micro-batches
+differ in length and number) and the reward are stand-ins. tests/trainer/test_kimi_vl_from_parquet.py runs
+the real data path and reward."""
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from mmrl_megatron.models.kimi_vl.tiny import MEDIA_PLACEHOLDER_TOKEN_ID as MEDIA
 from tests.cpu_ranks import run_on_cpu_ranks
 from tests.trainer.stand_ins import StandInDataset
 
-MEDIA = 250  # models/kimi_vl/tiny.MEDIA_PLACEHOLDER_TOKEN_ID
 STEPS = 3
 LOGPROB_TOLERANCE = 1e-4
 MOE_KEYS = ("moe/max_load_ratio", "moe/mean_load_ratio", "moe/dropped_token_fraction", "moe/layers")

@@ -2,8 +2,7 @@
 
 The directory has what a published checkpoint has (config.json, model.safetensors, tokenizer files
 with a chat template, preprocessor_config.json), so every loading path runs on it unchanged. The
-tokenizer is byte-level (256 byte tokens) plus Qwen's special tokens, built here because nothing can
-be downloaded.
+tokenizer is byte-level (models/common/byte_tokenizer.py) plus Qwen's special tokens.
 """
 import json
 import os
@@ -11,7 +10,9 @@ from typing import Optional
 
 import torch
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+from ..common.byte_tokenizer import byte_level_tokenizer
+
+SPECIAL_TOKENS = ["<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 
 # Qwen2.5-VL's template, reduced to what RL prompts use: system/user/assistant turns whose content is
@@ -31,19 +32,8 @@ CHAT_TEMPLATE = (
 
 
 def build_byte_tokenizer():
-    """A byte-level BPE tokenizer without merges: any text round-trips, ids are stable."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL_TOKENS)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    """The byte-level tokenizer with Qwen's special tokens (ids 256..262) and the reduced chat template."""
+    return byte_level_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
 def tiny_config(tokenizer, **overrides):

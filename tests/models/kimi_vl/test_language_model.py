@@ -3,10 +3,11 @@ trainable part, the router's expert bias stays fixed unless model.moe_router_bia
 routing metrics describe the step."""
 import torch
 
+from mmrl_megatron.models.kimi_vl.tiny import MEDIA_PLACEHOLDER_TOKEN_ID as MEDIA
 from tests.cpu_ranks import run_on_cpu_ranks
 
 RATES = (0.0, 0.01)
-SEQUENCES = [[5, 17, 250, 250, 250, 250, 99, 3], [7, 120, 64, 33, 11, 90]]
+SEQUENCES = [[5, 17, MEDIA, MEDIA, MEDIA, MEDIA, 99, 3], [7, 120, 64, 33, 11, 90]]
 
 
 def _train_step(rate):
