@@ -7,7 +7,8 @@
 Writes a random HF checkpoint of the published geometry (streamed, one tensor at a time), converts it
 with the same functions as tools/checkpoint_convert/, checks the round trip tensor by tensor
 (torch.equal) and prints one JSON line and a markdown row for benchmarks/RESULTS.md: seconds, GB/s
-(checkpoint bytes / seconds) and peak resident memory of each direction.
+(checkpoint bytes / seconds) and peak memory of each direction (this process and its checkpoint-writing
+children, sampled; see common.ProcessTreePeakMemory).
 """
 import argparse
 import datetime
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_rollout import build_config  # noqa: E402  (the published 3B/7B geometries, kept in one place)
-from common import PeakMemory, significant  # noqa: E402
+from common import ProcessTreePeakMemory, significant  # noqa: E402
 
 # transformers' in-memory module names -> the hub names checkpoints are saved under
 _MODULE_TO_CHECKPOINT = [(re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model.")]
@@ -98,7 +99,7 @@ def first_difference(dir_a: str, dir_b: str) -> Optional[str]:
     return None
 
 
-def run(shape: str, work_dir: str) -> Dict:
+def run(shape: str, work_dir: str, max_chunk_bytes: int) -> Dict:
     from mmrl_megatron.convert.checkpoint_io import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
     from mmrl_megatron.parallel import shutdown
 
@@ -107,15 +108,18 @@ def run(shape: str, work_dir: str) -> Dict:
     checkpoint_gb = safetensors_bytes(hf_dir) / 1e9
     device = init_conversion_ranks()
     try:
-        results = {"shape": shape, "checkpoint_gb": significant(checkpoint_gb)}
-        for direction, convert in [("hf_to_mcore", lambda: convert_hf_to_mcore(hf_dir, mcore_dir, device)),
-                                   ("mcore_to_hf", lambda: convert_mcore_to_hf(mcore_dir, back_dir, device))]:
-            with PeakMemory(torch.device("cpu")) as memory:  # peak resident set (VmHWM)
+        results = {"shape": shape, "checkpoint_gb": significant(checkpoint_gb),
+                   "max_chunk_gb": significant(max_chunk_bytes / 1e9)}
+        for direction, convert in [
+                ("hf_to_mcore", lambda: convert_hf_to_mcore(hf_dir, mcore_dir, device, max_chunk_bytes=max_chunk_bytes)),
+                ("mcore_to_hf", lambda: convert_mcore_to_hf(mcore_dir, back_dir, device,
+                                                            max_chunk_bytes=max_chunk_bytes))]:
+            with ProcessTreePeakMemory() as memory:
                 start = time.perf_counter()
                 convert()
                 seconds = time.perf_counter() - start
             results[direction] = {"seconds": significant(seconds), "gb_per_s": significant(checkpoint_gb / seconds),
-                                  "peak_rss_gb": significant(memory.peak_bytes / 1e9)}
+                                  "peak_pss_gb": significant(memory.peak_bytes / 1e9)}
     finally:
         shutdown()
     results["round_trip_difference"] = first_difference(hf_dir, back_dir)
@@ -124,10 +128,11 @@ def run(shape: str, work_dir: str) -> Dict:
 
 def markdown_row(results: Dict) -> str:
     there, back = results["hf_to_mcore"], results["mcore_to_hf"]
-    return (f"| {datetime.date.today()} | CPU | convert {results['shape']} ({results['checkpoint_gb']} GB) | "
-            f"HF->mcore {there['seconds']} s, {there['gb_per_s']} GB/s, peak RSS {there['peak_rss_gb']} GB; "
-            f"mcore->HF {back['seconds']} s, {back['gb_per_s']} GB/s, peak RSS {back['peak_rss_gb']} GB | "
-            f"`python benchmarks/bench_convert.py --shape {results['shape']}` |")
+    return (f"| {datetime.date.today()} | CPU | convert {results['shape']} ({results['checkpoint_gb']} GB), "
+            f"chunks of {results['max_chunk_gb']} GB | "
+            f"HF->mcore {there['seconds']} s, {there['gb_per_s']} GB/s, peak memory (PSS) {there['peak_pss_gb']} GB; "
+            f"mcore->HF {back['seconds']} s, {back['gb_per_s']} GB/s, peak memory (PSS) {back['peak_pss_gb']} GB | "
+            f"`python benchmarks/bench_convert.py --shape {results['shape']} --max-chunk-gb {results['max_chunk_gb']}` |")
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -135,10 +140,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--shape", choices=["tiny", "3b", "7b"], default="7b")
     parser.add_argument("--quick", action="store_true", help="the tiny model (CPU smoke run)")
     parser.add_argument("--work-dir", default=None, help="where the checkpoints go (default: a temporary directory)")
+    parser.add_argument("--max-chunk-gb", type=float, default=5.0, help="the converters' memory bound (their default)")
     args = parser.parse_args(argv)
     shape = "tiny" if args.quick else args.shape
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
-        results = run(shape, work_dir)
+        results = run(shape, work_dir, int(args.max_chunk_gb * 1e9))
     print(json.dumps(results))
     print(markdown_row(results))
     if results["round_trip_difference"]:

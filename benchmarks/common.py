@@ -161,6 +161,46 @@ class PeakMemory:
             self.peak_bytes = _resident_bytes("VmHWM" if self._high_water_reset else "VmRSS")
 
 
+class ProcessTreePeakMemory:
+    """Peak memory of this process plus its children while the block runs (megatron-core writes checkpoints
+    from forked child processes, which a process's own high-water mark misses), sampled with psutil every
+    `interval_s` as the sum of proportional set sizes (PSS: a page shared by k processes counts 1/k in each,
+    so the parent's memory a forked writer inherits is counted once). Memory-mapped file pages that are
+    resident count too (safetensors are read that way)."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = None
+        self._thread = None
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for process in [me] + me.children(recursive=True):
+                try:
+                    total += process.memory_full_info().pss
+                except psutil.Error:  # a child that exited between listing and reading
+                    pass
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "ProcessTreePeakMemory":
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def profile_call(call: Callable[[], object], device: torch.device, trace_path: str, rows: int = 40) -> str:
     """Run `call` once under torch.profiler; write its Chrome trace to trace_path (.json.gz) and return the
     operator table sorted by each operator's own device time (CPU time on the CPU)."""

@@ -5,11 +5,14 @@ sharded_state_dict (global tensors, so it loads under any TP/PP) plus `hf/`, a c
 directory's non-weight files (config.json, tokenizer, chat template, preprocessor), so the checkpoint
 alone is enough to build the model, score with it, or export it back to HF.
 
-Memory: the converters hold this rank's model shard (the whole model at TP=PP=1, 1/(TP*PP) of it on
-TP*PP ranks) plus one output shard of at most `max_shard_bytes` while writing safetensors. HF input is
-read tensor by tensor by load_hf_into_model; it is not bounded by the largest input shard alone.
+Memory: the converters never hold the whole model. They build it on the meta device and convert one
+chunk of at most `max_chunk_bytes` of this rank's tensors at a time (streaming.py): HF tensors are read
+one by one, each chunk is saved as a part of the distributed checkpoint and the parts are joined
+(checkpoint_parts.py); the way back loads one chunk from the checkpoint, exports it, and writes HF
+shards of at most `max_shard_bytes`. Peak memory is about two chunks plus one output shard.
 """
 import json
+import math
 import os
 import shutil
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -17,7 +20,10 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .checkpoint_parts import join_parts, save_part
+from .checkpoint_reads import model_pieces, read_pieces
 from .errors import CheckpointError
+from .streaming import agreed_chunk_count, allocated, is_placeholder, tensor_chunks
 
 HF_FILES_SUBDIR = "hf"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # transformers' save_pretrained default
@@ -134,11 +140,7 @@ def checkpoint_dtype(hf_config: Dict) -> str:
     return name
 
 
-def build_model_from_dir(model_dir: str, role: str = "actor", device: Optional[torch.device] = None,
-                         dtype: Optional[str] = None):
-    """This pipeline stage's model for an HF directory or a megatron checkpoint, with its weights loaded.
-
-    Call after init_model_parallel on every rank. `dtype` defaults to the checkpoint's own precision."""
+def _build_unloaded_model(model_dir: str, role: str, dtype: Optional[str]):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from ..config.schema import ModelConfig
@@ -148,11 +150,26 @@ def build_model_from_dir(model_dir: str, role: str = "actor", device: Optional[t
     model_config = ModelConfig(hf_path=hf_files_dir(model_dir), dtype=dtype or checkpoint_dtype(hf_config))
     # Initial values are overwritten by the load; the seed only makes megatron's RNG tracker exist.
     model_parallel_cuda_manual_seed(0)
-    model = build_model(model_config, hf_config, role)
+    return build_model(model_config, hf_config, role)
+
+
+def build_model_from_dir(model_dir: str, role: str = "actor", device: Optional[torch.device] = None,
+                         dtype: Optional[str] = None):
+    """This pipeline stage's model for an HF directory or a megatron checkpoint, with its weights loaded.
+
+    Call after init_model_parallel on every rank. `dtype` defaults to the checkpoint's own precision."""
+    model = _build_unloaded_model(model_dir, role, dtype)
     if device is not None:
         model.to(device)
     load_model_weights(model, model_dir)
     return model
+
+
+def build_meta_model(model_dir: str, role: str = "actor"):
+    """This pipeline stage's model for either kind of model directory with every tensor on the meta device
+    (no memory, nothing loaded): what the streamed conversions fill one chunk at a time (streaming.py)."""
+    with torch.device("meta"):
+        return _build_unloaded_model(model_dir, role, None)
 
 
 def load_model_weights(model, model_dir: str) -> None:
@@ -163,24 +180,6 @@ def load_model_weights(model, model_dir: str) -> None:
         from . import load_hf_into_model
 
         load_hf_into_model(model, model_dir)
-
-
-def save_mcore_checkpoint(model, out_dir: str, hf_dir: str) -> None:
-    """Write `model` (all ranks' shards, collective) as a distributed checkpoint plus hf_dir's non-weight files."""
-    from megatron.core import dist_checkpointing
-
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise CheckpointError(f"{out_dir} is not empty: choose a new output directory (nothing was overwritten)")
-    os.makedirs(out_dir, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()  # no rank may see another's first file and mistake it for old contents
-    sharded = model.sharded_state_dict()
-    check_tensor_parallel_entries(sharded)
-    dist_checkpointing.save(sharded, out_dir)
-    if _is_writer():
-        copy_hf_side_files(hf_files_dir(hf_dir), os.path.join(out_dir, HF_FILES_SUBDIR))
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _local_sharded_tensors(sharded_state_dict) -> Dict[str, object]:
@@ -198,15 +197,18 @@ def check_tensor_parallel_entries(sharded_state_dict) -> None:
     a plain container (nn.ModuleList) without a sharded_state_dict that delegates to them."""
     from megatron.core import parallel_state
 
-    tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
-    if tensor_parallel == 1:
-        return
     for key, entry in _local_sharded_tensors(sharded_state_dict).items():
         data = entry.data
         if not getattr(data, "tensor_model_parallel", False):
             continue
-        axis = data.partition_dim + entry.prepend_axis_num
-        if entry.global_shape[axis] != data.shape[data.partition_dim] * tensor_parallel:
+        # routed experts' weights are split over the expert-tensor-parallel group, which may be smaller
+        tensor_parallel = (parallel_state.get_expert_tensor_parallel_world_size() if ".mlp.experts." in key
+                           else parallel_state.get_tensor_model_parallel_world_size())
+        if tensor_parallel == 1:
+            continue
+        # counted in elements, not along partition_dim: grouped expert weights report a partition_dim that
+        # is not the axis they are split on
+        if math.prod(entry.global_shape[entry.prepend_axis_num:]) == data.numel():
             raise CheckpointError(f"tensor {key} is split over {tensor_parallel} tensor-parallel ranks but its "
                                   f"sharded_state_dict entry describes it as replicated (global shape "
                                   f"{tuple(entry.global_shape)}); the module holding it needs a sharded_state_dict "
@@ -268,27 +270,105 @@ def init_conversion_ranks(tensor: int = 1, pipeline: int = 1) -> torch.device:
     return device
 
 
-def convert_hf_to_mcore(hf_dir: str, out_dir: str, device: Optional[torch.device] = None) -> None:
-    """HF safetensors -> a megatron distributed checkpoint (collective over every rank)."""
-    model = build_model_from_dir(hf_dir, device=device)
-    save_mcore_checkpoint(model, out_dir, hf_dir)
+def _chunk_entries(sharded_state_dict, with_objects: bool):
+    """The entries of a streamed model's sharded_state_dict whose tensors are in the current chunk; the
+    model's non-tensor objects too when `with_objects` (they go with the first chunk)."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    def in_chunk(value) -> bool:
+        if isinstance(value, (ShardedTensor, ShardedTensorFactory)):
+            return not is_placeholder(value.data)
+        return with_objects
+
+    return extract_matching_values(sharded_state_dict, in_chunk)[0]
+
+
+def _prepare_output_dir(out_dir: str) -> None:
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise CheckpointError(f"{out_dir} is not empty: choose a new output directory (nothing was overwritten)")
+    os.makedirs(out_dir, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()  # no rank may see another's first file and mistake it for old contents
+
+
+def _streamed_chunks(model, max_chunk_bytes: int):
+    """(index, this rank's chunk) for as many chunks as the rank with the most has (others get empty ones)."""
+    chunks = tensor_chunks(model, max_chunk_bytes)
+    for index in range(agreed_chunk_count(chunks)):
+        yield index, chunks[index] if index < len(chunks) else []
+
+
+def convert_hf_to_mcore(hf_dir: str, out_dir: str, device: Optional[torch.device] = None,
+                        max_chunk_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """HF safetensors -> a megatron distributed checkpoint plus hf_dir's non-weight files in out_dir/hf
+    (collective over every rank), holding at most one chunk of max_chunk_bytes of the model at a time."""
+    from . import load_hf_into_model
+
+    _prepare_output_dir(out_dir)
+    model = build_meta_model(hf_dir)
+    count = 0
+    for index, chunk in _streamed_chunks(model, max_chunk_bytes):
+        with allocated(chunk, device or torch.device("cpu")):
+            load_hf_into_model(model, hf_dir)
+            sharded = _chunk_entries(model.sharded_state_dict(), with_objects=index == 0)
+            check_tensor_parallel_entries(sharded)
+            save_part(sharded, out_dir, index)
+        count = index + 1
+    if dist.is_initialized():
+        dist.barrier()
+    if _is_writer():
+        copy_hf_side_files(hf_files_dir(hf_dir), os.path.join(out_dir, HF_FILES_SUBDIR))
+        join_parts(out_dir, count)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def check_no_unknown_tensors(sharded_state_dict, mcore_dir: str) -> None:
+    """Raise CheckpointError naming a tensor the checkpoint stores that no rank's model has (collective)."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    wanted = [{item.key for item in nested_values(sharded_state_dict)
+               if isinstance(item, (ShardedTensor, ShardedTensorFactory))}]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, wanted[0])
+        wanted = everyone
+    unknown = sorted(set(load_tensors_metadata(mcore_dir)) - set().union(*wanted))
+    if unknown:
+        raise CheckpointError(f"{mcore_dir} stores tensor {unknown[0]} ({len(unknown)} unknown in all) that the model "
+                              "built from its hf/config.json has no place for: the config and the weights disagree")
 
 
 def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.device] = None,
-                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                        max_chunk_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
     """A megatron checkpoint -> HF safetensors with the original names, vocabulary padding removed, and the
-    config/tokenizer/processor files; rank 0 writes, every rank joins the gather. Returns the names written."""
+    config/tokenizer/processor files; rank 0 writes, every rank joins the gather. One chunk of max_chunk_bytes
+    of the model is loaded at a time. Returns the names written."""
     from . import iter_hf_tensors
 
     if not is_mcore_checkpoint(mcore_dir):
         raise CheckpointError(f"{mcore_dir} is not a megatron distributed checkpoint (no metadata.json)")
-    model = build_model_from_dir(mcore_dir, device=device)
-    named = iter_hf_tensors([model])
+    model = build_meta_model(mcore_dir)
+    whole = model.sharded_state_dict()
+    check_tensor_parallel_entries(whole)
+    check_checkpoint_matches(whole, mcore_dir)
+    check_no_unknown_tensors(whole, mcore_dir)
+
+    def named_tensors():
+        for index, chunk in _streamed_chunks(model, max_chunk_bytes):
+            with allocated(chunk, device or torch.device("cpu")):
+                read_pieces(mcore_dir, model_pieces(_chunk_entries(model.sharded_state_dict(), with_objects=False)))
+                yield from iter_hf_tensors([model])
+
     if _is_writer():
-        names = write_hf_safetensors(named, out_dir, max_shard_bytes)
+        names = write_hf_safetensors(named_tensors(), out_dir, max_shard_bytes)
         copy_hf_side_files(hf_files_dir(mcore_dir), out_dir)
     else:
-        names = [name for name, _ in named]  # the gather is collective: other ranks take part and discard
+        names = [name for name, _ in named_tensors()]  # the gather is collective: other ranks take part and discard
     if dist.is_initialized():
         dist.barrier()
     return names

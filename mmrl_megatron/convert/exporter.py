@@ -13,6 +13,7 @@ import torch.distributed as dist
 from .families import family_override, rule_table
 from .loader import model_role
 from .model_params import ShardedParam, as_chunks, sharded_params
+from .streaming import is_placeholder
 
 Key = Tuple[int, Tuple[Tuple[str, int], ...]]  # rule index, placeholder values
 
@@ -51,7 +52,8 @@ def iter_hf_tensors(model) -> Iterator[Tuple[str, torch.Tensor]]:
     `model`: this rank's module or list of chunks (DDP/Float16Module wrappers are unwrapped), built by
     models.build_model (which records the HF config on it). Collective over TP and PP: all ranks of the
     model-parallel group iterate to the end together. Tied output layers are emitted once, as the
-    embedding; vocabulary padding is removed; tensors keep the parameters' dtype. A family with its own
+    embedding; vocabulary padding is removed; tensors keep the parameters' dtype. Parameters on the meta
+    device (outside a streamed conversion's current chunk, streaming.py) are not exported. A family with its own
     exporter (families.py) produces the stream instead, under the same contract."""
     hf_config = as_chunks(model)[0].hf_config
     own_exporter = family_override(hf_config, "iter_hf_tensors")
@@ -63,7 +65,7 @@ def iter_hf_tensors(model) -> Iterator[Tuple[str, torch.Tensor]]:
     metadata: Dict[Key, list] = {}
     for sharded in sharded_params(model):
         found = table.match(sharded.name)
-        if found is None or not table.rules[found[0]].export:
+        if found is None or not table.rules[found[0]].export or is_placeholder(sharded.param):
             continue
         key = _key(*found)
         local[key] = sharded

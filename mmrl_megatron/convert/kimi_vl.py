@@ -23,6 +23,7 @@ from .errors import CheckpointError
 from .hf_checkpoint import HFCheckpoint
 from .model_params import as_chunks
 from .rules import GATED, Rule, RuleTable
+from .streaming import is_placeholder
 
 ALIASES = ()
 _M = "language_model.decoder.layers.{layer}."
@@ -143,11 +144,13 @@ def local_entries(model) -> List[_Entry]:
 
 def load_hf_into_model(model, hf_dir: str, hf_config: Optional[Mapping] = None) -> int:
     """Fill this rank's shards of a KimiVLModel (or its one-chunk list) from the published checkpoint;
-    returns the number of HF tensors read. hf_config is accepted for the framework's signature (the
-    model carries its own)."""
+    returns the number of HF tensors read. Tensors on the meta device (a streamed conversion's other
+    chunks) are left alone. hf_config is accepted for the framework's signature (the model carries its own)."""
     checkpoint = HFCheckpoint(hf_dir, ALIASES)
     read = 0
     for entry in local_entries(model):
+        if is_placeholder(entry.tensor):
+            continue
         hf = [checkpoint.get(name) for name in entry.hf_names]
         read += len(hf)
         rank, size = entry.rank_and_size
@@ -176,6 +179,8 @@ def _local_hf_tensors(model) -> Dict[str, torch.Tensor]:
     out = {}
     # non-expert tensors first, then expert ones: each group sees its collectives in one order on all members
     for entry in sorted(local_entries(model), key=lambda e: e.is_expert):
+        if is_placeholder(entry.tensor):
+            continue
         tensors = _gathered(entry)
         if entry.rule.export:
             out.update(zip(entry.hf_names, (t.contiguous() for t in tensors)))
@@ -187,7 +192,8 @@ def iter_hf_tensors(model, dtype: Optional[torch.dtype] = None) -> Iterator[Tupl
 
     A collective over all ranks: tensor-parallel shards are gathered in their groups, then each tensor is
     broadcast from the first rank holding it (pipeline stages and expert-parallel ranks hold different
-    ones). Tensors keep the parameters' dtype (the router bias is fp32) unless `dtype` is given."""
+    ones). Tensors keep the parameters' dtype (the router bias is fp32) unless `dtype` is given; tensors on
+    the meta device (outside a streamed conversion's current chunk) are not exported."""
     local = _local_hf_tensors(model)
     inventories = [None] * dist.get_world_size()
     dist.all_gather_object(inventories, {name: (tuple(t.shape), t.dtype) for name, t in local.items()})

@@ -7,6 +7,7 @@ from .errors import CheckpointError
 from .families import aliases, family_override, rule_table
 from .hf_checkpoint import HFCheckpoint, read_hf_config
 from .model_params import as_chunks, sharded_params
+from .streaming import is_placeholder
 
 
 def model_role(model) -> str:
@@ -24,8 +25,9 @@ def load_hf_into_model(model, hf_dir: str, hf_config: Mapping = None) -> None:
     """Fill every parameter of `model` (a module or this rank's list of chunks) from hf_dir.
 
     Raises CheckpointError naming the tensor for a missing tensor, a wrong shape, a checkpoint tensor no
-    rule converts, or a model parameter no rule fills. A family with its own loader (families.py) gets
-    the call instead."""
+    rule converts, or a model parameter no rule fills. Parameters still on the meta device (a streamed
+    conversion's other chunks, streaming.py) are left alone. A family with its own loader (families.py)
+    gets the call instead."""
     hf_config = hf_config or read_hf_config(hf_dir)
     own_loader = family_override(hf_config, "load_hf_into_model")
     if own_loader is not None:
@@ -35,6 +37,8 @@ def load_hf_into_model(model, hf_dir: str, hf_config: Mapping = None) -> None:
     checkpoint = HFCheckpoint(hf_dir, aliases(hf_config))
     _check_known(checkpoint, table, hf_dir)
     for sharded in sharded_params(model):
+        if is_placeholder(sharded.param):
+            continue
         found = table.match(sharded.name)
         if found is None:
             raise CheckpointError(f"model parameter {sharded.name} has no rule in convert/{table.family}.py")

@@ -67,6 +67,12 @@ def enable_cpu_execution() -> None:
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.record_stream = lambda self, stream: None
+    # torch's device context (`with torch.device("meta")`, used to build a model without memory) recognises
+    # factories by identity in a set it caches on first use; filled after the wrapping below, it would hold
+    # the wrappers, which never reach it, and the context would be ignored. Fill it with the originals.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _cpu_factory(getattr(torch, name)))
 

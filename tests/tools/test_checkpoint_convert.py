@@ -17,6 +17,8 @@ from tests.cpu_ranks import run_on_cpu_ranks
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIDE_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
 CHANGED_TENSOR = "model.layers.1.mlp.down_proj.weight"
+# the tiny model is about 0.5 MB: 64 KiB chunks split it into many parts, several tensors and layers apart
+CHUNK_GB = str(64 * 1024 / 1024 ** 3)
 
 
 def _free_port() -> int:
@@ -54,15 +56,27 @@ def _error_of(function, *args) -> str:
     return ""
 
 
-def _export_and_mismatches(mcore_dir: str, out_dir: str, bad_mcore_dirs, bad_hf_dirs):
-    """On 4 ranks: export at TP=2 x PP=2, then try each misfit checkpoint at TP=PP=1; returns the errors."""
-    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir, convert_mcore_to_hf, init_conversion_ranks
+def _export_and_mismatches(mcore_dir: str, out_dir: str, hf_dir: str, bad_mcore_dirs, bad_hf_dirs):
+    """On 4 ranks: export at TP=2 x PP=2 and convert hf_dir again at TP=2 x PP=2, both in 64 KiB chunks; at
+    TP=PP=1, load both checkpoints whole with megatron's own strict load and name the tensors that differ from
+    hf_dir's, then try each misfit checkpoint, whole and streamed. Returns (names written, differing tensors,
+    errors, streamed errors)."""
+    from mmrl_megatron.convert import iter_hf_tensors
+    from mmrl_megatron.convert.checkpoint_io import (build_model_from_dir, convert_hf_to_mcore, convert_mcore_to_hf,
+                                                     init_conversion_ranks)
 
     init_conversion_ranks(tensor=2, pipeline=2)
-    written = convert_mcore_to_hf(mcore_dir, out_dir)
+    written = convert_mcore_to_hf(mcore_dir, out_dir, max_chunk_bytes=64 * 1024)
+    written_at_tp2_pp2 = f"{mcore_dir}_tp2pp2"
+    convert_hf_to_mcore(hf_dir, written_at_tp2_pp2, max_chunk_bytes=64 * 1024)
     init_conversion_ranks(tensor=1, pipeline=1)  # every rank holds the whole model: every rank must notice
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    differing = [(path, name) for path in (mcore_dir, written_at_tp2_pp2)
+                 for name, tensor in iter_hf_tensors([build_model_from_dir(path)])
+                 if not torch.equal(tensor, original[name])]
     errors = [_error_of(build_model_from_dir, path) for path in list(bad_mcore_dirs) + list(bad_hf_dirs)]
-    return written, errors
+    streamed_errors = [_error_of(convert_mcore_to_hf, path, f"{path}_out") for path in bad_mcore_dirs]
+    return written, differing, errors, streamed_errors
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +84,7 @@ def round_trip(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     hf_dir = build_tiny_checkpoint(str(root / "hf"), tie_word_embeddings=False)
     mcore_dir, back_dir = str(root / "mcore"), str(root / "hf_back")
-    run_tool("tools/checkpoint_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out", mcore_dir)
+    run_tool("tools/checkpoint_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out", mcore_dir, "--max-chunk-gb", CHUNK_GB)
 
     # misfits: megatron checkpoints whose config asks for a wider MLP (wrong shape), a layer more (the stacked
     # layer tensors are too short), tied embeddings (the stored output layer is unknown to the model); HF
@@ -89,7 +103,7 @@ def round_trip(tmp_path_factory):
         edit(changed)
         save_file(changed, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
-    results = run_on_cpu_ranks(4, _export_and_mismatches, mcore_dir, back_dir,
+    results = run_on_cpu_ranks(4, _export_and_mismatches, mcore_dir, back_dir, hf_dir,
                                bad_mcore, [bad_hf["shape"], bad_hf["missing"]])
     return hf_dir, mcore_dir, back_dir, results
 
@@ -97,7 +111,9 @@ def round_trip(tmp_path_factory):
 def test_round_trip_is_bit_exact(round_trip):
     """Invariant: every HF tensor survives HF -> megatron (TP=1) -> megatron at TP=2 x PP=2 -> HF with torch.equal,
     under its original name and shape (vocabulary padding removed), for untied embeddings, a TP-padded vocabulary
-    and one KV head per TP rank."""
+    and one KV head per TP rank, both conversions streamed in chunks far smaller than the model; the checkpoint
+    the parts were joined into, and one converted at TP=2 x PP=2, load whole through megatron's own strict load,
+    every tensor exact."""
     hf_dir, _, back_dir, results = round_trip
     original = load_file(os.path.join(hf_dir, "model.safetensors"))
     exported = load_file(os.path.join(back_dir, "model.safetensors"))
@@ -105,8 +121,10 @@ def test_round_trip_is_bit_exact(round_trip):
     assert "lm_head.weight" in exported
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
-    written_on_rank0 = results[0][0]
+    written_on_rank0, differing, _, _ = results[0]
     assert sorted(written_on_rank0) == sorted(original)
+    assert differing == []
+    assert not os.path.exists(os.path.join(round_trip[1], ".parts"))
 
 
 def test_side_files_travel_with_the_checkpoint(round_trip):
@@ -121,12 +139,14 @@ def test_side_files_travel_with_the_checkpoint(round_trip):
 
 
 def test_misfit_checkpoints_stop_with_the_tensor_name(round_trip):
-    """Invariant: a checkpoint with a wrongly shaped, missing or unknown tensor stops the load on every rank with an
-    error naming that tensor, instead of loading garbage."""
+    """Invariant: a checkpoint with a wrongly shaped, missing or unknown tensor stops the load (whole, and the streamed
+    export) on every rank with an error naming that tensor, instead of loading garbage."""
     _, _, _, results = round_trip
-    for _, (mcore_shape, mcore_layers, mcore_unknown, hf_shape, hf_missing) in results:
-        assert "mlp.linear_fc" in mcore_shape and "shape" in mcore_shape, mcore_shape
-        assert "decoder.layers." in mcore_layers and "(5, 32)" in mcore_layers, mcore_layers
-        assert "output_layer.weight" in mcore_unknown, mcore_unknown
+    for _, _, whole, streamed in results:
+        hf_shape, hf_missing = whole[3:]
+        for shape_error, layers_error, unknown_error in (whole[:3], streamed):
+            assert "mlp.linear_fc" in shape_error and "shape" in shape_error, shape_error
+            assert "decoder.layers." in layers_error and "(5, 32)" in layers_error, layers_error
+            assert "output_layer.weight" in unknown_error, unknown_error
         assert CHANGED_TENSOR in hf_shape, hf_shape
         assert CHANGED_TENSOR in hf_missing, hf_missing

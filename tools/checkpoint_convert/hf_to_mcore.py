@@ -3,9 +3,9 @@
     python tools/checkpoint_convert/hf_to_mcore.py --hf-dir HF_DIR --out MCORE_DIR
     torchrun --nproc_per_node 4 tools/checkpoint_convert/hf_to_mcore.py --hf-dir HF_DIR --out MCORE_DIR --tp 2 --pp 2
 
-The checkpoint holds global tensors, so it loads under any TP/PP whatever layout wrote it; more ranks
-only spread the memory (each holds 1/(TP*PP) of the model). Config, tokenizer and processor files are
-copied into MCORE_DIR/hf.
+The checkpoint holds global tensors, so it loads under any TP/PP whatever layout wrote it. The model is
+converted one chunk of at most --max-chunk-gb at a time, never held whole; more ranks convert their
+shares in parallel. Config, tokenizer and processor files are copied into MCORE_DIR/hf.
 """
 import argparse
 
@@ -16,6 +16,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="new, empty directory for the megatron checkpoint")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size used while converting")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used while converting")
+    parser.add_argument("--max-chunk-gb", type=float, default=5.0,
+                        help="most of the model held in memory at once, per rank (peak is about twice this)")
     args = parser.parse_args(argv)
 
     from mmrl_megatron.convert.checkpoint_io import convert_hf_to_mcore, init_conversion_ranks
@@ -23,7 +25,7 @@ def main(argv=None) -> None:
 
     device = init_conversion_ranks(args.tp, args.pp)
     try:
-        convert_hf_to_mcore(args.hf_dir, args.out, device)
+        convert_hf_to_mcore(args.hf_dir, args.out, device, max_chunk_bytes=int(args.max_chunk_gb * 1024 ** 3))
     finally:
         shutdown()
 

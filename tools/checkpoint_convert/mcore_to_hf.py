@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 tools/checkpoint_convert/mcore_to_hf.py --mcore-dir MCORE_DIR --out HF_DIR --tp 2
 
 Writes the original HF tensor names with vocabulary padding removed, in shards of at most
---max-shard-gb, plus the config, tokenizer and processor files kept in MCORE_DIR/hf.
+--max-shard-gb, plus the config, tokenizer and processor files kept in MCORE_DIR/hf. The checkpoint is
+read one chunk of at most --max-chunk-gb at a time, never held whole.
 """
 import argparse
 
@@ -16,6 +17,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size used while converting")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used while converting")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file written")
+    parser.add_argument("--max-chunk-gb", type=float, default=5.0,
+                        help="most of the model held in memory at once, per rank (peak is about twice this)")
     args = parser.parse_args(argv)
 
     from mmrl_megatron.convert.checkpoint_io import convert_mcore_to_hf, init_conversion_ranks
@@ -23,7 +26,8 @@ def main(argv=None) -> None:
 
     device = init_conversion_ranks(args.tp, args.pp)
     try:
-        convert_mcore_to_hf(args.mcore_dir, args.out, device, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+        convert_mcore_to_hf(args.mcore_dir, args.out, device, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3),
+                            max_chunk_bytes=int(args.max_chunk_gb * 1024 ** 3))
     finally:
         shutdown()
 

@@ -29,8 +29,9 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__()
         self.eps = eps
-        # where megatron's own modules put their weights: the CPU only with use_cpu_initialization
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        # where megatron's own modules put their weights: with use_cpu_initialization the default device (the
+        # CPU, or meta while a streamed conversion builds the model), else the GPU
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 

@@ -36,8 +36,9 @@ class KimiVLModel(MegatronModule):
         # megatron's finalize_model_grads reads these to all-reduce a tied embedding's gradient over PP stages
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
         if pre_process:
+            # on the CPU they stay where they were built: the CPU, or the meta device for a streamed conversion
             place = dict(dtype=transformer_config.params_dtype,
-                         device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+                         device=torch.cuda.current_device() if torch.cuda.is_available() else None)
             self.vision_tower = MoonViT(kimi.vision).to(**place)
             self.multi_modal_projector = MultiModalProjector(kimi.vision, kimi.text.hidden_size).to(**place)
 
