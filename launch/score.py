@@ -83,8 +83,8 @@ def score(args) -> Optional[List[Dict]]:
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
-    from mmrl_megatron.convert.checkpoint_io import (build_model_from_dir, hf_files_dir, init_conversion_ranks,
-                                                     read_hf_config)
+    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir, hf_files_dir, read_hf_config
+    from mmrl_megatron.convert.conversions import init_conversion_ranks
     from mmrl_megatron.models.common.packing import pack_sequences
     from mmrl_megatron.trainer.batch import build_micro_batches
     from mmrl_megatron.trainer.losses import response_logprobs

@@ -1,6 +1,5 @@
 """The GRPO-step, weight-sync and conversion benchmarks' --quick runs (tiny model, CPU): each runs the same
 code path as on the GPU or on a full-size checkpoint, and prints figures a RESULTS.md row can trust."""
-import json
 import math
 
 import pytest

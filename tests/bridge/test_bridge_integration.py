@@ -79,7 +79,8 @@ def _bridge_on_layouts(hf_dir: str, requests):
     from megatron.core.utils import get_model_config
 
     from mmrl_megatron.bridge import WeightBridge
-    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir, init_conversion_ranks
+    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir
+    from mmrl_megatron.convert.conversions import init_conversion_ranks
     from mmrl_megatron.rollout import SamplingParams
     from mmrl_megatron.rollout.embedded import EmbeddedEngine
 

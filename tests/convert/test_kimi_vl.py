@@ -175,7 +175,7 @@ def test_round_trip_and_logprob_parity_on_every_layout(tiny_dir):
 
 def _streamed_round_trip(hf_dir: str, mcore_dir: str, back_dir: str):
     """HF -> megatron checkpoint -> HF with the streamed converters on this rank's layout, in 32 KiB chunks."""
-    from mmrl_megatron.convert.checkpoint_io import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
+    from mmrl_megatron.convert.conversions import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
 
     init_conversion_ranks(tensor=2, pipeline=1)
     convert_hf_to_mcore(hf_dir, mcore_dir, max_chunk_bytes=32 * 1024)
