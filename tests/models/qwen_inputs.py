@@ -80,8 +80,8 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def hf_logprobs(hf_dir: str, samples: List[Sample], dtype=torch.float32, device: str = "cpu") -> List[torch.Tensor]:
     """The oracle: transformers' Qwen2_5_VLForConditionalGeneration, one sample at a time, positions its own.
 
-    Call it in a process where parallel.cpu_support.enable_cpu_execution has not run: its wrapped tensor
-    factories leave from_pretrained's rotary inv_freq buffers uninitialised (seen with transformers 5.24)."""
+    The rotary buffers are checked because from_pretrained builds under a meta-device context, which
+    parallel.cpu_support once broke (they came back uninitialised; tests/parallel/test_cpu_support.py)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
