@@ -176,7 +176,8 @@ def load_model_weights(model, model_dir: str) -> None:
         load_hf_into_model(model, model_dir)
 
 
-def _local_sharded_tensors(sharded_state_dict) -> Dict[str, object]:
+def local_sharded_tensors(sharded_state_dict) -> Dict[str, object]:
+    """This rank's ShardedTensor entries by checkpoint key (factories not yet applied are left out)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -191,7 +192,7 @@ def check_tensor_parallel_entries(sharded_state_dict) -> None:
     a plain container (nn.ModuleList) without a sharded_state_dict that delegates to them."""
     from megatron.core import parallel_state
 
-    for key, entry in _local_sharded_tensors(sharded_state_dict).items():
+    for key, entry in local_sharded_tensors(sharded_state_dict).items():
         data = entry.data
         if not getattr(data, "tensor_model_parallel", False):
             continue
@@ -214,7 +215,7 @@ def check_checkpoint_matches(sharded_state_dict, mcore_dir: str) -> None:
     from megatron.core.dist_checkpointing import load_tensors_metadata
 
     stored = load_tensors_metadata(mcore_dir)
-    for key, wanted in _local_sharded_tensors(sharded_state_dict).items():
+    for key, wanted in local_sharded_tensors(sharded_state_dict).items():
         if key not in stored:
             raise CheckpointError(f"{mcore_dir} has no tensor {key}: it was written for a different model "
                                   "configuration (compare its hf/config.json with the model's)")

@@ -94,8 +94,31 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, device: Optional[torch.device
         dist.barrier()
 
 
-def check_no_unknown_tensors(sharded_state_dict, mcore_dir: str) -> None:
-    """Raise CheckpointError naming a tensor the checkpoint stores that no rank's model has (collective)."""
+def model_key_prefix(mcore_dir: str, sharded_state_dict, role: str = "actor") -> str:
+    """What the checkpoint puts before the model's tensor names: "" for a checkpoint of the model alone
+    (hf_to_mcore.py); for a training run's checkpoint, where trainer/checkpoint.py saves each role's wrapped
+    chunks under the role's name next to the optimizer state, the role's prefix (such as "actor.module.")."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    from .checkpoint_io import local_sharded_tensors
+
+    stored = load_tensors_metadata(mcore_dir)
+    local = sorted(local_sharded_tensors(sharded_state_dict))
+    if not local:
+        return ""
+    candidates = sorted(key[:-len(local[0])] for key in stored if key.endswith(local[0]))
+    if "" in candidates:
+        return ""
+    for candidate in candidates:
+        if candidate.startswith(f"{role}."):
+            return candidate
+    raise CheckpointError(f"{mcore_dir} has no tensor {local[0]}, bare or under the {role} role's name: it was "
+                          "written for a different model (compare its hf/config.json with the model's)")
+
+
+def check_no_unknown_tensors(sharded_state_dict, mcore_dir: str, prefix: str = "") -> None:
+    """Raise CheckpointError naming a tensor of the checkpoint's model (its names under `prefix`) that no
+    rank's model has (collective)."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -106,7 +129,8 @@ def check_no_unknown_tensors(sharded_state_dict, mcore_dir: str) -> None:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, wanted[0])
         wanted = everyone
-    unknown = sorted(set(load_tensors_metadata(mcore_dir)) - set().union(*wanted))
+    stored = {key for key in load_tensors_metadata(mcore_dir) if key.startswith(prefix)}
+    unknown = sorted(stored - set().union(*wanted))
     if unknown:
         raise CheckpointError(f"{mcore_dir} stores tensor {unknown[0]} ({len(unknown)} unknown in all) that the model "
                               "built from its hf/config.json has no place for: the config and the weights disagree")
@@ -115,23 +139,26 @@ def check_no_unknown_tensors(sharded_state_dict, mcore_dir: str) -> None:
 def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.device] = None,
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                         max_chunk_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
-    """A megatron checkpoint -> HF safetensors with the original names, vocabulary padding removed, and the
-    config/tokenizer/processor files; rank 0 writes, every rank joins the gather. One chunk of max_chunk_bytes
-    of the model is loaded at a time. Returns the names written."""
+    """A megatron checkpoint (hf_to_mcore.py's, or a training run's: its actor) -> HF safetensors with the
+    original names, vocabulary padding removed, and the config/tokenizer/processor files; rank 0 writes,
+    every rank joins the gather. One chunk of max_chunk_bytes of the model is loaded at a time. Returns the
+    names written."""
     from . import iter_hf_tensors
 
     if not is_mcore_checkpoint(mcore_dir):
         raise CheckpointError(f"{mcore_dir} is not a megatron distributed checkpoint (no metadata.json)")
     model = build_meta_model(mcore_dir)
-    whole = model.sharded_state_dict()
+    prefix = model_key_prefix(mcore_dir, model.sharded_state_dict())
+    whole = model.sharded_state_dict(prefix=prefix)
     check_tensor_parallel_entries(whole)
     check_checkpoint_matches(whole, mcore_dir)
-    check_no_unknown_tensors(whole, mcore_dir)
+    check_no_unknown_tensors(whole, mcore_dir, prefix)
 
     def named_tensors():
         for index, chunk in _streamed_chunks(model, max_chunk_bytes):
             with allocated(chunk, device or torch.device("cpu")):
-                read_pieces(mcore_dir, model_pieces(_chunk_entries(model.sharded_state_dict(), with_objects=False)))
+                sharded = _chunk_entries(model.sharded_state_dict(prefix=prefix), with_objects=False)
+                read_pieces(mcore_dir, model_pieces(sharded))
                 yield from iter_hf_tensors([model])
 
     if is_writer_rank():

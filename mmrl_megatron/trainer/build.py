@@ -118,7 +118,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
         critic = build_role("critic", load_model(config, hf_config, "critic", device, config.critic.hf_path), config,
                             device, config.critic.optim)
     trainable = {"actor": actor, **({"critic": critic} if critic else {})}
-    checkpointer = Checkpointer(os.path.join(trainer_config.run_dir, "checkpoints"), trainable)
+    checkpointer = Checkpointer(os.path.join(trainer_config.run_dir, "checkpoints"), trainable, config.model.hf_path)
 
     data_parallel = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()

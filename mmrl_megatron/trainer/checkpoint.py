@@ -6,9 +6,10 @@ crash mid-save leaves `latest` pointing at the previous, complete checkpoint.
 
 A checkpoint holds the trainable roles' model and optimizer shards (resharded on load when TP/PP change),
 the common state (step, LR schedules, counters), each data-parallel rank's data position, and each
-rank's RNG states (restored only when the layout is unchanged; otherwise reseeded from the step).
+rank's RNG states (restored only when the layout is unchanged; otherwise reseeded from the step), and
+hf/, the starting model's config, tokenizer and processor files, so that
+tools/checkpoint_convert/mcore_to_hf.py exports the actor from the checkpoint alone.
 """
-import json
 import os
 import shutil
 from typing import Dict, Optional
@@ -67,9 +68,12 @@ def latest_checkpoint(root: str) -> Optional[str]:
 class Checkpointer:
     """Saves and loads the trainable roles (name -> ModelRole) plus loop state."""
 
-    def __init__(self, root: str, roles: Dict[str, object]):
+    def __init__(self, root: str, roles: Dict[str, object], hf_dir: Optional[str] = None):
+        """`hf_dir`: the model directory the run started from; its config, tokenizer and processor files are
+        kept in every checkpoint's hf/, so tools/checkpoint_convert/mcore_to_hf.py exports a checkpoint alone."""
         self.root = root
         self.roles = roles
+        self.hf_dir = hf_dir
 
     def _sharded_state(self, is_loading: bool) -> Dict:
         """Each role's model chunks and optimizer; keys carry the role name so roles never collide."""
@@ -92,6 +96,10 @@ class Checkpointer:
         if dist.get_rank() == 0:
             shutil.rmtree(temporary, ignore_errors=True)
             os.makedirs(temporary)
+            if self.hf_dir is not None:
+                from ..convert.checkpoint_io import HF_FILES_SUBDIR, copy_hf_side_files, hf_files_dir
+
+                copy_hf_side_files(hf_files_dir(self.hf_dir), os.path.join(temporary, HF_FILES_SUBDIR))
         dist.barrier()
         state = self._sharded_state(is_loading=False)
         state["common"] = dict(common, step=step, schedulers={n: r.scheduler.state_dict() for n, r in self.roles.items()},
@@ -133,42 +141,18 @@ class Checkpointer:
         return common, data_state
 
 
-def export_hf(model_chunks, hf_source_dir: str, out_dir: str, max_file_bytes: int = 4 << 30) -> Optional[str]:
-    """Write the actor as a Hugging Face directory (weights via convert.iter_hf_tensors, the rest copied
-    from the source checkpoint). Collective; rank 0 writes. Returns out_dir on rank 0."""
-    from safetensors.torch import save_file
-
+def export_hf(model_chunks, hf_source_dir: str, out_dir: str) -> Optional[str]:
+    """Write the actor as a Hugging Face directory (weights via convert.iter_hf_tensors, in transformers'
+    shard layout, the other files copied from the source checkpoint). Collective; rank 0 writes. Returns
+    out_dir on rank 0."""
     from ..convert import iter_hf_tensors
+    from ..convert.checkpoint_io import copy_hf_side_files, hf_files_dir, write_hf_safetensors
 
-    writing = dist.get_rank() == 0
-    if writing:
-        os.makedirs(out_dir, exist_ok=True)
-    files, current, size, weight_map = [], {}, 0, {}
-
-    def flush():
-        nonlocal current, size
-        if current:
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(current, os.path.join(out_dir, name), metadata={"format": "pt"})
-            files.append(name)
-            weight_map.update({key: name for key in current})
-            current, size = {}, 0
-
-    for name, tensor in iter_hf_tensors(model_chunks):
-        if not writing:
-            continue
-        current[name] = tensor.detach().to("cpu").contiguous()
-        size += tensor.numel() * tensor.element_size()
-        if size >= max_file_bytes:
-            flush()
-    if not writing:
+    named = iter_hf_tensors(model_chunks)
+    if dist.get_rank() != 0:
+        for _ in named:  # the gather is collective: every rank walks it
+            pass
         return None
-    flush()
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as handle:
-        json.dump({"metadata": {}, "weight_map": weight_map}, handle, indent=1)
-    for entry in os.listdir(hf_source_dir):
-        if not entry.endswith(".safetensors") and not entry.endswith(".safetensors.index.json"):
-            source = os.path.join(hf_source_dir, entry)
-            if os.path.isfile(source):
-                shutil.copy(source, os.path.join(out_dir, entry))
+    write_hf_safetensors(named, out_dir)
+    copy_hf_side_files(hf_files_dir(hf_source_dir), out_dir)
     return out_dir

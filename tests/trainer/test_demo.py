@@ -40,12 +40,41 @@ def _training_rows_with_bad_ones(path) -> None:
     write_rows(str(path), rows)
 
 
+def _exported_tensors(directory) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(directory, name)))
+    return tensors
+
+
+def _assert_checkpoint_exports_the_final_model(run) -> None:
+    """mcore_to_hf.py on the last checkpoint alone gives the tensors and side files the run exported itself."""
+    import torch
+
+    out = run / "from_checkpoint"
+    command = [sys.executable, "tools/checkpoint_convert/mcore_to_hf.py", "--mcore-dir",
+               str(run / "checkpoints" / "step_00000002"), "--out", str(out)]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MASTER_ADDR="127.0.0.1", MASTER_PORT="29564")
+    converted = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr[-4000:]
+    exported, from_checkpoint = _exported_tensors(run / "hf_export"), _exported_tensors(out)
+    assert sorted(exported) == sorted(from_checkpoint) and exported
+    for name, tensor in exported.items():
+        assert torch.equal(from_checkpoint[name], tensor), name
+    side_files = {name for name in os.listdir(run / "hf_export") if not name.startswith("model")}
+    assert "config.json" in side_files and side_files <= set(os.listdir(out))
+
+
 def test_demo_runs_end_to_end_and_resumes(tmp_path):
     """Invariant: the main job runs from nothing on 2 CPU ranks (model built, warm-up, GRPO, evaluation,
-    curves, checkpoint), trains past a corrupt image, a missing field and an over-long prompt while
-    counting each, and a relaunch with more steps resumes after the last checkpointed step."""
+    curves, checkpoint, HF export), trains past a corrupt image, a missing field and an over-long prompt
+    while counting each; the checkpoint alone exports (mcore_to_hf.py) exactly the model the run exported;
+    and a relaunch with more steps resumes after the last checkpointed step."""
     _training_rows_with_bad_ones(tmp_path / "assets" / "train.parquet")
-    first = _launch(tmp_path, "trainer.steps=2")
+    first = _launch(tmp_path, "trainer.steps=2", "trainer.export_hf=true")
     assert first.returncode == 0, first.stderr[-4000:]
     records = _records(tmp_path)
     steps = [r for r in records if r["step"] > 0]
@@ -63,6 +92,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert (run / "curves.png").stat().st_size > 10_000
     assert (run / "checkpoints" / "latest").read_text() == "step_00000002"
     assert "warmup_sft_steps: 3" in (run / "config.yaml").read_text()
+    _assert_checkpoint_exports_the_final_model(run)
 
     second = _launch(tmp_path, "trainer.steps=3")
     assert second.returncode == 0, second.stderr[-4000:]

@@ -1,4 +1,5 @@
-"""Convert a megatron-core distributed checkpoint (from hf_to_mcore.py or a training run's model) to HF safetensors.
+"""Convert a megatron-core distributed checkpoint to HF safetensors: one from hf_to_mcore.py, or a training run's
+checkpoint (RUN/checkpoints/step_N), whose actor is exported.
 
     python tools/checkpoint_convert/mcore_to_hf.py --mcore-dir MCORE_DIR --out HF_DIR
     torchrun --nproc_per_node 2 tools/checkpoint_convert/mcore_to_hf.py --mcore-dir MCORE_DIR --out HF_DIR --tp 2
