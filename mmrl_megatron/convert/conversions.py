@@ -15,10 +15,12 @@ import torch.distributed as dist
 
 from .checkpoint_io import (DEFAULT_MAX_SHARD_BYTES, HF_FILES_SUBDIR, is_writer_rank, build_meta_model,
                             check_checkpoint_matches, check_tensor_parallel_entries, copy_hf_side_files,
-                            hf_files_dir, is_mcore_checkpoint, write_hf_safetensors)
+                            hf_files_dir, is_mcore_checkpoint, local_sharded_tensors, write_hf_safetensors)
 from .checkpoint_parts import join_parts, save_part
 from .checkpoint_reads import model_pieces, read_pieces
 from .errors import CheckpointError
+from .exporter import iter_hf_tensors
+from .loader import load_hf_into_model
 from .streaming import agreed_chunk_count, allocated, is_placeholder, tensor_chunks
 
 
@@ -73,8 +75,6 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, device: Optional[torch.device
                         max_chunk_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """HF safetensors -> a megatron distributed checkpoint plus hf_dir's non-weight files in out_dir/hf
     (collective over every rank), holding at most one chunk of max_chunk_bytes of the model at a time."""
-    from . import load_hf_into_model
-
     _prepare_output_dir(out_dir)
     model = build_meta_model(hf_dir)
     count = 0
@@ -100,7 +100,6 @@ def model_key_prefix(mcore_dir: str, sharded_state_dict, role: str = "actor") ->
     chunks under the role's name next to the optimizer state, the role's prefix (such as "actor.module.")."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
 
-    from .checkpoint_io import local_sharded_tensors
 
     stored = load_tensors_metadata(mcore_dir)
     local = sorted(local_sharded_tensors(sharded_state_dict))
@@ -143,8 +142,6 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.dev
     original names, vocabulary padding removed, and the config/tokenizer/processor files; rank 0 writes,
     every rank joins the gather. One chunk of max_chunk_bytes of the model is loaded at a time. Returns the
     names written."""
-    from . import iter_hf_tensors
-
     if not is_mcore_checkpoint(mcore_dir):
         raise CheckpointError(f"{mcore_dir} is not a megatron distributed checkpoint (no metadata.json)")
     model = build_meta_model(mcore_dir)

@@ -1,8 +1,8 @@
 """A model whose tensors exist one bounded chunk at a time, for conversions that never hold the whole model.
 
-The model is built on the meta device (structure and names, no memory: checkpoint_io.build_meta_model). `tensor_chunks` groups this
-rank's parameters and buffers, in module order, into chunks of at most `max_bytes` (a larger tensor forms
-its own chunk); `allocated(chunk)` gives the chunk's tensors real, uninitialised memory for the duration of
+The model is built on the meta device (structure and names, no memory: checkpoint_io.build_meta_model).
+`tensor_chunks` groups this rank's parameters and buffers, in module order, into chunks of at most
+`max_bytes` (a larger tensor forms its own chunk); `allocated(chunk)` gives the chunk's tensors real, uninitialised memory for the duration of
 a `with` block and hands it back afterwards. Loaders and exporters skip tensors still on the meta device,
 so running them inside the block touches exactly the chunk.
 """
