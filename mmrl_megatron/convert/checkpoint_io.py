@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CheckpointError
+from .model_params import is_routed_expert
 
 HF_FILES_SUBDIR = "hf"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # transformers' save_pretrained default
@@ -196,8 +197,7 @@ def check_tensor_parallel_entries(sharded_state_dict) -> None:
         data = entry.data
         if not getattr(data, "tensor_model_parallel", False):
             continue
-        # routed experts' weights are split over the expert-tensor-parallel group, which may be smaller
-        tensor_parallel = (parallel_state.get_expert_tensor_parallel_world_size() if ".mlp.experts." in key
+        tensor_parallel = (parallel_state.get_expert_tensor_parallel_world_size() if is_routed_expert(key)
                            else parallel_state.get_tensor_model_parallel_world_size())
         if tensor_parallel == 1:
             continue

@@ -43,6 +43,15 @@ def _parse_piece_key(name: str) -> Tuple[str, Tuple[int, ...], Tuple[int, ...]]:
     return key, tuple(int(n) for n in offset.split(",") if n), tuple(int(n) for n in global_shape.split(",") if n)
 
 
+def piece_extent(entry) -> torch.Tensor:
+    """A ShardedTensor's data viewed with its prepended (layer, expert) axes as size-1 dimensions: the
+    region it covers in its checkpoint tensor, starting at entry.global_offset on every axis."""
+    data = entry.data
+    for _ in range(entry.prepend_axis_num):
+        data = data.unsqueeze(0)
+    return data
+
+
 def as_whole_pieces(sharded_state_dict):
     """The chunk's ShardedTensors, each replaced by a whole tensor named by its key, offset and global shape
     (keeping its replica id, so replicated copies are still written once); other entries unchanged."""
@@ -57,11 +66,8 @@ def as_whole_pieces(sharded_state_dict):
         if entry.flattened_range is not None:
             raise CheckpointError(f"tensor {entry.key} is a flattened (distributed-optimizer) shard; the "
                                   "converters write model weights only")
-        data = entry.data
-        for _ in range(entry.prepend_axis_num):
-            data = data.unsqueeze(0)
         return ShardedTensor.from_rank_offsets(_piece_key(entry.key, entry.global_offset, entry.global_shape),
-                                               data, replica_id=entry.replica_id)
+                                               piece_extent(entry), replica_id=entry.replica_id)
 
     return dict_list_map_inplace(whole, sharded_state_dict)
 

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from .checkpoint_parts import piece_extent
 from .errors import CheckpointError
 
 
@@ -70,8 +71,5 @@ def model_pieces(sharded_state_dict) -> List[Piece]:
     for entry in nested_values(sharded_state_dict):
         if not isinstance(entry, ShardedTensor):
             continue
-        destination = entry.data
-        for _ in range(entry.prepend_axis_num):
-            destination = destination.unsqueeze(0)
-        pieces.append(Piece(entry.key, tuple(entry.global_offset), destination))
+        pieces.append(Piece(entry.key, tuple(entry.global_offset), piece_extent(entry)))
     return pieces

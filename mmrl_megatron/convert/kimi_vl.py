@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .errors import CheckpointError
 from .hf_checkpoint import HFCheckpoint
-from .model_params import as_chunks
+from .model_params import as_chunks, is_routed_expert
 from .rules import GATED, Rule, RuleTable
 from .streaming import is_placeholder
 
@@ -136,7 +136,7 @@ def local_entries(model) -> List[_Entry]:
     table = RuleTable(rules(chunk.hf_config, "actor"), "kimi_vl")
     tensors = list(chunk.named_parameters()) + [(name, buffer) for name, buffer in chunk.named_buffers()
                                                 if name.endswith("router.expert_bias")]
-    return [_Entry(tensor, _global_name(name, layers, expert_offset), ".mlp.experts." in name, table)
+    return [_Entry(tensor, _global_name(name, layers, expert_offset), is_routed_expert(name), table)
             for name, tensor in tensors]
 
 

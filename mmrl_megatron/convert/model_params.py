@@ -41,6 +41,12 @@ class ShardedParam:
     def size(self) -> int:
         return 1 if self.group is None else torch.distributed.get_world_size(self.group)
 
+def is_routed_expert(name: str) -> bool:
+    """Whether a megatron name (parameter or checkpoint key) belongs to a routed expert: those are split
+    over the expert-tensor-parallel group, not the tensor-parallel one (shared experts are not routed)."""
+    return ".mlp.experts." in name
+
+
 def _split_group(param):
     """Expert weights (megatron marks them allreduce=False) split over the expert-TP group, others over TP."""
     from megatron.core import parallel_state
