@@ -1,6 +1,7 @@
 """Full GRPO steps at Geometry3K-like lengths through the real trainer (launch/train.py's code path).
 
     python benchmarks/bench_step.py                 # Qwen2.5-VL-3B shape (random weights), one GPU
+    python benchmarks/bench_step.py --profile-pass  # then profile one scoring pass and one update micro-batch
     python benchmarks/bench_step.py --quick         # tiny model on the CPU, 2 steps (the smoke test runs it)
 
 Workload per step (the per-GPU share of EasyR1's Geometry3K baseline, 512 prompts x n=5 on 8 GPUs):
@@ -24,11 +25,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import command_line, device_name, markdown_row, utc_date  # noqa: E402
+from common import command_line, device_name, markdown_row, profile_summary, utc_date  # noqa: E402
 
 PUBLISHED_TOKENS_PER_S_PER_GPU = 1800.0  # EasyR1 assets/baselines.md, Qwen2.5-VL-3B, 8xH100
 QUESTION = "Find the distance from O to chord AB. Think step by step, then put the final answer in \\boxed{}."
 PHASES = ("time/generate_and_reward_s", "time/logprob_s", "time/update_s", "time/weight_sync_s", "time/step_s")
+PHASE_MFU = ("throughput/mfu_logprob", "throughput/mfu_update")
 
 
 def write_prompts(path: str, count: int, image_size: int, seed: int = 0) -> None:
@@ -75,8 +77,9 @@ def summarise(records: List[Dict], args, device: str) -> Dict:
         summary[phase.split("/")[1]] = round(statistics.mean(r[phase] for r in steady), 2)
     summary["tokens_per_s_per_gpu"] = round(statistics.mean(r["throughput/tokens_per_s_per_gpu"] for r in steady), 1)
     summary["vs_published"] = round(summary["tokens_per_s_per_gpu"] / PUBLISHED_TOKENS_PER_S_PER_GPU, 2)
-    if "throughput/mfu" in steady[0]:
-        summary["mfu"] = round(statistics.mean(r["throughput/mfu"] for r in steady), 4)
+    for key in ("throughput/mfu",) + PHASE_MFU:
+        if key in steady[0]:
+            summary[key.split("/")[1]] = round(statistics.mean(r[key] for r in steady), 4)
     return summary
 
 
@@ -105,6 +108,9 @@ def parse_args(argv: Optional[List[str]]):
     parser.add_argument("--recompute", choices=["none", "selective", "full"], default="full",
                         help="activation recompute (EasyR1's baseline checkpoints activations too)")
     parser.add_argument("--work-dir", default=None, help="checkpoint, data and run directory (default: temporary)")
+    parser.add_argument("--profile-pass", action="store_true",
+                        help="after the steps, profile one actor scoring pass and one update micro-batch and print "
+                             "kernels, host syncs, GPU-busy share and top kernels for each")
     args = parser.parse_args(argv)
     if args.quick:
         args.shape, args.steps, args.prompts, args.n, args.response_tokens = "tiny", 2, 2, 2, 4
@@ -112,10 +118,58 @@ def parse_args(argv: Optional[List[str]]):
     return args
 
 
+def profile_one_pass(trainer) -> Dict[str, Dict]:
+    """One actor scoring pass over a fresh step's micro-batches, and one update micro-batch, each profiled
+    alone (profiling whole steps takes minutes to aggregate)."""
+    from mmrl_megatron.trainer import losses
+    from mmrl_megatron.trainer.batch import build_micro_batches
+
+    config, actor = trainer.config, trainer.parts.actor
+    temperature = config.rollout.temperature or 1.0
+    samples, _ = trainer.generate_and_reward(config.trainer.steps + 1)
+    micro_batches = build_micro_batches(samples, config.actor.micro_batch_tokens, trainer.parts.pack_sequences)
+    scoring = profile_summary(lambda: actor.score(
+        micro_batches, lambda output, mb: losses.response_logprobs(output, mb, temperature), "old_logprobs"),
+        trainer.parts.device)
+    scoring["tokens"] = sum(mb.num_tokens for mb in micro_batches)
+    trainer.score_with_models(micro_batches, on_policy=False)
+    trainer.compute_advantages(samples)
+    normaliser = trainer.normaliser(micro_batches[0].samples)
+    update = profile_summary(lambda: actor.train_step(
+        micro_batches[:1], lambda output, mb: losses.actor_loss(output, mb, trainer.algorithm, temperature, normaliser),
+        config.actor.optim.grad_clip), trainer.parts.device)
+    update["tokens"] = micro_batches[0].num_tokens
+    return {"scoring_pass": scoring, "update_micro_batch": update}
+
+
+def run_steps(args, overrides: List[str]) -> Dict[str, object]:
+    """launch/train.py's run on this process (trainer/run.py's order): the GPU's peak memory over the steps,
+    and with --profile-pass the pass profile after them."""
+    from mmrl_megatron.config import load_config
+    from mmrl_megatron.parallel import shutdown
+    from mmrl_megatron.trainer.build import build_trainer, close_trainer, start_processes
+
+    config = load_config(None, overrides)
+    device = start_processes(config)
+    try:
+        trainer = build_trainer(config, device)
+        try:
+            trainer.run()
+            measured: Dict[str, object] = {}
+            if device.type == "cuda":
+                measured["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 1)
+                measured["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2 ** 30, 1)
+            if args.profile_pass:
+                measured["profile"] = profile_one_pass(trainer)
+            return measured
+        finally:
+            close_trainer(trainer)
+    finally:
+        shutdown()
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
     from bench_convert import write_random_checkpoint
-
-    from mmrl_megatron.trainer.run import run_training
 
     args = parse_args(argv)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -124,14 +178,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
         hf_dir, data_path = os.path.join(work_dir, "model"), os.path.join(work_dir, "train.parquet")
         write_random_checkpoint(hf_dir, args.shape, getattr(torch, args.dtype))
-        write_prompts(data_path, args.prompts * 2, args.image_size)
+        write_prompts(data_path, args.prompts * 3, args.image_size)
         overrides = step_overrides(args, work_dir, hf_dir, data_path) + (["trainer.device=cpu"] if args.quick else [])
-        run_training(None, overrides)
+        measured = run_steps(args, overrides)
         records = read_metrics(os.path.join(work_dir, "run"))
     summary = summarise(records, args, device_name(torch.device("cuda")) if torch.cuda.is_available()
                         and not args.quick else "cpu")
     for record in records:
-        print(json.dumps({key: record[key] for key in ("step",) + PHASES + ("throughput/tokens_per_s_per_gpu",)}))
+        print(json.dumps({key: record[key] for key in ("step",) + PHASES + ("throughput/tokens_per_s_per_gpu",)
+                          + PHASE_MFU if key in record}))
+    summary.update(measured)
     print(json.dumps(summary))
     print(markdown_row([utc_date(), summary["device"], f"GRPO step {summary['shape']} {summary['dtype']}, "
                         f"{summary['prompts']} prompts x n={summary['n']}, {summary['response_tokens']} new tokens",

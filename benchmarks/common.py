@@ -233,3 +233,73 @@ def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
 def markdown_row(cells: Sequence[object]) -> str:
     """One benchmarks/RESULTS.md table row: | date | device | workload | ours | baseline | ratio | command |."""
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def _busy_seconds(intervals: List[Tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (kernels overlapping on several streams count once)."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
+def scalar_read_sites(call: Callable[[], object], top: int = 5) -> Dict[str, int]:
+    """Run `call` once and count where its scalar reads (`.item()`, `.tolist()`, `float(t)`: each one a host
+    synchronisation on a GPU) come from: the innermost frames outside torch, most frequent first."""
+    import collections
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sites: collections.Counter = collections.Counter()
+
+    class CountScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                frames = [f for f in traceback.extract_stack() if f"{os.sep}torch{os.sep}" not in f.filename][-3:-1]
+                sites[" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(frames))] += 1
+            return func(*args, **(kwargs or {}))
+
+    # backward runs on autograd's device threads, which a dispatch mode (thread-local) would not see
+    with torch.autograd.set_multithreading_enabled(False), CountScalarReads():
+        call()
+    return dict(sites.most_common(top))
+
+
+def profile_summary(call: Callable[[], object], device: torch.device, top: int = 8) -> Dict[str, object]:
+    """Run `call` once under torch.profiler and summarise what a hot path is judged by: wall seconds, kernels
+    launched, host synchronisations (stream/device/event waits) and scalar reads (`.item()`, `.tolist()`,
+    `float(t)`), the share of the wall time some kernel was running, and the kernels with most device time.
+    A first run says where the scalar reads come from (scalar_read_sites) and warms up the profiled one."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sites = scalar_read_sites(call)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    events = profiler.events()
+    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    busy = _busy_seconds([(k.time_range.start / 1e6, k.time_range.end / 1e6) for k in kernels])
+    device_time: Dict[str, float] = {}
+    for kernel in kernels:
+        device_time[kernel.name] = device_time.get(kernel.name, 0.0) + kernel.time_range.elapsed_us() / 1e6
+    return {
+        "wall_s": round(wall, 4), "kernels": len(kernels),
+        "host_syncs": sum(event.name in SYNC_EVENTS for event in events),
+        "scalar_reads": sum(event.name == "aten::_local_scalar_dense" for event in events),
+        "gpu_busy_fraction": round(busy / wall, 3) if wall > 0 else 0.0,
+        "top_kernels_s": {name[:80]: round(seconds, 4) for name, seconds in
+                          sorted(device_time.items(), key=lambda item: -item[1])[:top]},
+        "scalar_read_sites": sites,
+    }

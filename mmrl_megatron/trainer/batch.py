@@ -9,6 +9,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..models.common.transfer import to_device
+
 # Per-sample response-aligned 1-D tensors the phases fill in (name -> [response_length]).
 ResponseTensors = Dict[str, torch.Tensor]
 
@@ -85,11 +87,13 @@ class MicroBatch:
     prompt_mask: torch.Tensor  # [1, T] True on prompt tokens (the only ones image placeholders may occupy)
 
     def to(self, device: torch.device) -> "MicroBatch":
-        for name in ("input_ids", "labels", "position_ids", "pixel_values", "image_grid_thw", "response_index", "mask",
-                     "prompt_mask"):
+        """Move the model inputs; image_grid_thw stays on the host, where the vision tower reads its shape."""
+        for name in ("input_ids", "labels", "position_ids", "pixel_values", "response_index", "mask", "prompt_mask"):
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, value.to(device, non_blocking=True))
+                setattr(self, name, to_device(value, device))
+        if self.packed_seq_params is not None:
+            self.packed_seq_params = self.packed_seq_params.to(device)
         return self
 
     def response_view(self, packed: torch.Tensor) -> torch.Tensor:
@@ -98,7 +102,7 @@ class MicroBatch:
 
     def stacked(self, name: str) -> torch.Tensor:
         """The samples' response tensor `name` as [B, L] on the mask's device."""
-        return pad_responses([s.tensors[name] for s in self.samples], self.mask.shape[1]).to(self.mask.device)
+        return to_device(pad_responses([s.tensors[name] for s in self.samples], self.mask.shape[1]), self.mask.device)
 
     @property
     def num_tokens(self) -> int:

@@ -77,13 +77,21 @@ class Trainer:
         return samples, all_scores
 
     # -- step 4 --------------------------------------------------------------------------------------
-    def score_with_models(self, micro_batches: List[MicroBatch]) -> None:
+    def on_policy_update(self, samples: List[Sample]) -> bool:
+        """Whether the update's one optimizer step sees the weights that generated: one epoch, one
+        mini-batch, and no KL-shaped reward (which needs the old log-probs before the update). Then the old
+        log-probs equal the update's own (detached), and the old-policy scoring pass is skipped."""
+        return (self.config.actor.ppo_epochs == 1 and len(self.mini_batches(samples)) == 1
+                and not self.algorithm.kl_in_reward)
+
+    def score_with_models(self, micro_batches: List[MicroBatch], on_policy: bool) -> None:
         temperature = self.config.rollout.temperature or 1.0
 
         def logprobs(output, micro_batch):
             return losses.response_logprobs(output, micro_batch, temperature)
 
-        self.parts.actor.score(micro_batches, logprobs, "old_logprobs")
+        if not on_policy:
+            self.parts.actor.score(micro_batches, logprobs, "old_logprobs")
         if self.parts.reference is not None:
             self.parts.reference.score(micro_batches, logprobs, "ref_logprobs")
         if self.parts.critic is not None:
@@ -158,7 +166,8 @@ class Trainer:
                 actor_stats, grad_norm, stepped = self.parts.actor.train_step(
                     micro_batches,
                     lambda output, mb: losses.actor_loss(output, mb, self.algorithm, temperature, normaliser),
-                    self.config.actor.optim.grad_clip)
+                    self.config.actor.optim.grad_clip, keep=() if "old_logprobs" in samples[0].tensors
+                    else ("old_logprobs",))
                 self.count_nonfinite(stepped, step)
                 add_stats(stats, actor_stats)
                 add_stats(stats, {"actor/grad_norm": (grad_norm, 1.0)} if stepped else {})
@@ -208,7 +217,8 @@ class Trainer:
 
         mark = time.perf_counter()
         micro_batches = build_micro_batches(samples, self.config.actor.micro_batch_tokens, self.parts.pack_sequences)
-        self.score_with_models(micro_batches)  # step 4
+        on_policy = self.on_policy_update(samples)
+        self.score_with_models(micro_batches, on_policy)  # step 4
         times["time/logprob_s"] = time.perf_counter() - mark
 
         advantage_stats = self.compute_advantages(samples)  # step 5
@@ -221,9 +231,9 @@ class Trainer:
         times["time/weight_sync_s"] = sync_metrics["weight_sync/seconds"]
         times["time/step_s"] = time.perf_counter() - start
 
-        return self.step_metrics(samples, all_scores, train_stats, times, sync_metrics)  # step 8 (metrics)
+        return self.step_metrics(samples, all_scores, train_stats, times, sync_metrics, on_policy)  # step 8
 
-    def step_metrics(self, samples, all_scores, train_stats, times, sync_metrics) -> Dict[str, float]:
+    def step_metrics(self, samples, all_scores, train_stats, times, sync_metrics, on_policy) -> Dict[str, float]:
         stats, maxima = rollout_stats(samples, all_scores, self.config.rollout.max_new_tokens)
         add_stats(stats, train_stats)
         tokens = float(sum(s.length for s in samples))
@@ -234,10 +244,10 @@ class Trainer:
 
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         finish_reward_std(metrics)
-        scoring_passes = 1 + (self.parts.reference is not None) + (self.parts.critic is not None)
+        scoring_passes = (not on_policy) + (self.parts.reference is not None) + (self.parts.critic is not None)
         train_passes = self.config.actor.ppo_epochs * (1 + (self.parts.critic is not None))
         metrics.update(throughput_metrics(float(totals[0]), scoring_passes, train_passes, float(totals[1]),
-                                          self.parts.parameter_count, times["time/step_s"], dist.get_world_size(),
+                                          self.parts.parameter_count, times, dist.get_world_size(),
                                           self.parts.device))
         metrics.update(times)
         metrics.update(sync_metrics)

@@ -2,7 +2,8 @@
 micro-batch into a mini-batch-normalised scalar plus statistics, using the pure algorithm functions.
 
 Statistics are (sum, count) pairs so that micro-batches and ranks combine into exact means (token means
-for losses, whatever the loss aggregation).
+for losses, whatever the loss aggregation). They stay on the device as 0-d tensors: the role adds them up
+and reads them once per update, so no micro-batch waits for the GPU.
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -13,7 +14,7 @@ from .. import algorithms
 from ..config.schema import AlgorithmConfig
 from .batch import MicroBatch
 
-Stats = Dict[str, Tuple[float, float]]
+Stats = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _vocab_parallel():
@@ -38,8 +39,8 @@ def response_entropy(logits: torch.Tensor, micro_batch: MicroBatch, temperature:
     return micro_batch.response_view(entropy_fn(_tempered(logits, temperature)))
 
 
-def _masked_stat(values: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
-    return float((values.detach() * mask).sum()), float(mask.sum())
+def _masked_stat(values: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (values.detach() * mask).sum(), mask.sum()
 
 
 @dataclass
@@ -54,7 +55,8 @@ def actor_loss(logits: torch.Tensor, micro_batch: MicroBatch, config: AlgorithmC
                normaliser: Normaliser) -> Tuple[torch.Tensor, Stats]:
     mask = micro_batch.mask
     logprobs = response_logprobs(logits, micro_batch, temperature)
-    old_logprobs = micro_batch.stacked("old_logprobs")
+    on_policy = "old_logprobs" not in micro_batch.samples[0].tensors  # the trainer skipped that pass (loop.py)
+    old_logprobs = logprobs.detach() if on_policy else micro_batch.stacked("old_logprobs")
     advantages = micro_batch.stacked("advantages")
     loss_fn = algorithms.gspo_loss if config.policy_loss == "gspo" else algorithms.ppo_clip_loss
     policy = loss_fn(logprobs, old_logprobs, advantages, mask, config.clip_low, config.clip_high, config.dual_clip)
@@ -67,9 +69,12 @@ def actor_loss(logits: torch.Tensor, micro_batch: MicroBatch, config: AlgorithmC
         return algorithms.aggregate_loss(values, mask, config.loss_agg, normaliser.tokens, normaliser.sequences)
 
     loss = aggregate(per_token)
+    tokens = mask.sum()
     stats: Stats = {"loss/policy": _masked_stat(per_token, mask),
-                    "actor/clip_fraction": (float(policy.clip_fraction) * float(mask.sum()), float(mask.sum())),
-                    "actor/approx_kl": (float(policy.approx_kl) * float(mask.sum()), float(mask.sum()))}
+                    "actor/clip_fraction": (policy.clip_fraction * tokens, tokens),
+                    "actor/approx_kl": (policy.approx_kl * tokens, tokens)}
+    if on_policy:  # what the skipped pass would have stored (the roles keep it: ModelRole.train_step's keep)
+        stats["old_logprobs"] = logprobs.detach()
     if config.kl_coef > 0 and "ref_logprobs" in micro_batch.samples[0].tensors:
         kl = algorithms.kl_penalty(logprobs, micro_batch.stacked("ref_logprobs"), config.kl_estimator)
         stats["kl/mean"] = _masked_stat(kl, mask)

@@ -85,16 +85,25 @@ def peak_flops_per_device(device: torch.device) -> Optional[float]:
 
 
 def throughput_metrics(step_tokens: float, forward_passes: float, train_passes: float, generated_tokens: float,
-                       parameter_count: float, seconds: float, world_size: int,
+                       parameter_count: float, seconds: Dict[str, float], world_size: int,
                        device: torch.device) -> Dict[str, float]:
-    """tokens/s/GPU over the whole step and MFU from 2N FLOPs per token per forward and 6N per trained token.
+    """tokens/s/GPU over the whole step and MFU from 2N FLOPs per token per forward and 6N per trained token
+    (activation recompute not counted, as Megatron and verl count), for the step and for its scoring and
+    update phases.
 
     step_tokens: prompt + response tokens of the global batch; forward_passes: scoring passes over them
-    (old, reference, critic); train_passes: update passes (epochs x roles); generated_tokens: decoded tokens."""
-    metrics = {"throughput/tokens_per_s_per_gpu": step_tokens / max(seconds, 1e-9) / world_size}
+    (old, reference, critic); train_passes: update passes (epochs x roles); generated_tokens: decoded tokens;
+    seconds: the loop's times ("time/step_s", "time/logprob_s", "time/update_s")."""
+    step_seconds = max(seconds["time/step_s"], 1e-9)
+    metrics = {"throughput/tokens_per_s_per_gpu": step_tokens / step_seconds / world_size}
     peak = peak_flops_per_device(device)
-    if peak:
-        flops = parameter_count * (2 * step_tokens * forward_passes + 6 * step_tokens * train_passes
-                                   + 2 * generated_tokens)
-        metrics["throughput/mfu"] = flops / (seconds * world_size * peak)
+    if not peak:
+        return metrics
+    scoring = 2 * parameter_count * step_tokens * forward_passes
+    update = 6 * parameter_count * step_tokens * train_passes
+    generation = 2 * parameter_count * generated_tokens
+    metrics["throughput/mfu"] = (scoring + update + generation) / (step_seconds * world_size * peak)
+    for name, flops, phase in (("logprob", scoring, "time/logprob_s"), ("update", update, "time/update_s")):
+        if flops and seconds.get(phase):
+            metrics[f"throughput/mfu_{name}"] = flops / (seconds[phase] * world_size * peak)
     return metrics

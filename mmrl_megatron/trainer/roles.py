@@ -5,7 +5,7 @@ With expert parallelism the MoE layers exchange tokens between data-parallel ran
 so every data-parallel rank runs as many micro-batches as the busiest one: a rank with fewer repeats its
 last micro-batch as a filler whose loss and scores are discarded (zero gradient; its tokens do count in
 the MoE routing metrics)."""
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -13,7 +13,8 @@ import torch.distributed as dist
 from .batch import MicroBatch
 from .optim import clipped_step, current_lr
 
-# loss_fn(model_output, micro_batch) -> (scalar loss normalised to the whole mini-batch, {stat: (sum, count)})
+# loss_fn(model_output, micro_batch) -> (scalar loss normalised to the whole mini-batch, {stat: (sum, count)}),
+# the statistics as device tensors (or floats); plus any per-token [B, L] outputs named in train_step's keep
 LossFn = Callable[[torch.Tensor, MicroBatch], Tuple[torch.Tensor, Dict[str, Tuple[float, float]]]]
 # score_fn(model_output, micro_batch) -> [B, L] per-response-token values
 ScoreFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
@@ -108,31 +109,45 @@ class ModelRole:
     @torch.no_grad()
     def score(self, micro_batches: List[MicroBatch], score_fn: ScoreFn, name: str) -> None:
         """Store score_fn's per-token values as sample.tensors[name] on every pipeline stage."""
-        from megatron.core import parallel_state
-
         for chunk in self.chunks:
             chunk.eval()
 
         def output_fn(output, micro_batch, count):
-            return torch.zeros((), device=output.device), {"values": score_fn(output, micro_batch).float()}
+            return torch.zeros((), device=output.device), {name: score_fn(output, micro_batch).float()}
 
-        results = self._schedule(micro_batches, output_fn, forward_only=True)
-        for index, micro_batch in enumerate(micro_batches):
-            values = results[index]["values"] if results else torch.zeros(micro_batch.mask.shape, device=self.device)
-            values = values.to(self.device).contiguous()
-            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-                # values exist on the last stage; every stage needs them for advantages and metrics
-                dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                               group=parallel_state.get_pipeline_model_parallel_group())
-            values = values.cpu()
-            for row, sample in enumerate(micro_batch.samples):
-                sample.tensors[name] = values[row, :len(sample.response_ids)].clone()
+        self._store_per_token(self._schedule(micro_batches, output_fn, forward_only=True), micro_batches, [name])
+
+    def _store_per_token(self, results: List[Dict], micro_batches: List[MicroBatch], names: Sequence[str]) -> None:
+        """Move the per-token outputs `names` ([B, L] per micro-batch, on the last pipeline stage) into every
+        stage's samples, with one device-to-host copy for the whole pass; `results` loses those keys."""
+        from megatron.core import parallel_state
+
+        for name in names:
+            per_micro_batch = []
+            for index, micro_batch in enumerate(micro_batches):
+                values = results[index].pop(name) if results else torch.zeros(micro_batch.mask.shape,
+                                                                                 device=self.device)
+                values = values.float().to(self.device).contiguous()
+                if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                    # values exist on the last stage; every stage needs them for advantages and metrics
+                    dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+                per_micro_batch.append(values)
+            host = torch.cat([values.flatten() for values in per_micro_batch]).cpu()
+            offset = 0
+            for values, micro_batch in zip(per_micro_batch, micro_batches):
+                rows = host[offset:offset + values.numel()].view(values.shape)
+                offset += values.numel()
+                for row, sample in enumerate(micro_batch.samples):
+                    sample.tensors[name] = rows[row, :len(sample.response_ids)].clone()
 
     def train_step(self, micro_batches: List[MicroBatch], loss_fn: LossFn, grad_clip: float,
-                   lr_override: Optional[float] = None):
+                   lr_override: Optional[float] = None, keep: Sequence[str] = ()):
         """One optimizer step over the micro-batches; returns (stats {name: (sum, count)}, grad_norm, stepped).
 
         lr_override (the supervised warm-up) steps at that learning rate without advancing the schedule.
+        keep: names of per-token [B, L] outputs the loss returns among its statistics (the on-policy update's
+        own log-probs), stored as sample.tensors[name] like score's.
         A non-finite loss on any rank (checked across all ranks before the step) skips the step: stepped=False."""
         for chunk in self.chunks:
             chunk.train()
@@ -142,14 +157,11 @@ class ModelRole:
         def output_fn(output, micro_batch, count):
             loss, stats = loss_fn(output, micro_batch)
             # the schedule divides by the number of micro-batches; our losses are already mini-batch normalised
-            return loss * count, dict(stats, _finite=(float(torch.isfinite(loss).item()), 1.0))
+            return loss * count, dict(stats, _finite=(torch.isfinite(loss.detach()).float(), 1.0))
 
         results = self._schedule(micro_batches, output_fn, forward_only=False)
-        stats: Dict[str, Tuple[float, float]] = {}
-        for item in results:
-            for key, (value, count) in item.items():
-                total, weight = stats.get(key, (0.0, 0.0))
-                stats[key] = (total + float(value), weight + float(count))
+        self._store_per_token(results, micro_batches, keep)
+        stats = self._read_stats(results)
         stats.update(self._routing_stats)
         self._routing_stats = {}
         finite_here = stats.pop("_finite", (1.0, 1.0))
@@ -162,6 +174,19 @@ class ModelRole:
                 group["lr"] = lr_override
         stepped, grad_norm = clipped_step(self.optimizer, self.scheduler if lr_override is None else None, grad_clip)
         return stats, grad_norm, stepped
+
+    def _read_stats(self, results: List[Dict]) -> Dict[str, Tuple[float, float]]:
+        """Sum each statistic's (sum, count) over the micro-batches on the device, then read all of them
+        with one host transfer."""
+        totals: Dict[str, List[torch.Tensor]] = {}
+        for item in results:
+            for key, pair in item.items():
+                pair = [torch.as_tensor(part, dtype=torch.float32, device=self.device) for part in pair]
+                totals[key] = pair if key not in totals else [a + b for a, b in zip(totals[key], pair)]
+        if not totals:
+            return {}
+        values = torch.stack([part for pair in totals.values() for part in pair]).tolist()
+        return {key: (values[2 * index], values[2 * index + 1]) for index, key in enumerate(totals)}
 
     def restore_scheduled_lr(self) -> None:
         """Put the schedule's learning rate back after lr_override steps."""

@@ -10,7 +10,7 @@ from tests.benchmarks.test_bench_quick import _finish_quick_run, _start_quick_ru
 @pytest.fixture(scope="module")
 def runs():
     """The three quick runs, two at a time (two cores)."""
-    step = _start_quick_run("bench_step.py")
+    step = _start_quick_run("bench_step.py", "--profile-pass")
     sync = _start_quick_run("bench_sync.py")
     results = {"step": _finish_quick_run(step), "sync": _finish_quick_run(sync)}
     results["convert"] = _finish_quick_run(_start_quick_run("bench_convert.py"))
@@ -30,6 +30,19 @@ def test_step_reports_every_phase_and_the_throughput_they_add_up_to(runs):
     assert summary["tokens_per_s_per_gpu"] == pytest.approx(steps[1]["throughput/tokens_per_s_per_gpu"], rel=1e-3)
     assert summary["vs_published"] == pytest.approx(summary["tokens_per_s_per_gpu"] / 1800.0, abs=0.01)
     assert len(markdown) == 1 and "tokens/s/GPU" in markdown[0]
+
+
+def test_step_profiles_one_scoring_pass_and_one_update_micro_batch(runs):
+    """Invariant: --profile-pass times each pass alone and counts what the hot path is judged by; on the CPU
+    no kernel runs, so the count and the busy share are 0, and the pass's tokens are the micro-batches'."""
+    rows, _ = runs["step"]
+    profile = rows[-1]["profile"]
+    for name in ("scoring_pass", "update_micro_batch"):
+        part = profile[name]
+        assert part["wall_s"] > 0 and part["tokens"] > 0
+        assert part["kernels"] == 0 and part["gpu_busy_fraction"] == 0.0
+        assert part["host_syncs"] >= 0 and part["scalar_reads"] >= 1  # the update reads its statistics once
+    assert profile["update_micro_batch"]["tokens"] <= profile["scoring_pass"]["tokens"]
 
 
 def test_sync_moves_every_byte_and_verifies(runs):

@@ -1,13 +1,14 @@
-"""Transformer-layer specs: megatron-core's local modules with our SDPA core attention, or Transformer
-Engine's when it imports. Causal (language model) and bidirectional (vision tower) variants differ only in
-the attention mask type, so both come from one function."""
+"""Transformer-layer specs: megatron-core's local modules with our core attention and RMSNorm, or
+Transformer Engine's when it imports. Causal (language model) and bidirectional (vision tower) variants
+differ only in the attention mask type, so both come from one function."""
 import copy
 import warnings
 
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .sdpa_attention import SDPACoreAttention
+from .core_attention import TorchCoreAttention
+from .norms import RMSNorm
 
 
 def transformer_engine_available() -> bool:
@@ -34,9 +35,22 @@ def layer_spec(backend: str, causal: bool) -> ModuleSpec:
     if backend == "te":
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     else:
-        with warnings.catch_warnings():  # "Apex is not installed": the torch norms are what we want
+        with warnings.catch_warnings():  # "Apex is not installed": our norms replace apex's anyway
             warnings.simplefilter("ignore", UserWarning)
             spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
-        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        spec.submodules.self_attention.submodules.core_attention = TorchCoreAttention
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask}
     return spec
+
+
+def decoder_spec(backend: str, config):
+    """This pipeline stage's decoder for GPTModel: causal layers, and for the local spec our RMSNorm as the
+    final norm too (given a layer spec alone, megatron-core picks its own fp32-weight norm for it)."""
+    spec = layer_spec(backend, causal=True)
+    if backend == "te":
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)

@@ -1,7 +1,7 @@
 """Kimi-VL's language model (DeepSeek-V3 architecture: MLA attention, sigmoid-routed MoE) on megatron-core.
 
 Every dimension comes from the checkpoint's text config. Layers are megatron-core's local modules with
-our SDPA core attention (packed sequences, and MLA's query/key width differing from the value width) and
+our core attention (packed sequences, and MLA's query/key width differing from the value width) and
 an RMSNorm that also runs under sequence parallelism, which megatron-core's MoE layer requires with
 tensor parallelism. Expert MLPs use Transformer Engine's grouped GEMM when it imports.
 """
@@ -16,27 +16,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..errors import ModelError
-from ..common.sdpa_attention import SDPACoreAttention
+from ..common.core_attention import TorchCoreAttention
+from ..common.norms import RMSNorm
 from ..common.specs import transformer_engine_available
 
 # transformers' DeepseekV3RMSNorm default, used for kv_a_layernorm / q_a_layernorm whatever rms_norm_eps says
 LATENT_NORM_EPS = 1e-6
-
-
-class RMSNorm(torch.nn.Module):
-    """megatron norm-module contract (config, hidden_size, eps); marks its weight for sequence-parallel grad sync."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
-        super().__init__()
-        self.eps = eps
-        # where megatron's own modules put their weights: with use_cpu_initialization the default device (the
-        # CPU, or meta while a streamed conversion builds the model), else the GPU
-        device = None if config.use_cpu_initialization else torch.cuda.current_device()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class LatentRMSNorm(RMSNorm):
@@ -46,8 +31,8 @@ class LatentRMSNorm(RMSNorm):
         super().__init__(config, hidden_size, LATENT_NORM_EPS)
 
 
-class LatentSDPACoreAttention(SDPACoreAttention):
-    """SDPA core attention accepting MLA's separate query/key and value head widths."""
+class LatentCoreAttention(TorchCoreAttention):
+    """Core attention accepting MLA's separate query/key and value head widths."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, k_channels: Optional[int] = None, v_channels: Optional[int] = None,
@@ -143,7 +128,7 @@ def _layer_spec(config, moe: bool) -> ModuleSpec:
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     attention = spec.submodules.self_attention.submodules
-    attention.core_attention = LatentSDPACoreAttention
+    attention.core_attention = LatentCoreAttention
     attention.q_layernorm = LatentRMSNorm
     attention.kv_layernorm = LatentRMSNorm
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.causal}

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
-from ..common.specs import layer_spec, resolve_attention_backend
+from ..common.specs import decoder_spec, layer_spec, resolve_attention_backend
 from ...convert.qwen2_5_vl_shape import Qwen25VLShape, read_shape
 from .model import Qwen25VLModel
 
@@ -21,12 +21,15 @@ def _common(model_config, fused: bool) -> dict:
     """Settings shared by the language model and the vision tower."""
     dtype = DTYPES[model_config.dtype]
     tensor = parallel_state.get_tensor_model_parallel_world_size()
+    # megatron-core's SwiGLU and bias-dropout-add fusions are torch.compile'd: one kernel each way instead of
+    # an eager chain, and the SwiGLU keeps only its input for backward. On GPUs only (Triton compiles them).
+    compiled = torch.cuda.is_available()
     return dict(
         tensor_model_parallel_size=tensor, params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=False, masked_softmax_fusion=fused, persist_layer_norm=fused,
-        bias_dropout_fusion=fused, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        bias_activation_fusion=compiled, masked_softmax_fusion=fused, persist_layer_norm=fused,
+        bias_dropout_fusion=compiled, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         recompute_granularity=None if model_config.recompute == "none" else model_config.recompute,
         recompute_method="uniform" if model_config.recompute == "full" else None,
         recompute_num_layers=1 if model_config.recompute == "full" else None,
@@ -60,9 +63,10 @@ def build_qwen2_5_vl(model_config, hf_config: dict, role: str) -> Qwen25VLModel:
     backend = resolve_attention_backend(model_config.attention_backend)
     fused = backend == "te" and torch.cuda.is_available()
     tensor = parallel_state.get_tensor_model_parallel_world_size()
+    language = language_config(shape, model_config, fused)
     model = Qwen25VLModel(
-        language_config(shape, model_config, fused), vision_config(shape, model_config, fused), shape, role,
-        layer_spec(backend, causal=True), layer_spec(backend, causal=False),
+        language, vision_config(shape, model_config, fused), shape, role,
+        decoder_spec(backend, language), layer_spec(backend, causal=False),
         padded_vocab_size(shape.text.vocab_size, model_config.make_vocab_size_divisible_by, tensor))
     if model.vision_model is not None:
         frozen = [model.vision_model.merger] if model_config.freeze_merger else []

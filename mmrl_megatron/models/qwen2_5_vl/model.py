@@ -14,6 +14,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
+from ..common.packing import as_packed_segments
 from ..common.value_head import ValueHead
 from ..errors import ModelError
 from ...convert.qwen2_5_vl_shape import Qwen25VLShape
@@ -25,7 +26,8 @@ class Qwen25VLModel(MegatronModule):
 
     Last stage: logits [b, s, padded_vocab / TP] with the padding columns at -inf ("actor"), or values
     [b, s] ("critic"); other stages: hidden states [s, b, h] for the pipeline schedule. Packed input is
-    b = 1 with `packed_seq_params` (THD, cu_seqlens); padded input is any b with packed_seq_params None.
+    b = 1 with `packed_seq_params` (packing.PackedSegments, or megatron's THD PackedSeqParams); padded input is
+    any b with packed_seq_params None. image_grid_thw stays on the host (it sizes the vision tower's windows).
     prompt_mask [b, s] (True on prompt tokens) limits image placement to prompts: a sampled response may hold
     the <|image_pad|> id as an ordinary token, as the rollout engines treat it; None: every pad is an image's."""
 
@@ -63,20 +65,24 @@ class Qwen25VLModel(MegatronModule):
         image_tokens = input_ids == self.shape.image_token_id
         if prompt_mask is not None:
             image_tokens = image_tokens & prompt_mask
-        count = int(image_tokens.sum())
+        unit = self.shape.vision.spatial_merge_size ** 2
+        merged = 0 if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // unit
+        if not input_ids.is_cuda:  # on a GPU, reading the count back would stall the stream in every forward
+            self._check_image_tokens(int(image_tokens.sum()), merged if pixel_values is not None else 0)
         if pixel_values is None:
-            if count:
-                raise ModelError(f"input_ids hold {count} image-pad tokens but no pixel_values were given")
             return embeddings
         image_embeddings = self.vision_model(pixel_values, image_grid_thw)
-        if image_embeddings.shape[0] != count:
-            raise ModelError(f"input_ids hold {count} image-pad tokens but image_grid_thw describes "
-                             f"{image_embeddings.shape[0]} merged patches; expand each <|image_pad|> to "
-                             "grid_t*grid_h*grid_w/merge_size**2 copies")
         # masked_scatter fills in row-major order, so scatter in [b, s, h] to keep samples in batch order
         batch_major = embeddings.transpose(0, 1)
         batch_major = batch_major.masked_scatter(image_tokens.unsqueeze(-1), image_embeddings.to(batch_major.dtype))
         return batch_major.transpose(0, 1).contiguous()
+
+    @staticmethod
+    def _check_image_tokens(count: int, merged: int) -> None:
+        if count != merged:
+            raise ModelError(f"input_ids hold {count} image-pad tokens but pixel_values/image_grid_thw describe "
+                             f"{merged} merged patches; expand each <|image_pad|> to "
+                             "grid_t*grid_h*grid_w/merge_size**2 copies (and pass pixel_values with them)")
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """-inf on the columns that only pad the vocabulary to a TP multiple: they are not tokens."""
@@ -93,6 +99,8 @@ class Qwen25VLModel(MegatronModule):
                 image_grid_thw: Optional[torch.Tensor] = None,
                 prompt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         decoder_input = None
+        if packed_seq_params is not None:
+            packed_seq_params = as_packed_segments(packed_seq_params).as_one_stream()
         if self.pre_process:
             decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, prompt_mask)
         output = self.language_model(input_ids, position_ids, attention_mask=None, decoder_input=decoder_input,

@@ -11,11 +11,12 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
 from ..common.layer_list import ShardedLayerList
+from ..common.packing import packed_segments
+from ..common.transfer import to_device
 from ...convert.qwen2_5_vl_shape import VisionShape
 
 
@@ -59,13 +60,6 @@ def frame_bounds(grid_thw: torch.Tensor) -> List[int]:
     return bounds
 
 
-def packed_params(bounds: List[int], device) -> PackedSeqParams:
-    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
-
-
 class PatchMerger(MegatronModule):
     """ln_q -> view merge**2 neighbours as one row -> column-parallel fc1 -> GELU -> row-parallel fc2."""
 
@@ -105,23 +99,25 @@ class VisionModel(MegatronModule):
 
     def _rotary(self, grid_thw, order_of_patches) -> torch.Tensor:
         """[N, 1, 1, head_dim] angles: first half rows, second half columns, then repeated (rotate_half form)."""
-        positions = patch_positions(grid_thw, self.shape.spatial_merge_size).to(self.inv_freq.device)
-        angles = (positions[order_of_patches, :, None].float() * self.inv_freq).flatten(1)
+        positions = patch_positions(grid_thw, self.shape.spatial_merge_size)[order_of_patches]
+        angles = (to_device(positions, self.inv_freq.device)[:, :, None].float() * self.inv_freq).flatten(1)
         return torch.cat([angles, angles], dim=-1)[:, None, None, :]
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         shape, device = self.shape, pixel_values.device
         unit = shape.spatial_merge_size ** 2
-        grid = image_grid_thw.cpu()
+        grid = image_grid_thw.cpu()  # host-side already in the trainer (MicroBatch keeps it there)
         merged_order, window_bounds = window_order(
             grid, shape.spatial_merge_size, shape.window_size // shape.spatial_merge_size // shape.patch_size)
-        patch_order = (merged_order[:, None] * unit + torch.arange(unit)).flatten().to(device)
+        patch_order = (merged_order[:, None] * unit + torch.arange(unit)).flatten()
         weight = self.patch_embed.view(shape.hidden_size, -1)
-        hidden = F.linear(pixel_values.to(weight.dtype), weight)[patch_order].unsqueeze(1)
+        hidden = F.linear(pixel_values.to(weight.dtype), weight)[to_device(patch_order, device)].unsqueeze(1)
         rotary = self._rotary(grid, patch_order)
-        full, windowed = packed_params(frame_bounds(grid), device), packed_params(window_bounds, device)
+        # windows and frames are packed sequences of one [N, 1] stream: one attention kernel per layer
+        full = packed_segments(frame_bounds(grid), device, qkv_format="sbhd")
+        windowed = packed_segments(window_bounds, device, qkv_format="sbhd")
         for index, layer in enumerate(self.layers):
             params = full if index in shape.fullatt_block_indexes else windowed
             hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=params)
         merged = self.merger(hidden.squeeze(1))
-        return merged[torch.argsort(merged_order.to(device))]
+        return merged[to_device(torch.argsort(merged_order), device)]
