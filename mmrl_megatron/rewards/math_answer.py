@@ -16,7 +16,8 @@ from mmrl_megatron.rewards.normalize import normalize_answer
 
 _EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
 # a quantity's name: letters with subscripts and primes, \\angle ABC, m\\angle B, \\overline{AB}
-_NAME = re.compile(r"^(?:\\(?:angle|measuredangle|triangle|overline|widehat|overarc|arc)\b|[A-Za-z]|_\{?[A-Za-z0-9]+\}?|['{}\s])+$")
+_NAME = re.compile(r"^(?:\\(?:angle|measuredangle|triangle|overline|widehat|overarc|arc)\b|[A-Za-z]"
+                   r"|_\{?[A-Za-z0-9]+\}?|['{}\s])+$")
 
 
 def _timeout_seconds() -> Optional[int]:

@@ -15,7 +15,8 @@ from fractions import Fraction
 
 _TEXT_MARKUP = re.compile(r"\\(?:text|textrm|textnormal|textup|textit|textbf|textsf|mathrm|mathit|mathbf|mathsf|"
                           r"mbox|hbox|operatorname)\s*\{([^{}]*)\}")
-_DEGREE = re.compile(r"(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree)(?:\s*(?:\\(?:text|mathrm)\s*\{\s*[CF]\s*\}|[CF](?![A-Za-z])))?")
+_DEGREE = re.compile(r"(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree)"
+                     r"(?:\s*(?:\\(?:text|mathrm)\s*\{\s*[CF]\s*\}|[CF](?![A-Za-z])))?")  # and Celsius, Fahrenheit
 _SPACING = re.compile(r"\\[;:>]|\\quad|\\qquad|\\ |~|\\hspace\*?\{[^{}]*\}")
 _THIN_SPACE = re.compile(r"(?<=\d)\\,(?=\d)")  # 1\,000: a thousands separator, not a space
 _CONNECTIVE = re.compile(r"(?<![A-Za-z\\])(?:or|and)(?![A-Za-z])|;")

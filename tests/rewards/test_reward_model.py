@@ -69,10 +69,11 @@ def _score_through_experience(model_dir):
     sources = ExperienceSources(prompts=iter([]), engine=StandInEngine(), reward=reward,
                                 decode=processor.tokenizer.decode, positions=positions)
     samples = generate_and_score(prompts, sources, SamplingParams(n=2, max_new_tokens=4, seed=3), 0, 0.0)
+    own_rows = [rows[sample.group] for sample in samples]
     judged = reward.score_batch([
-        RewardItem("s", processor.tokenizer.decode(sample.response_ids), rows[sample.group]["reward_model"]["ground_truth"],
-                   {}, parse_row(rows[sample.group]).messages, [image["bytes"] for image in rows[sample.group]["images"]])
-        for sample in samples])
+        RewardItem("s", processor.tokenizer.decode(sample.response_ids), row["reward_model"]["ground_truth"], {},
+                   parse_row(row).messages, [image["bytes"] for image in row["images"]])
+        for sample, row in zip(samples, own_rows)])
     return [sample.score for sample in samples], [result.score for result in judged], reward.metrics()
 
 
