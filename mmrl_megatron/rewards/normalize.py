@@ -19,7 +19,10 @@ _DEGREE = re.compile(r"(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree)"
                      r"(?:\s*(?:\\(?:text|mathrm)\s*\{\s*[CF]\s*\}|[CF](?![A-Za-z])))?")  # and Celsius, Fahrenheit
 _SPACING = re.compile(r"\\[;:>]|\\quad|\\qquad|\\ |~|\\hspace\*?\{[^{}]*\}")
 _THIN_SPACE = re.compile(r"(?<=\d)\\,(?=\d)")  # 1\,000: a thousands separator, not a space
-_CONNECTIVE = re.compile(r"(?<![A-Za-z\\])(?:or|and)(?![A-Za-z])|;")
+_CONNECTIVE = re.compile(r"(?<![A-Za-z\\])(?:or|and)(?![A-Za-z])|\\(?:lor|vee)(?![A-Za-z])|;")
+# what is left around a connective once it is a comma: "5, , 6", "5 ,/, 6" (and/or), "5 (, 6)" (5 (or 6))
+_REPEATED_COMMAS = re.compile(r"\s*,(?:\s*[,/]\s*)+")
+_PARENTHESISED_ALTERNATIVE = re.compile(r"\(\s*,\s*([^()]*?)\s*\)")
 _UNIT_WORDS = (r"(?:(?:square|sq\.?|cubic|cu\.?)\s*)?"
                r"(?:units?|(?:centi|milli|kilo)?met(?:er|re)s?|cm|mm|km|m|inch(?:es)?|in\.?|ft|feet|foot|yd|"
                r"yards?|mi|miles?|degrees?|deg|radians?|rad|percent)")
@@ -71,7 +74,7 @@ def normalize_answer(answer: str) -> str:
     answer = _SPACING.sub(" ", answer.replace("\\!", "")).replace("\\,", " ")
     answer = _DEGREE.sub("", answer)
     answer = _unwrap_text_markup(answer)
-    answer = _CONNECTIVE.sub(",", answer)
+    answer = _PARENTHESISED_ALTERNATIVE.sub(r", \1", _REPEATED_COMMAS.sub(", ", _CONNECTIVE.sub(",", answer)))
     answer = _UNIT_AFTER_VALUE.sub(lambda match: match.group("value"), answer)
     answer = answer.replace("\\%", "").replace("%", "")
     answer = re.sub(r"\\(?:dfrac|tfrac)", r"\\frac", answer)

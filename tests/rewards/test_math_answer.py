@@ -87,6 +87,10 @@ CASES = [
     (r"\boxed{5 \text{ m}^2 \text{ and } 12 \text{ m}^2}", "12", False),
     (r"\boxed{x = 5 \text{ or } x = 6}", "5", False),
     (r"\boxed{5 or 6}", "6", False),
+    (r"\boxed{5\text{ cm (or 6 cm)}}", "6", False),
+    (r"\boxed{5 \text{ cm, or } 6 \text{ cm}}", "6", False),
+    (r"\boxed{5 \text{ cm} \text{ and/or } 6 \text{ cm}}", "6", False),
+    (r"\boxed{5 \text{ cm} \lor 6 \text{ cm}}", "6", False),
     (r"\boxed{5 \text{ cm and } 6 \text{ cm}}", "5, 6", True),  # both values asked for
     # equations, value first or chained
     (r"\boxed{4 = x}", "4", True),
