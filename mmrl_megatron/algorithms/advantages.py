@@ -21,12 +21,16 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, normalize_by_std: bo
                     eps: float = 1e-6) -> torch.Tensor:
     """(r - group mean) / (group std + eps), or without the std division (Dr. GRPO) when told.
 
-    The std is the unbiased sample std, as in verl; a group of one has advantage 0."""
+    The std is the unbiased sample std, as in verl; a group of one, or of equal rewards, has advantage
+    exactly 0."""
     groups = _groups(rewards.float(), group_size)
-    centred = groups - groups.mean(dim=1, keepdim=True)
+    # Centre on the first reward before averaging: equal rewards then sum exactly to 0, where a plain
+    # float32 mean of e.g. 2.1s is one ulp off and (r - mean) / (std + eps) gives every sample ~0.19.
+    shifted = groups - groups[:, :1]
+    centred = shifted - shifted.mean(dim=1, keepdim=True)
     if normalize_by_std and group_size > 1:
-        std = groups.std(dim=1, keepdim=True)
-        # equal rewards centre to exactly 0; dividing would give 0/0 when eps is 0
+        std = (centred.square().sum(dim=1, keepdim=True) / (group_size - 1)).sqrt()
+        # dividing would give 0/0 for equal rewards when eps is 0
         centred = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
     return centred.reshape(-1)
 
@@ -41,20 +45,25 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = r_t + gamma * G_{t+1} over each row's response tokens; [B, L] in, [B, L] out."""
+    """G_t = r_t + gamma * G_{t'} over each row's response tokens, t' the next unmasked position; [B, L] in,
+    [B, L] out. Masked positions (padding, or tool output inside a multi-turn response) neither discount nor
+    reset the return: it is carried across them unchanged, as in verl."""
+    mask = mask.float()
     returns = torch.zeros_like(token_rewards, dtype=torch.float32)
-    running = torch.zeros(token_rewards.shape[0], dtype=torch.float32)
+    running = torch.zeros(token_rewards.shape[0], dtype=torch.float32, device=token_rewards.device)
     rewards = token_rewards.float() * mask
     for t in reversed(range(token_rewards.shape[1])):
-        running = rewards[:, t] + gamma * running * mask[:, t]
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
         returns[:, t] = running
     return returns * mask
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries of the whole batch."""
+    """(x - mean) / std over the masked entries of the whole batch; the unbiased std, as verl's masked_whiten."""
     mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
+    count = mask.float().sum()
+    bessel = count / (count - 1).clamp(min=1)
+    variance = masked_mean((values - mean) ** 2, mask) * bessel
     return (values - mean) * torch.rsqrt(variance + eps) * mask
 
 

@@ -13,12 +13,17 @@ from mmrl_megatron.rewards.workers import FunctionWorkers
 class RewardFunction:
     """score = answer score + format_weight * format score + reward_model_weight * reward-model score.
 
-    An answer function that raises, times out (reward.timeout_s) or kills its worker contributes 0 and its
-    error is returned on the result and counted in metrics(); so does an item the reward model cannot read.
-    Neither stops training.
+    The format term is added (format_weight 0.1 gives at most 1.1); reward.function=geo3k is verl's blend
+    0.9 x accuracy + 0.1 x format (at most 1) instead. An answer function that raises, times out
+    (reward.timeout_s) or kills its worker contributes 0 and its error is returned on the result and counted
+    in metrics(); so does an item the reward model cannot read. Neither stops training. A function returning
+    something other than a number or a dict with a numeric "score" is a mistake in it: RewardError.
     """
 
     def __init__(self, reward_config, data_config=None, device: str = "cpu"):
+        if reward_config.function == "geo3k" and reward_config.format_weight:
+            raise RewardError(f"reward.function 'geo3k' already includes verl's 0.1 x format term; set "
+                              f"reward.format_weight=0 (it is {reward_config.format_weight})")
         self.config = reward_config
         self.errors: Counter = Counter()
         self._workers: Optional[FunctionWorkers] = None
@@ -42,8 +47,9 @@ class RewardFunction:
         items = [item if isinstance(item, RewardItem) else RewardItem(*item) for item in items]
         results = [RewardResult(score=0.0, accuracy=0.0) for _ in items]
         if self._workers is not None:
-            outcomes = self._workers.run([(item.data_source, item.response_text, item.ground_truth,
-                                           item.extra_info or {}) for item in items])
+            outcomes = self._workers.run([dict(data_source=item.data_source, solution_str=item.response_text,
+                                               ground_truth=item.ground_truth, extra_info=item.extra_info or {})
+                                          for item in items])
             for result, (outcome, error) in zip(results, outcomes):
                 if error is not None:
                     self.errors["timeout" if error.startswith("timeout") else "exception"] += 1

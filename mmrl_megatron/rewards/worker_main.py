@@ -5,12 +5,13 @@
 import sys
 from multiprocessing.connection import Connection
 
-from mmrl_megatron.rewards.functions import load_function, score_and_accuracy
+from mmrl_megatron.rewards.errors import RewardError
+from mmrl_megatron.rewards.functions import call_function, load_function, score_and_accuracy
 
 
 def serve(requests: Connection, results: Connection, spec: str) -> None:
-    """Say ("ready",) once the function is loaded, then answer (number, arguments) requests with
-    (number, (score, accuracy, extras) or None, error or None)."""
+    """Say ("ready",) once the function is loaded, then answer (number, keyword arguments) requests with
+    (number, (score, accuracy, extras) or None, error or None, whether the error is a wrong result type)."""
     function = load_function(spec)
     results.send(("ready",))
     while True:
@@ -19,9 +20,11 @@ def serve(requests: Connection, results: Connection, spec: str) -> None:
         except EOFError:  # the trainer closed the pipe: shut down
             return
         try:
-            results.send((number, score_and_accuracy(function(*arguments)), None))
+            results.send((number, score_and_accuracy(call_function(function, arguments), spec), None, False))
+        except RewardError as error:
+            results.send((number, None, str(error), True))
         except Exception as error:  # the user's function may raise anything; the trainer scores it 0
-            results.send((number, None, f"{type(error).__name__}: {error}"))
+            results.send((number, None, f"{type(error).__name__}: {error}", False))
 
 
 if __name__ == "__main__":

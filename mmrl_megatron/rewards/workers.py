@@ -12,7 +12,7 @@ import sys
 import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mmrl_megatron.rewards.errors import RewardError
 
@@ -55,23 +55,25 @@ class _Worker:
 
 
 class FunctionWorkers:
-    """`num_workers` processes running the function named by `spec` on argument tuples, `timeout_s` per call."""
+    """`num_workers` processes running the function named by `spec` on keyword arguments, `timeout_s` per call."""
 
     def __init__(self, spec: str, num_workers: int, timeout_s: float):
         self.spec, self.timeout_s = spec, timeout_s
         self._workers = [worker.wait_ready(spec) for worker in [_Worker(spec) for _ in range(max(1, num_workers))]]
 
-    def run(self, argument_tuples: Sequence[Tuple[Any, ...]]) -> List[Outcome]:
-        """One outcome per argument tuple, in order: the result, or None with the error (raised, timed out, died).
-        The deadline of a call starts when it is handed to a worker."""
-        outcomes: List[Outcome] = [(None, "not run")] * len(argument_tuples)
-        pending = deque(enumerate(argument_tuples))
+    def run(self, calls: Sequence[Dict[str, Any]]) -> List[Outcome]:
+        """One outcome per call's keyword arguments, in order: the result, or None with the error (raised, timed out,
+        died). The deadline of a call starts when it is handed to a worker. Raises RewardError, once every call has
+        finished, when the function returned a result of the wrong type (a string, say)."""
+        outcomes: List[Outcome] = [(None, "not run")] * len(calls)
+        wrong_type: List[str] = []
+        pending = deque(enumerate(calls))
         idle, busy = list(self._workers), {}
         while pending or busy:
             while idle and pending:
                 worker, (number, arguments) = idle.pop(), pending.popleft()
                 try:
-                    worker.requests.send((number, tuple(arguments)))
+                    worker.requests.send((number, dict(arguments)))
                 except (BrokenPipeError, OSError):
                     outcomes[number] = (None, f"worker died (exit code {worker.process.poll()})")
                     idle.append(self._replace(worker))
@@ -83,8 +85,9 @@ class FunctionWorkers:
             for connection in wait(list(busy), timeout=max(0.0, soonest - time.monotonic())):
                 worker, number, _ = busy.pop(connection)
                 try:
-                    _, result, error = connection.recv()
+                    _, result, error, is_wrong_type = connection.recv()
                     outcomes[number] = (result, error)
+                    wrong_type += [error] if is_wrong_type else []
                 except (EOFError, OSError):
                     outcomes[number] = (None, f"worker died (exit code {worker.process.wait()})")
                     worker = self._replace(worker)
@@ -95,6 +98,8 @@ class FunctionWorkers:
                     del busy[connection]
                     outcomes[number] = (None, f"timeout after {self.timeout_s:g} s")
                     idle.append(self._replace(worker))
+        if wrong_type:
+            raise RewardError(wrong_type[0])
         return outcomes
 
     def _replace(self, worker: _Worker) -> _Worker:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .. import algorithms
+from ..rewards import RewardItem
 from ..rollout import RolloutRequest, SamplingParams
 from .batch import Sample
 
@@ -59,8 +60,10 @@ def generate_and_score(prompts: Sequence, sources: ExperienceSources, sampling: 
                                images=p.images, prompt_text=p.prompt_text) for p in mine]
     results = sources.engine.generate(requests, sampling) if requests else []
     texts = [sources.decode(r.response_ids) for r in results]
-    items = [(mine[r.request_index].data_source, text, mine[r.request_index].ground_truth,
-              mine[r.request_index].extra_info) for r, text in zip(results, texts)]
+    # the prompt's chat and images travel with each response: a reward model judges them together
+    answered = [mine[r.request_index] for r in results]
+    items = [RewardItem(p.data_source, text, p.ground_truth, p.extra_info, p.messages, p.images)
+             for p, text in zip(answered, texts)]
     scored = sources.reward.score_batch(items) if items else []
     records = [(share.start + r.request_index, r.sample_index, list(r.response_ids), list(r.logprobs), r.finish_reason,
                 s.score, s.accuracy) for r, s in zip(results, scored)]

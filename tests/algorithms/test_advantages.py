@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mmrl_megatron.algorithms import (gae_advantages, grpo_advantages, outcome_to_token_rewards,
+from mmrl_megatron.algorithms import (discounted_returns, gae_advantages, grpo_advantages, outcome_to_token_rewards,
                                       reinforce_plus_plus_advantages, rloo_advantages)
 
 
@@ -15,6 +15,19 @@ def test_grpo_normalises_within_each_group():
     std = math.sqrt(0.5)  # unbiased std of {1, 0}
     assert torch.allclose(advantages[:4], torch.tensor([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std]))
     assert torch.equal(advantages[4:], torch.zeros(2))  # equal rewards teach nothing
+
+
+@pytest.mark.parametrize("value", [2.1, 0.1, 0.7, 3.3, -1.3])
+@pytest.mark.parametrize("normalize_by_std", [True, False])
+def test_grpo_equal_rewards_centre_to_exactly_zero(value, normalize_by_std):
+    """Invariant: a group whose rewards are all equal gets advantage exactly 0 in float32 for any reward value
+    (a float32 mean of 2.1s is one ulp off; divided by std + 1e-6 that was ~0.19 on every sample)."""
+    alone = grpo_advantages(torch.full((8,), value), group_size=8, normalize_by_std=normalize_by_std)
+    assert torch.equal(alone, torch.zeros(8))
+    rewards = torch.tensor([value] * 8 + [0.0, 1.0] * 4, dtype=torch.float32)
+    advantages = grpo_advantages(rewards, group_size=8, normalize_by_std=normalize_by_std)
+    assert torch.equal(advantages[:8], torch.zeros(8))
+    assert advantages[8:].abs().min() > 0.1  # the mixed group beside it still teaches
 
 
 def test_grpo_without_std_only_centres():
@@ -43,13 +56,26 @@ def test_outcome_reward_sits_on_last_response_token():
 
 
 def test_reinforce_plus_plus_whitens_discounted_returns():
-    """Invariant: REINFORCE++ = batch-whitened discounted returns over response tokens."""
+    """Invariant: REINFORCE++ = batch-whitened discounted returns over response tokens (unbiased std, as verl)."""
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     rewards = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
-    # gamma 0.5: returns [[0.5, 1.0], [0.0, -]]; mean 0.5, population std sqrt(1/6)
+    # gamma 0.5: returns [[0.5, 1.0], [0.0, -]]; mean 0.5, unbiased std sqrt(0.5 / 2)
     advantages = reinforce_plus_plus_advantages(rewards, mask, gamma=0.5)
-    std = math.sqrt(((0.0) ** 2 + 0.5 ** 2 + 0.5 ** 2) / 3)
+    std = math.sqrt(((0.0) ** 2 + 0.5 ** 2 + 0.5 ** 2) / 2)
     assert torch.allclose(advantages, torch.tensor([[0.0, 0.5 / std], [-0.5 / std, 0.0]]), atol=1e-5)
+
+
+def test_discounted_returns_carry_across_masked_gaps():
+    """Invariant: masked positions inside a response (tool output in a multi-turn response) neither restart nor
+    discount the return: G_t = r_t + gamma * G at the next unmasked position, and masked positions return 0."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])
+    rewards = torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0, 1.0, 0.0]])  # the 5.0 sits on a masked token: ignored
+    gamma = 0.5
+    returns = discounted_returns(rewards, mask, gamma)
+    # unmasked positions 0, 1, 4, 5 in order: returns 1 * gamma^3, gamma^2, gamma, 1
+    assert torch.allclose(returns, torch.tensor([[gamma ** 3, gamma ** 2, 0.0, 0.0, gamma, 1.0, 0.0]]))
+    advantages = reinforce_plus_plus_advantages(rewards, mask, gamma)
+    assert torch.equal(advantages[mask == 0], torch.zeros(3)) and advantages[0, 0] < advantages[0, 1]
 
 
 def test_gae_matches_hand_recursion():

@@ -75,6 +75,32 @@ def test_kl_estimators():
     assert torch.allclose(penalised, torch.tensor([[1.0 - 0.05, 0.0]]))
 
 
+def test_k3_is_finite_for_extreme_and_infinite_log_ratios():
+    """Invariant: k3's value stays in [0, 10] and its gradient finite when ref - logp reaches 1e4 (exp would
+    overflow float32 past ~88.7) or a log-prob is -inf, as in verl, which clamps the log-ratio before exp."""
+    logprobs = torch.tensor([-1e4, -100.0, -89.0, 0.0, float("-inf"), -2.0], requires_grad=True)
+    ref = torch.tensor([0.0, 0.0, 0.0, -1e4, 0.0, float("-inf")])
+    kl = kl_penalty(logprobs, ref, "k3")
+    assert torch.equal(kl, torch.full((6,), 10.0))
+    kl.sum().backward()
+    assert torch.isfinite(logprobs.grad).all()
+
+
+def test_k3_keeps_the_logit_gradient_finite():
+    """Invariant: one token whose log-prob is 1e4 below the reference's, in a kl_coef 0.01 loss, leaves every
+    logit's gradient finite (before the clamp exp overflowed and 0 * inf made the whole gradient NaN)."""
+    logits = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    labels = torch.zeros(2, 4, dtype=torch.long)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    ref = logprobs.detach() + 0.3
+    ref[0, 1] += 1e4
+    ref[1, 2] += 95.0
+    loss = 0.01 * kl_penalty(logprobs, ref, "k3").mean()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0  # the ordinary tokens still pull towards the reference
+
+
 def test_entropy_bonus_and_truncated_importance_sampling():
     """Invariant: the entropy term is -coef * H; TIS weights are min(pi_train/pi_rollout, cap), no gradient."""
     assert entropy_bonus_loss(torch.tensor([2.0]), 0.01).item() == pytest.approx(-0.02)

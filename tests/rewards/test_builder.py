@@ -24,6 +24,23 @@ USER_FUNCTIONS = textwrap.dedent('''
             return float("nan")
         return 1.0
 
+    def keyword_only(*, data_source, solution_str, ground_truth, extra_info):
+        return float(solution_str == ground_truth)
+
+    def reordered(extra_info, ground_truth, data_source, solution_str):
+        return {"score": float(solution_str == ground_truth), "source": float(data_source == "src")}
+
+    async def awaited(data_source, solution_str, ground_truth, extra_info):
+        import asyncio
+        await asyncio.sleep(0.01)
+        return {"score": 3.0 if solution_str == ground_truth else 0.5, "acc": solution_str == ground_truth}
+
+    def returns_text(data_source, solution_str, ground_truth, extra_info):
+        return "1.0" if solution_str == "string" else 1.0
+
+    def returns_text_score(data_source, solution_str, ground_truth, extra_info):
+        return {"score": "1"}
+
     def misbehaves(data_source, solution_str, ground_truth, extra_info):
         if "slow" in solution_str:
             time.sleep(60)
@@ -57,6 +74,40 @@ def test_user_function_by_path(user_file):
     assert metrics == {"reward/errors_exception": 0.0, "reward/errors_timeout": 0.0, "reward/errors_reward_model": 0.0}
     results, _ = _score(f"{user_file}:plain", [("src", "x", "1", None)], format_weight=0.5)
     assert (results[0].score, results[0].accuracy, results[0].components) == (0.25, 1.0, {"answer": 0.25, "format": 0.0})
+
+
+def test_user_functions_are_called_with_keywords_as_verl_does(user_file):
+    """Invariant: verl's arguments arrive by keyword, so a keyword-only function works and one whose parameters
+    are in another order still gets each value under its own name."""
+    items = [("src", "7", "7", None), ("other", "8", "7", None)]
+    results, _ = _score(f"{user_file}:keyword_only", items)
+    assert [r.score for r in results] == [1.0, 0.0] and all(r.error is None for r in results)
+    results, _ = _score(f"{user_file}:reordered", items)
+    assert [(r.score, r.components["source"], r.error) for r in results] == [(1.0, 1.0, None), (0.0, 0.0, None)]
+
+
+def test_async_user_function_runs_to_completion(user_file):
+    """Invariant: an async compute_score is awaited; its dict result scores like a plain function's."""
+    results, metrics = _score(f"{user_file}:awaited", [("s", "7", "7", None), ("s", "8", "7", None)])
+    assert [(r.score, r.accuracy, r.error) for r in results] == [(3.0, 1.0, None), (0.5, 0.0, None)]
+    assert metrics["reward/errors_exception"] == 0
+
+
+def test_a_returned_string_is_refused_naming_the_function(user_file):
+    """Invariant: a result that is not a number or a dict with a numeric score (here a string, which float()
+    would silently read) stops scoring with one RewardError line naming the function and what it returned, after
+    the batch's other calls finished (the next batch still scores)."""
+    reward = build_reward_function(RewardConfig(function=f"{user_file}:returns_text", num_workers=1))
+    try:
+        with pytest.raises(RewardError) as raised:
+            reward.score_batch([("s", "fine", "1", None), ("s", "string", "1", None), ("s", "fine", "1", None)])
+        message = str(raised.value)
+        assert f"{user_file}:returns_text" in message and "str '1.0'" in message and "\n" not in message
+        assert [r.score for r in reward.score_batch([("s", "fine", "1", None)])] == [1.0]
+    finally:
+        reward.close()
+    with pytest.raises(RewardError, match="returned a 'score' of type str '1'"):
+        _score(f"{user_file}:returns_text_score", [("s", "x", "1", None)])
 
 
 def test_failures_score_zero_and_are_counted(user_file):
@@ -99,6 +150,18 @@ def test_builtin_boxed_math_with_format():
     results, _ = _score("boxed_math", [("g", "<think>half</think> \\boxed{0.5}", "\\frac{1}{2}", None),
                                        ("g", "\\boxed{0.4}", "\\frac{1}{2}", None)], format_weight=0.5)
     assert [(r.score, r.accuracy) for r in results] == [(1.5, 1.0), (0.0, 0.0)]
+
+
+def test_geo3k_blends_accuracy_and_format_as_verl():
+    """Invariant: reward.function=geo3k scores 0.9 x accuracy + 0.1 x format (at most 1, as verl's geo3k), with
+    accuracy and format as components; combining it with format_weight (a second format term) is refused."""
+    items = [("g", "<think>half</think> \\boxed{0.5}", "\\frac{1}{2}", None), ("g", "\\boxed{0.5}", "0.5", None),
+             ("g", "<think>guess</think> \\boxed{0.4}", "0.5", None), ("g", "0.5", "0.5", None)]
+    results, _ = _score("geo3k", items)
+    assert [r.score for r in results] == pytest.approx([1.0, 0.9, 0.1, 0.0])
+    assert [(r.accuracy, r.components["format"]) for r in results] == [(1, 1), (1, 0), (0, 1), (0, 0)]
+    with pytest.raises(RewardError, match="format_weight=0"):
+        build_reward_function(RewardConfig(function="geo3k", format_weight=0.1))
 
 
 def test_slow_import_does_not_count_against_timeout(tmp_path):

@@ -47,3 +47,43 @@ def test_reward_model_in_reward_function(tiny_model_dir):
     assert good.error is None and good.score == pytest.approx(results[0].score)
     assert reward.metrics()["reward/errors_reward_model"] == 1
     reward.close()
+
+
+def _score_through_experience(model_dir):
+    """On one CPU rank: samples scored by generate_and_score with a reward-model reward, and the same responses
+    judged from the rows' own chats and images."""
+    from megatron.core import parallel_state
+
+    from mmrl_megatron.data.processor import PromptProcessor
+    from mmrl_megatron.rollout import SamplingParams
+    from mmrl_megatron.trainer.experience import ExperienceSources, generate_and_score
+    from tests.trainer.stand_ins import StandInEngine, positions
+
+    parallel_state.initialize_model_parallel()
+    data_config = DataConfig(max_prompt_length=4096)
+    processor = PromptProcessor(model_dir, data_config)
+    rows = [make_row("How many squares?", [png(56, 56)], "1", "s"), make_row("Describe.", [png(112, 56)], "2", "s"),
+            make_row("Text only question?", [], "3", "s")]
+    prompts = [processor.process(parse_row(row), index) for index, row in enumerate(rows)]
+    reward = build_reward_function(RewardConfig(function="none", reward_model=model_dir), data_config)
+    sources = ExperienceSources(prompts=iter([]), engine=StandInEngine(), reward=reward,
+                                decode=processor.tokenizer.decode, positions=positions)
+    samples = generate_and_score(prompts, sources, SamplingParams(n=2, max_new_tokens=4, seed=3), 0, 0.0)
+    own_rows = [rows[sample.group] for sample in samples]
+    judged = reward.score_batch([
+        RewardItem("s", processor.tokenizer.decode(sample.response_ids), row["reward_model"]["ground_truth"], {},
+                   parse_row(row).messages, [image["bytes"] for image in row["images"]])
+        for sample, row in zip(samples, own_rows)])
+    return [sample.score for sample in samples], [result.score for result in judged], reward.metrics()
+
+
+def test_reward_model_scores_through_the_experience_path(tiny_model_dir):
+    """Invariant: with reward.reward_model set, the experience step hands the judge each prompt's chat and images
+    (it used to pass only verl's four fields, and the first GRPO step stopped with RewardError): every sample is
+    judged without error, and its score equals the judge's on the row's own messages and images."""
+    from tests.cpu_ranks import run_on_cpu_ranks
+
+    (scores, judged, metrics), = run_on_cpu_ranks(1, _score_through_experience, tiny_model_dir)
+    assert len(scores) == 6 and all(0.0 < score < 1.0 for score in scores)
+    assert scores == pytest.approx(judged, abs=1e-5)
+    assert metrics["reward/errors_reward_model"] == 0

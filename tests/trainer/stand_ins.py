@@ -103,8 +103,8 @@ class StandInReward:
 
     def score_batch(self, items):
         results = []
-        for _, text, _, _ in items:
-            ids = [int(t) for t in text.split()]
+        for item in items:
+            ids = [int(t) for t in item.response_text.split()]
             share = sum(t % 2 == 0 for t in ids) / max(len(ids), 1)
             results.append(SimpleNamespace(score=share, accuracy=float(share > 0.5), error=None))
         return results
@@ -130,7 +130,7 @@ class StandInDataset:
         generator = torch.Generator().manual_seed(index)
         ids = torch.randint(0, VOCAB, (PROMPT_LENGTH,), generator=generator).tolist()
         return SimpleNamespace(index=index, prompt_ids=ids, pixel_values=None, image_grid_thw=None, images=[],
-                               prompt_text="", ground_truth="", data_source="stand_in", extra_info={})
+                               prompt_text="", ground_truth="", data_source="stand_in", extra_info={}, messages=[])
 
     def __iter__(self):
         while True:

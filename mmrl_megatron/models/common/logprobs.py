@@ -81,34 +81,45 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return grad_logits.view(logits.shape), None, None, None
 
 
+def _peak_and_shifted_log_normaliser(chunk: torch.Tensor, group):
+    """(m, log sum_v exp(x_v - m)) per row of an fp32 shard chunk [n, V/TP], m the row max over the vocabulary."""
+    peak = _all_reduce(chunk.max(dim=-1).values, dist.ReduceOp.MAX, group)
+    total = _all_reduce(torch.exp(chunk - peak[:, None]).sum(dim=-1), dist.ReduceOp.SUM, group)
+    return peak, torch.log(total)
+
+
 class _VocabParallelEntropy(torch.autograd.Function):
+    # H = log Z - E_p[x] on logits shifted by the row max m (H is shift-invariant): at |x| ~ 150 the unshifted
+    # terms are each ~150, and their float32 difference loses ~4e-4; shifted, the terms that matter are O(1).
     @staticmethod
     def forward(ctx, logits, chunk_tokens, group):
         flat = logits.reshape(-1, logits.shape[-1])
-        log_normaliser = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-        mean_logit = torch.empty_like(log_normaliser)
+        peak = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        shifted_log_normaliser = torch.empty_like(peak)
+        shifted_mean = torch.empty_like(peak)
         for start in range(0, flat.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             chunk = flat[rows].float()
-            log_normaliser[rows] = _log_normaliser(chunk, group)
-            mean_logit[rows] = _expectation(torch.exp(chunk - log_normaliser[rows, None]), chunk)
-        _all_reduce(mean_logit, dist.ReduceOp.SUM, group)
-        ctx.save_for_backward(logits, log_normaliser, mean_logit)
+            peak[rows], shifted_log_normaliser[rows] = _peak_and_shifted_log_normaliser(chunk, group)
+            shifted = chunk - peak[rows, None]
+            shifted_mean[rows] = _expectation(torch.exp(shifted - shifted_log_normaliser[rows, None]), shifted)
+        _all_reduce(shifted_mean, dist.ReduceOp.SUM, group)
+        ctx.save_for_backward(logits, peak, shifted_log_normaliser, shifted_mean)
         ctx.chunk_tokens = chunk_tokens
-        return (log_normaliser - mean_logit).view(logits.shape[:-1])
+        return (shifted_log_normaliser - shifted_mean).view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_output):
-        # dH/dx_v = -p_v (x_v - E_p[x])
-        logits, log_normaliser, mean_logit = ctx.saved_tensors
+        # dH/dx_v = -p_v (x_v - E_p[x]), both terms shifted by m
+        logits, peak, shifted_log_normaliser, shifted_mean = ctx.saved_tensors
         flat = logits.reshape(-1, logits.shape[-1])
         grad = grad_output.reshape(-1).float()
         grad_logits = torch.empty_like(flat)
         for start in range(0, flat.shape[0], ctx.chunk_tokens):
             rows = slice(start, start + ctx.chunk_tokens)
-            chunk = flat[rows].float()
-            probs = torch.exp(chunk - log_normaliser[rows, None])
-            centred = torch.where(probs > 0, probs * (chunk - mean_logit[rows, None]), torch.zeros_like(chunk))
+            shifted = flat[rows].float() - peak[rows, None]
+            probs = torch.exp(shifted - shifted_log_normaliser[rows, None])
+            centred = torch.where(probs > 0, probs * (shifted - shifted_mean[rows, None]), torch.zeros_like(shifted))
             grad_logits[rows] = (-centred * grad[rows, None]).to(grad_logits.dtype)
         return grad_logits.view(logits.shape), None, None
 
