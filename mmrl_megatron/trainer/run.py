@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 def check_before_start(config: Config, world_size: int, plan: Optional[DemoPlan]) -> None:
     """The layout against the world size and the model's shape (read from config.json, or the demo model's when
-    it is about to be built), and every data file not about to be built (exists, is parquet, has the required
-    columns). Raises ConfigError or DataError naming the key or file."""
+    it is about to be built), a named resume checkpoint, and every data file not about to be built (exists, is
+    parquet, has the required columns). Raises ConfigError or DataError naming the key or file."""
     from ..data.source import open_parquet
 
     shape = DEMO_SHAPE if plan is not None and plan.build_model else read_model_shape(config.model.hf_path)
@@ -27,6 +27,10 @@ def check_before_start(config: Config, world_size: int, plan: Optional[DemoPlan]
     if not config.data.train_files:
         raise ConfigError("data.train_files is empty; give the training parquet files, e.g. "
                           "data.train_files=[data/train.parquet]")
+    resume = config.trainer.resume
+    if resume not in ("auto", "never") and not os.path.isdir(resume):
+        raise ConfigError(f"trainer.resume={resume} is not a checkpoint directory; give one (e.g. "
+                          "RUN/checkpoints/step_N), or auto (the latest, if any) or never")
     planned = {path for path, _, _ in plan.data_files} if plan is not None else set()
     for path in [*config.data.train_files, *config.data.val_files]:
         if path not in planned:

@@ -154,3 +154,11 @@ def test_the_real_entry_prints_one_line(tmp_path):
         assert len(result.stderr.splitlines()) == expected_lines, result.stderr
         assert result.stdout == ""
     assert result.stderr == ""
+
+
+def test_missing_resume_checkpoint_is_named_before_anything_starts(launch, assets):
+    """Invariant: trainer.resume naming a directory that does not exist stops the run before processes start."""
+    missing = assets / "run" / "checkpoints" / "step_00000009"
+    status, lines = launch(f"trainer.resume={missing}")
+    assert status == 2 and lines == [f"config error: trainer.resume={missing} is not a checkpoint directory; give "
+                                     "one (e.g. RUN/checkpoints/step_N), or auto (the latest, if any) or never"]
