@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 DEMO_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=2, vision_hidden_size=64, vision_intermediate_size=128, vision_num_heads=4,
                   vision_out_hidden_size=64, vision_depth=2)
-DEMO_SHAPE = ModelShape(num_layers=DEMO_MODEL["num_hidden_layers"], num_attention_heads=DEMO_MODEL["num_attention_heads"],
+DEMO_SHAPE = ModelShape(num_layers=DEMO_MODEL["num_hidden_layers"],
+                        num_attention_heads=DEMO_MODEL["num_attention_heads"],
                         num_key_value_heads=DEMO_MODEL["num_key_value_heads"])
 TRAIN_ROWS, VALIDATION_ROWS = 4096, 128
 
@@ -41,9 +42,8 @@ def plan_demo_assets(config: Config) -> DemoPlan:
     """Decide, before any process starts, what to build; ConfigError for a missing data file that the rule in
     the module docstring does not allow to be built."""
     build_model = not os.path.exists(os.path.join(config.model.hf_path, "config.json"))
-    missing = tuple((path, rows, split)
-                    for key, rows, split in (("train_files", TRAIN_ROWS, "train"), ("val_files", VALIDATION_ROWS, "test"))
-                    for path in getattr(config.data, key) if not os.path.exists(path))
+    wanted = ((config.data.train_files, TRAIN_ROWS, "train"), (config.data.val_files, VALIDATION_ROWS, "test"))
+    missing = tuple((path, rows, split) for files, rows, split in wanted for path in files if not os.path.exists(path))
     if missing and not build_model:
         raise ConfigError(f"data file {missing[0][0]} does not exist; trainer.prepare_demo_assets writes synthetic "
                           f"data only on the run that builds the demo model, and model.hf_path={config.model.hf_path} "

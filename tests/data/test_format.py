@@ -26,7 +26,8 @@ def test_named_pipe_is_refused_without_blocking(tmp_path):
     the data loader forever)."""
     fifo = tmp_path / "image.png"
     os.mkfifo(fifo)
-    assert _refusal(fifo) == f"image file {fifo} is not a regular file (a named pipe); images[].path must name an image file"
+    assert _refusal(fifo) == (f"image file {fifo} is not a regular file (a named pipe); "
+                              "images[].path must name an image file")
 
 
 @pytest.mark.timeout(60)
