@@ -6,7 +6,6 @@ Every key, its default and its meaning: mmrl_megatron/config/schema.py. Under Sl
 """
 import argparse
 import logging
-import os
 import sys
 
 
@@ -15,17 +14,22 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="YAML file from yaml_configs/")
     parser.add_argument("overrides", nargs="*", help="key=value pairs applied after the file, e.g. rollout.n=8")
     args = parser.parse_args(argv)
-    main_rank = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-
     from mmrl_megatron.config import ConfigError
+    from mmrl_megatron.data import DataError
+    from mmrl_megatron.parallel import detect_process_place
     from mmrl_megatron.trainer.run import run_training
 
+    main_rank = detect_process_place().rank == 0
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
     try:
         run_training(args.config, args.overrides)
-    except ConfigError as error:  # a mistake in the config: the message says what to change, no traceback
-        print(f"config error: {error}", file=sys.stderr)
+    except (ConfigError, DataError) as error:
+        # a mistake in the config or the data: every rank finds the same one, so rank 0 alone prints the
+        # message (it says what to change; a traceback would add nothing) and every rank exits with 2
+        if main_rank:
+            kind = "config error" if isinstance(error, ConfigError) else "data error"
+            print(f"{kind}: {error}", file=sys.stderr)
         return 2
     return 0
 

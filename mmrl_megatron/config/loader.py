@@ -4,9 +4,11 @@ import os
 from dataclasses import fields, is_dataclass
 from typing import Iterable, List, Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .bounds import check_bounds
 from .errors import ConfigError
 from .schema import Config
 
@@ -47,14 +49,29 @@ def _explain(error: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"config error at '{key}' in {source}: {first_line}")
 
 
+def _read_yaml(path: str) -> DictConfig:
+    """The file's mapping; ConfigError naming the file (and the line, for a syntax error) otherwise."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), "
+                          f"not a {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
-    """Schema defaults, then the YAML file, then `key=value` overrides (later wins)."""
+    """Schema defaults, then the YAML file, then `key=value` overrides (later wins); values range-checked."""
     merged = OmegaConf.structured(Config)
     if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path} does not exist")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_yaml(path))
         except OmegaConfBaseException as error:
             raise _explain(error, path) from None
     overrides = list(overrides)
@@ -63,9 +80,11 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. trainer.steps=5)")
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
-        return OmegaConf.to_object(merged)
+        config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise _explain(error, "command-line overrides") from None
+    check_bounds(config)
+    return config
 
 
 def save_resolved(config: Config, run_dir: str) -> str:

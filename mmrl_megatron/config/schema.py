@@ -167,7 +167,7 @@ class TrainerConfig:
     warmup_sft_steps: int = 0  # supervised steps on ground truth before RL (the tiny demo uses it)
     warmup_sft_lr: float = 1e-3  # learning rate of those steps (the RL schedule starts after them)
     warmup_sft_template: str = "\\boxed{{{answer}}}"  # target text; {answer} is the row's ground truth
-    prepare_demo_assets: bool = False  # build model.hf_path (tiny.py) and data files (make_synthetic) if missing
+    prepare_demo_assets: bool = False  # build model.hf_path (tiny.py) if missing, and missing data files with it
     run_dir: str = "runs/default"
     save_every: int = 0  # steps between checkpoints; 0: only at the end; -1: never (benchmarks)
     resume: str = "auto"  # auto | never | a checkpoint directory

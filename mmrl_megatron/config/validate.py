@@ -21,26 +21,38 @@ class ModelShape:
 def read_model_shape(hf_path: str) -> ModelShape:
     """Read the language-model dimensions from config.json (flat 4.x or nested 5.x `text_config`)."""
     path = os.path.join(hf_path, "config.json")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ConfigError(f"model.hf_path: {path} does not exist; point model.hf_path at a Hugging Face model directory")
-    with open(path) as handle:
-        config = json.load(handle)
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.hf_path: {path} is not a readable JSON file ({error})") from None
     text = config.get("text_config") or config
     heads = text.get("num_attention_heads", config.get("num_attention_heads"))
+    layers = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+    if not isinstance(heads, int) or not isinstance(layers, int):
+        raise ConfigError(f"model.hf_path: {path} has no integer num_attention_heads / num_hidden_layers "
+                          "(in text_config or at the top level)")
     return ModelShape(
-        num_layers=text.get("num_hidden_layers", config.get("num_hidden_layers")),
+        num_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=text.get("num_key_value_heads") or heads,
         num_experts=text.get("n_routed_experts") or 0,
     )
 
 
+def describe_layout(config: Config, world_size: int) -> str:
+    """Every factor of the layout and the process count, the prefix of each layout error."""
+    p = config.parallel
+    data = "derived" if p.data is None else p.data
+    return (f"parallel layout tensor={p.tensor} pipeline={p.pipeline} context={p.context} expert={p.expert} "
+            f"expert_tensor={p.expert_tensor or p.tensor} data={data} on {world_size} processes")
+
+
 def resolve_data_parallel(config: Config, world_size: int) -> int:
     """Fill parallel.data from the world size, or check the one given; raises ConfigError naming every factor."""
     p = config.parallel
-    for key in ("tensor", "pipeline", "context", "expert"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(p, key)}")
     model_parallel = p.tensor * p.pipeline * p.context
     factors = f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} x parallel.context={p.context}"
     if p.data is None:
@@ -54,14 +66,16 @@ def resolve_data_parallel(config: Config, world_size: int) -> int:
     return p.data
 
 
-def validate_layout(config: Config, world_size: int, shape: Optional[ModelShape]) -> int:
-    """Check the layout against the world size and the model; returns the data-parallel size."""
+def _check_layout(config: Config, world_size: int, shape: Optional[ModelShape]) -> int:
     data_parallel = resolve_data_parallel(config, world_size)
     p = config.parallel
     if shape is not None:
         if shape.num_attention_heads % p.tensor:
             raise ConfigError(f"parallel.tensor={p.tensor} does not divide the model's "
                               f"{shape.num_attention_heads} attention heads; choose a divisor")
+        if shape.num_key_value_heads % p.tensor:
+            raise ConfigError(f"parallel.tensor={p.tensor} does not divide the model's "
+                              f"{shape.num_key_value_heads} key-value heads; choose a divisor")
         if shape.num_layers % p.pipeline:
             raise ConfigError(f"parallel.pipeline={p.pipeline} does not divide the model's "
                               f"{shape.num_layers} layers; choose a divisor")
@@ -70,11 +84,19 @@ def validate_layout(config: Config, world_size: int, shape: Optional[ModelShape]
     if p.expert > 1 and (data_parallel * p.context * p.tensor) % p.expert:
         raise ConfigError(f"parallel.expert={p.expert} must divide data x context x tensor "
                           f"= {data_parallel * p.context * p.tensor}")
-    if config.rollout.n < 1:
-        raise ConfigError(f"rollout.n must be at least 1, got {config.rollout.n}")
     if config.data.prompts_per_step % data_parallel:
         raise ConfigError(f"data.prompts_per_step={config.data.prompts_per_step} must be divisible by the "
                           f"data-parallel size {data_parallel} (all samples of a prompt stay on one rank)")
+    return data_parallel
+
+
+def validate_layout(config: Config, world_size: int, shape: Optional[ModelShape]) -> int:
+    """Check the layout against the world size and the model; returns the data-parallel size. Each ConfigError
+    starts with every factor of the layout, then says which does not fit."""
+    try:
+        data_parallel = _check_layout(config, world_size, shape)
+    except ConfigError as error:
+        raise ConfigError(f"{describe_layout(config, world_size)}: {error}") from None
     if config.algorithm.advantage == "gae" and config.algorithm.policy_loss == "gspo":
         raise ConfigError("algorithm.policy_loss=gspo uses sequence-level ratios and cannot take the "
                           "token-level advantages of algorithm.advantage=gae; use policy_loss=ppo")

@@ -3,7 +3,8 @@ apply its processor and the prompt-length limit. Prints each skipped row with it
 
     python -m mmrl_megatron.data.check data/train.parquet [more.parquet] [--model DIR] [--max-prompt-length N]
 
-Exit status 0 when at least one row is usable, 1 otherwise.
+Exit status 0 when at least one row is usable, 1 otherwise, 2 (one line on stderr) when the model directory
+cannot be used.
 """
 import argparse
 import sys
@@ -17,7 +18,7 @@ from mmrl_megatron.data.processor import PromptProcessor
 from mmrl_megatron.data.source import ParquetSource
 
 
-def check_file(path: str, processor: Optional[PromptProcessor]) -> int:
+def check_file(path: str, processor: Optional[PromptProcessor], max_pixels: int) -> int:
     """Print the problems of one file and return its number of usable rows."""
     try:
         source = ParquetSource([path])
@@ -29,7 +30,7 @@ def check_file(path: str, processor: Optional[PromptProcessor]) -> int:
         try:
             parsed = parse_row(row)
             if processor is None:
-                decode_images(parsed.images)
+                decode_images(parsed.images, max_pixels)
             else:
                 processor.process(parsed, index=row_number)
             usable += 1
@@ -50,9 +51,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     processor = None
     if args.model:
-        processor = PromptProcessor(args.model, DataConfig(max_prompt_length=args.max_prompt_length,
-                                                           min_pixels=args.min_pixels, max_pixels=args.max_pixels))
-    usable = sum(check_file(path, processor) for path in args.files)
+        try:
+            processor = PromptProcessor(args.model, DataConfig(max_prompt_length=args.max_prompt_length,
+                                                               min_pixels=args.min_pixels, max_pixels=args.max_pixels))
+        except DataError as error:
+            print(f"--model: {error}", file=sys.stderr)
+            return 2
+    usable = sum(check_file(path, processor, args.max_pixels) for path in args.files)
     print(f"total: {usable} usable rows")
     return 0 if usable > 0 else 1
 

@@ -2,10 +2,13 @@
 
 Columns: `prompt` (a chat list of {role, content}; content is a string with "<image>" placeholders, as
 verl writes it, or a list of {"type": "image"} / {"type": "text", "text": ...} parts), `images` (a list
-of {"bytes": ...} structs, raw bytes, or {"path": local file} structs; optional for text-only data), `reward_model` ({style,
-ground_truth}), `data_source`, `ability`, `extra_info` (optional).
+of {"bytes": ...} structs, raw bytes, or {"path": local file} structs; optional for text-only data; a path must
+name a regular file of at most MAX_IMAGE_FILE_BYTES), `reward_model` ({style, ground_truth}), `data_source`,
+`ability`, `extra_info` (optional).
 """
+import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
@@ -14,6 +17,7 @@ from mmrl_megatron.data.errors import SkippedRow
 REQUIRED_COLUMNS = ("prompt", "reward_model")
 IMAGE_PLACEHOLDER = "<image>"
 _PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)})")
+MAX_IMAGE_FILE_BYTES = 64 << 20  # an encoded image file above this is refused rather than read into memory
 
 
 @dataclass
@@ -65,12 +69,31 @@ def parse_messages(prompt: Any) -> List[Dict[str, Any]]:
 
 
 def _read_image_file(reference: str) -> bytes:
+    """The bytes of a regular file of at most MAX_IMAGE_FILE_BYTES. Opened without blocking and checked on the
+    open descriptor, so a named pipe cannot hang the reader, a device (/dev/zero) cannot be read without end,
+    and the file cannot be swapped between the check and the read."""
     path = reference[len("file://"):] if reference.startswith("file://") else reference
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise SkippedRow("undecodable_image", f"image file {path} cannot be read: {error}") from error
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        raise SkippedRow("bad_image_file", f"image file {path} is not a regular file ({_file_kind(mode)}); "
+                         "images[].path must name an image file")
+    with os.fdopen(descriptor, "rb") as handle:
+        data = handle.read(MAX_IMAGE_FILE_BYTES + 1)
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise SkippedRow("bad_image_file", f"image file {path} is larger than {MAX_IMAGE_FILE_BYTES >> 20} MiB; "
+                         "images[].path must name an image file")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def parse_images(images: Any) -> List[bytes]:

@@ -5,15 +5,36 @@ from typing import List
 
 from PIL import Image
 
+from mmrl_megatron.config.schema import DataConfig
 from mmrl_megatron.data.errors import SkippedRow
 
 
-def decode_images(encoded: List[bytes]) -> List[Image.Image]:
-    """RGB images, fully decoded now so that truncated files fail here rather than inside the processor."""
+# An image is resized to at most data.max_pixels anyway; a header promising far more is refused before
+# decoding (a 12000 x 12000 PNG is ~140 KB on disk and ~430 MB decoded). Images up to 16 MP always decode,
+# so a small max_pixels does not refuse ordinary photos.
+PIXELS_PER_MAX_PIXEL = 64
+ALWAYS_DECODED_PIXELS = 4096 * 4096
+
+
+def pixel_limit(max_pixels: int) -> int:
+    """The most pixels an image may have to be decoded at all, derived from data.max_pixels."""
+    return max(PIXELS_PER_MAX_PIXEL * max_pixels, ALWAYS_DECODED_PIXELS)
+
+
+def decode_images(encoded: List[bytes], max_pixels: int = DataConfig.max_pixels) -> List[Image.Image]:
+    """RGB images, fully decoded now so that truncated files fail here rather than inside the processor; an image
+    whose header gives more than pixel_limit(max_pixels) pixels is skipped without being decoded."""
     images = []
+    limit = pixel_limit(max_pixels)
     for number, data in enumerate(encoded):
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                width, height = image.size
+                if width * height > limit:
+                    raise SkippedRow("oversized_image", f"image {number} is {width}x{height} pixels, over the "
+                                     f"{limit} allowed for data.max_pixels={max_pixels} "
+                                     f"(max({PIXELS_PER_MAX_PIXEL} x max_pixels, {ALWAYS_DECODED_PIXELS})); "
+                                     "downscale it in the data")
                 images.append(image.convert("RGB"))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise SkippedRow("undecodable_image", f"image {number} cannot be decoded: {error}") from error

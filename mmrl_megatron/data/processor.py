@@ -5,6 +5,7 @@ how many pads an image stands for) is the family's entry in data/vision_families
 checkpoint's config.json model_type. Each image pad is expanded as the family's own processor does:
 tokens_per_image copies per image, in order.
 """
+import os
 import random
 import re
 from typing import List, Optional
@@ -14,6 +15,9 @@ from mmrl_megatron.data.format import ParsedRow
 from mmrl_megatron.data.images import augment_image, decode_images, encode_png
 from mmrl_megatron.data.types import PromptSample
 from mmrl_megatron.data.vision_families import vision_family
+
+# transformers builds an empty tokenizer from config.json alone, so the directory is checked for these first
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def truncate_text_middle(ids: List[int], protected: List[bool], max_length: int) -> Optional[List[int]]:
@@ -38,6 +42,19 @@ def image_span_mask(ids: List[int], start_id: int, end_id: int) -> List[bool]:
     return mask
 
 
+def load_tokenizer(model_dir: str):
+    """model_dir's tokenizer; DataError naming the directory when it has none or it does not load."""
+    from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+        raise DataError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); point at a "
+                        "complete Hugging Face model directory, or copy the tokenizer files into it")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{model_dir}: its tokenizer cannot be loaded ({str(error).splitlines()[0]})") from error
+
+
 class PromptProcessor:
     """Processes rows for one model directory under one data config (min/max pixels, length limit, augmentation).
 
@@ -45,26 +62,39 @@ class PromptProcessor:
     end_of_turn_token_id) and merge_size (patches merged per image token, per side) are the checkpoint's."""
 
     def __init__(self, model_dir: str, data_config):
-        from transformers import AutoTokenizer
-
         self.config = data_config
         self.model_dir = model_dir
         self.family_name, self.family = vision_family(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.image_processor = self.family.load_image_processor(model_dir, data_config)
+        self.tokenizer = load_tokenizer(model_dir)
+        try:
+            self.image_processor = self.family.load_image_processor(model_dir, data_config)
+        except (OSError, ValueError) as error:  # transformers' message is a paragraph; its first sentence names it
+            raise DataError(f"{model_dir}: its image processor cannot be loaded "
+                            f"({str(error).split('. ')[0]}); it needs preprocessor_config.json") from error
         family = self.family
         tokens = (family.image_pad, family.vision_start, family.vision_end, family.end_of_turn)
         token_ids = {token: self.tokenizer.convert_tokens_to_ids(token) for token in tokens}
         if any(value is None or value == self.tokenizer.unk_token_id for value in token_ids.values()):
             raise DataError(f"{model_dir}: the tokenizer lacks the {self.family_name} tokens {list(token_ids)}")
+        self.image_tokens = (family.image_pad, family.vision_start, family.vision_end)
         self.image_token_id = token_ids[family.image_pad]
         self.vision_start_token_id, self.vision_end_token_id = (token_ids[family.vision_start],
                                                                 token_ids[family.vision_end])
         self.end_of_turn_token_id = token_ids[family.end_of_turn]
         self.merge_size = self.image_processor.merge_size
 
+    def _refuse_image_tokens_in_text(self, parsed: ParsedRow) -> None:
+        """The template writes the image tokens once per image; the same text in a prompt would be read as one
+        more image (or a broken span), so such a row is skipped, not the run stopped."""
+        for message in parsed.messages:
+            for part in message["content"]:
+                found = [token for token in self.image_tokens if part["type"] == "text" and token in part["text"]]
+                if found:
+                    raise SkippedRow("image_token_in_text", f"a {message['role']} message's text contains the "
+                                     f"literal image token {found[0]}; remove it from the prompt")
+
     def _images(self, parsed: ParsedRow, augment_seed: Optional[int]):
-        images = decode_images(parsed.images)
+        images = decode_images(parsed.images, self.config.max_pixels)
         augment = self.config.augment
         if augment_seed is None or (augment.rotation_degrees <= 0 and augment.crop_fraction <= 0):
             return images, parsed.images
@@ -75,6 +105,7 @@ class PromptProcessor:
     def process(self, parsed: ParsedRow, index: int, augment_seed: Optional[int] = None) -> PromptSample:
         """The sample for one row; raises SkippedRow (with its counter reason) for rows that cannot be used.
         `augment_seed` enables data.augment for this sample (training); None leaves images untouched."""
+        self._refuse_image_tokens_in_text(parsed)
         images, encoded = self._images(parsed, augment_seed)
         text = self.tokenizer.apply_chat_template(parsed.messages, tokenize=False, add_generation_prompt=True)
         pad = self.family.image_pad

@@ -1,7 +1,8 @@
 """One training run from a config file and overrides: what launch/train.py calls on every rank.
 
-Order: config (validated before anything starts, so a typo costs seconds) -> processes -> demo assets ->
-resolved config written -> trainer built (resuming when a checkpoint exists) -> loop -> plot -> close.
+Order: config and everything checkable without processes (values, layout, data files), so a mistake costs
+seconds and every rank fails alike -> processes -> demo assets -> resolved config written -> trainer built
+(resuming when a checkpoint exists) -> loop -> plot -> close.
 """
 import logging
 import os
@@ -9,23 +10,46 @@ from typing import Dict, Iterable, Optional
 
 import torch.distributed as dist
 
-from ..config import load_config, save_resolved
+from ..config import Config, ConfigError, load_config, read_model_shape, save_resolved, validate_layout
+from .demo_assets import DEMO_SHAPE, DemoPlan, plan_demo_assets, prepare_demo_assets
 
 logger = logging.getLogger(__name__)
 
 
+def check_before_start(config: Config, world_size: int, plan: Optional[DemoPlan]) -> None:
+    """The layout against the world size and the model's shape (read from config.json, or the demo model's when
+    it is about to be built), a named resume checkpoint, and every data file not about to be built (exists, is
+    parquet, has the required columns). Raises ConfigError or DataError naming the key or file."""
+    from ..data.source import open_parquet
+
+    shape = DEMO_SHAPE if plan is not None and plan.build_model else read_model_shape(config.model.hf_path)
+    validate_layout(config, world_size, shape)
+    if not config.data.train_files:
+        raise ConfigError("data.train_files is empty; give the training parquet files, e.g. "
+                          "data.train_files=[data/train.parquet]")
+    resume = config.trainer.resume
+    if resume not in ("auto", "never") and not os.path.isdir(resume):
+        raise ConfigError(f"trainer.resume={resume} is not a checkpoint directory; give one (e.g. "
+                          "RUN/checkpoints/step_N), or auto (the latest, if any) or never")
+    planned = {path for path, _, _ in plan.data_files} if plan is not None else set()
+    for path in [*config.data.train_files, *config.data.val_files]:
+        if path not in planned:
+            open_parquet(path).close()
+
+
 def run_training(config_path: Optional[str], overrides: Iterable[str] = ()) -> Dict[str, float]:
     """Train to config.trainer.steps (or until a stop is requested); returns the last step's metrics."""
-    from ..parallel import shutdown
+    from ..parallel import detect_process_place, shutdown
     from .build import build_trainer, close_trainer, start_processes
-    from .demo_assets import prepare_demo_assets
     from .plotting import plot_metrics
 
     config = load_config(config_path, overrides)
+    plan = plan_demo_assets(config) if config.trainer.prepare_demo_assets else None
+    check_before_start(config, detect_process_place().world_size, plan)
     device = start_processes(config)
     try:
-        if config.trainer.prepare_demo_assets:
-            prepare_demo_assets(config)
+        if plan is not None:
+            prepare_demo_assets(config, plan)
         if dist.get_rank() == 0:
             logger.info("resolved config: %s", save_resolved(config, config.trainer.run_dir))
         trainer = build_trainer(config, device)
