@@ -7,7 +7,8 @@
 Workload per step (the per-GPU share of EasyR1's Geometry3K baseline, 512 prompts x n=5 on 8 GPUs):
 64 prompts x n=5, each one 448x448 image (256 image tokens) plus about 150 text tokens, 512 sampled
 response tokens (a random model almost never samples eos), the embedded engine colocated, a frozen
-reference for the KL loss, 4 optimizer steps per rollout, full activation recompute. Every phase runs: generate, reward, old and
+reference for the KL loss, 4 optimizer steps per rollout, micro-batches of 8,192 tokens, the activation recompute
+the memory planner chooses (model.recompute=auto). Every phase runs: generate, reward, old and
 reference log-probs, update, weight sync. Prints per-step JSON (time per phase, tokens/s/GPU) and a
 markdown row for benchmarks/RESULTS.md against the best published figure for this task (EasyR1 on
 8xH100: 1,800 tokens/s/GPU for 3B), which cannot be run here; the steady-state figure leaves out step 1
@@ -102,11 +103,11 @@ def parse_args(argv: Optional[List[str]]):
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--response-tokens", type=int, default=512)
     parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("--micro-batch-tokens", type=int, default=16384)
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
     parser.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per rollout")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--recompute", choices=["none", "selective", "full"], default="full",
-                        help="activation recompute (EasyR1's baseline checkpoints activations too)")
+    parser.add_argument("--recompute", choices=["none", "selective", "full", "auto"], default="auto",
+                        help="activation recompute; auto: the memory planner's choice for this GPU")
     parser.add_argument("--work-dir", default=None, help="checkpoint, data and run directory (default: temporary)")
     parser.add_argument("--profile-pass", action="store_true",
                         help="after the steps, profile one actor scoring pass and one update micro-batch and print "
@@ -155,7 +156,7 @@ def run_steps(args, overrides: List[str]) -> Dict[str, object]:
         trainer = build_trainer(config, device)
         try:
             trainer.run()
-            measured: Dict[str, object] = {}
+            measured: Dict[str, object] = {"recompute": config.model.recompute}  # auto resolved by the build
             if device.type == "cuda":
                 measured["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 1)
                 measured["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2 ** 30, 1)

@@ -16,7 +16,9 @@ class ModelConfig:
     attention_backend: Literal["auto", "sdpa", "te"] = "auto"  # auto: TE when importable, else SDPA
     freeze_vision_tower: bool = False
     freeze_merger: bool = False
-    recompute: Literal["none", "selective", "full"] = "none"
+    # activation recompute; auto: none when the memory planner (parallel/memory_plan.py) says the run fits the
+    # GPU without it, else full (resolved when the trainer starts; CPU runs take none)
+    recompute: Literal["none", "selective", "full", "auto"] = "none"
     moe_router_bias_update_rate: float = 0.0  # 0 keeps the expert bias fixed during RL
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this x TP (removed on export)
 

@@ -33,7 +33,9 @@ FRAGMENTATION_SHARE = 0.05
 # work (upcast, exponentials, probabilities) exists only for one chunk of rows at a time (logprobs.py).
 LOGIT_BYTES_PER_ENTRY = 2 + 2
 LOGIT_CHUNK_BYTES_PER_ENTRY = 4 + 4 + 4
-SWIGLU_BYTES = 4 + 2 + 2
+# SwiGLU per unit of MLP width: on GPUs megatron-core's fused SwiGLU keeps only its input (gate + up, 4 B) and the
+# down projection keeps its input, the product (2 B); the unfused CPU path also keeps the SiLU output.
+SWIGLU_BYTES = 4 + 2
 
 
 @dataclass
@@ -88,8 +90,6 @@ def _layer_activation_bytes_per_token(dims: ModelDims, config: Config) -> float:
         attention = 2 * lm.heads * (2 * qk + 2 * lm.v_head_dim) / tensor + 2 * (2 * lm.kv_lora_rank + lm.qk_rope_head_dim)
     else:
         attention = 2 * (2 * lm.heads + 2 * lm.kv_heads) * lm.head_dim / tensor
-    # SwiGLU runs unfused (models/*/build set bias_activation_fusion off): per unit of MLP width it keeps
-    # the gate+up output (4 B), the SiLU output (2 B) and their product, the down projection's input (2 B).
     if lm.num_experts:
         # k routed copies of each token (dispatched input + SwiGLU), shared experts, fp32 router scores
         k = lm.experts_per_token
@@ -181,11 +181,26 @@ def _engine_bytes(dims: ModelDims, config: Config, data_parallel: int, gpu_bytes
     return {"engine weights": weight_bytes, "engine KV cache": kv}, training
 
 
+RECOMPUTE_CHOICES = ("none", "full")  # "selective" saves nothing with a flash-style attention (see above)
+
+
+def choose_recompute(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: float) -> str:
+    """model.recompute=auto: the least recompute whose plan fits the GPU (full when none does)."""
+    for option in RECOMPUTE_CHOICES:
+        if estimate(with_overrides(config, [f"model.recompute={option}"]), dims, world_size, gpu_memory_gib).fits:
+            return option
+    return RECOMPUTE_CHOICES[-1]
+
+
 def estimate(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: float = 80.0) -> MemoryPlan:
-    """Per-GPU bytes of every component in both phases on the first and last pipeline stage.
+    """Per-GPU bytes of every component in both phases on the first and last pipeline stage
+    (model.recompute=auto planned as choose_recompute resolves it).
 
     Raises ConfigError (from config.validate) when the layout does not divide the world or the model.
     """
+    if config.model.recompute == "auto":
+        chosen = choose_recompute(config, dims, world_size, gpu_memory_gib)
+        config = with_overrides(config, [f"model.recompute={chosen}"])
     lm, p, optim = dims.language, config.parallel, config.actor.optim
     shape = ModelShape(lm.layers, lm.heads, lm.kv_heads, lm.num_experts)
     data_parallel = validate_layout(config, world_size, shape)

@@ -108,8 +108,8 @@ class VisionDims:
     def activation_bytes_per_patch(self, tensor_parallel: int) -> float:
         """bf16 bytes one patch keeps for backward in one block on one GPU: norm/linear inputs (full
         width), q/k/v/attention output and the MLP's (split when the tower is tensor-parallel)."""
-        # Qwen's SwiGLU runs unfused (gate+up 4 B, SiLU 2 B, product 2 B); MoonViT's GELU keeps fc0's output and its own
-        mlp = 8 * self.ffn if self.kind == "qwen2_5_vit" else 4 * self.ffn
+        # Qwen's fused SwiGLU keeps gate+up (4 B) and fc2 its product (2 B); MoonViT's GELU keeps fc0's output and its own
+        mlp = 6 * self.ffn if self.kind == "qwen2_5_vit" else 4 * self.ffn
         split = tensor_parallel if self.split_over_tensor_parallel else 1
         return 2 * (4 * self.hidden) + (2 * (4 * self.hidden) + mlp) / split
 

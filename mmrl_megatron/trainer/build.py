@@ -87,6 +87,24 @@ def _parameter_count(chunks, device) -> float:
     return float(count)
 
 
+def resolve_recompute(config: Config, device: torch.device) -> None:
+    """model.recompute=auto becomes what the memory planner chooses for this GPU (none on the CPU), logged."""
+    if config.model.recompute != "auto":
+        return
+    if device.type != "cuda":
+        config.model.recompute = "none"
+        return
+    from ..parallel.memory_plan import GIB, choose_recompute
+    from ..parallel.model_dims import resolve_model_dims
+
+    gpu_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    config.model.recompute = choose_recompute(config, resolve_model_dims(config.model.hf_path), dist.get_world_size(),
+                                              gpu_gib)
+    if dist.get_rank() == 0:
+        logger.info("model.recompute=auto: the memory planner chose %s for %.0f GiB GPUs", config.model.recompute,
+                    gpu_gib)
+
+
 def build_trainer(config: Config, device: torch.device) -> Trainer:
     """Every part of the run on this rank; resumes from the latest checkpoint when trainer.resume allows."""
     from megatron.core import parallel_state
@@ -101,6 +119,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     from ..rollout import build_engine
 
     trainer_config, algorithm = config.trainer, config.algorithm
+    resolve_recompute(config, device)
     layout = layout_from_config(config, dist.get_world_size(), read_model_shape(config.model.hf_path))
     init_model_parallel(layout)
     # identical CPU-initialised replicated weights on every tensor-parallel rank, then per-rank streams

@@ -117,20 +117,20 @@ def test_toy_arithmetic_by_hand():
     last_params = (2 * layer + 64 + 1024 * 64) / 2  # two layers + final norm + output layer
     assert last.training["actor weights"] == 2 * last_params
     # no recompute, TP2 without sequence parallel, per token per layer: norm/linear inputs 4*2*64,
-    # q/k/v/out 2*(2*4+2*2)*16/2, unfused SwiGLU (4+2+2)*128/2 -> 512 + 192 + 512 = 1216 bytes
-    assert first.training["activations"] == 2 * 2 * 1000 * 1216  # 2 micro-batches in flight x 2 layers
-    assert last.training["activations"] == 1 * 2 * 1000 * 1216
+    # q/k/v/out 2*(2*4+2*2)*16/2, fused SwiGLU (4+2)*128/2 -> 512 + 192 + 384 = 1088 bytes
+    assert first.training["activations"] == 2 * 2 * 1000 * 1088  # 2 micro-batches in flight x 2 layers
+    assert last.training["activations"] == 1 * 2 * 1000 * 1088
     # bf16 logits and their gradient for all 1000 tokens, fp32 work for one chunk (here all 1000 rows)
     assert last.training["logits"] == 1024 / 2 * (1000 * (2 + 2) + 1000 * (4 + 4 + 4))
     # images: min(100 prompt tokens, 401408 px / 28**2) = 100 of 128 sample tokens, 4 patches per token
-    # -> 3125 patches; per patch and block 2*4*16 full width + (2*4*16 + 8*32) / TP 2 = 320 bytes
-    assert first.training["vision activations"] == 2 * 1 * 3125 * 320
+    # -> 3125 patches; per patch and block 2*4*16 full width + (2*4*16 + 6*32) / TP 2 = 288 bytes
+    assert first.training["vision activations"] == 2 * 1 * 3125 * 288
     # embedded engine: 8 prompts / DP 2 * n 4 = 16 slots of 128 tokens; 4 layers * 2 * 2 KV heads * 16 * 2 B
     assert first.rollout["engine KV cache"] == 16 * 128 * 512
     assert first.rollout["engine weights"] == 2 * TOY.total_params()
 
     recompute = estimate(_toy_config("model.recompute=full"), TOY, world_size=8).stages[0]
-    assert recompute.training["activations"] == 2 * 2 * 1000 * 128 + 1000 * 1216  # inputs kept + one layer re-run
+    assert recompute.training["activations"] == 2 * 2 * 1000 * 128 + 1000 * 1088  # inputs kept + one layer re-run
 
 
 def test_phases_follow_offload_and_release_settings():
