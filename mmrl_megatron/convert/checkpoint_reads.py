@@ -71,5 +71,7 @@ def model_pieces(sharded_state_dict) -> List[Piece]:
     for entry in nested_values(sharded_state_dict):
         if not isinstance(entry, ShardedTensor):
             continue
-        pieces.append(Piece(entry.key, tuple(entry.global_offset), piece_extent(entry)))
+        # detached: the reader narrows and copies into the destination in place, which autograd forbids on a
+        # view of a parameter taken in no_grad mode (the SwiGLU halves), as a checkpoint of another TP asks for
+        pieces.append(Piece(entry.key, tuple(entry.global_offset), piece_extent(entry).detach()))
     return pieces

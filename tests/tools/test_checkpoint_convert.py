@@ -59,8 +59,9 @@ def _error_of(function, *args) -> str:
 def _export_and_mismatches(mcore_dir: str, out_dir: str, hf_dir: str, bad_mcore_dirs, bad_hf_dirs):
     """On 4 ranks: export at TP=2 x PP=2 and convert hf_dir again at TP=2 x PP=2, both in 64 KiB chunks; at
     TP=PP=1, load both checkpoints whole with megatron's own strict load and name the tensors that differ from
-    hf_dir's, then try each misfit checkpoint, whole and streamed. Returns (names written, differing tensors,
-    errors, streamed errors)."""
+    hf_dir's, export the TP=2 x PP=2 checkpoint again at TP=1 (streamed, so the TP=1 pieces are read across
+    the stored TP=2 chunks), then try each misfit checkpoint, whole and streamed. Returns (names written,
+    differing tensors, errors, streamed errors)."""
     from mmrl_megatron.convert import iter_hf_tensors
     from mmrl_megatron.convert.checkpoint_io import build_model_from_dir
     from mmrl_megatron.convert.conversions import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
@@ -74,6 +75,7 @@ def _export_and_mismatches(mcore_dir: str, out_dir: str, hf_dir: str, bad_mcore_
     differing = [(path, name) for path in (mcore_dir, written_at_tp2_pp2)
                  for name, tensor in iter_hf_tensors([build_model_from_dir(path)])
                  if not torch.equal(tensor, original[name])]
+    convert_mcore_to_hf(written_at_tp2_pp2, f"{out_dir}_from_tp2pp2", max_chunk_bytes=64 * 1024)
     errors = [_error_of(build_model_from_dir, path) for path in list(bad_mcore_dirs) + list(bad_hf_dirs)]
     streamed_errors = [_error_of(convert_mcore_to_hf, path, f"{path}_out") for path in bad_mcore_dirs]
     return written, differing, errors, streamed_errors
@@ -109,18 +111,20 @@ def round_trip(tmp_path_factory):
 
 
 def test_round_trip_is_bit_exact(round_trip):
-    """Invariant: every HF tensor survives HF -> megatron (TP=1) -> megatron at TP=2 x PP=2 -> HF with torch.equal,
+    """Invariant: every HF tensor survives HF -> megatron (TP=1) -> megatron at TP=2 x PP=2 -> HF, and HF -> megatron
+    written at TP=2 x PP=2 -> HF exported at TP=1, with torch.equal,
     under its original name and shape (vocabulary padding removed), for untied embeddings, a TP-padded vocabulary
     and one KV head per TP rank, both conversions streamed in chunks far smaller than the model; the checkpoint
     the parts were joined into, and one converted at TP=2 x PP=2, load whole through megatron's own strict load,
     every tensor exact."""
     hf_dir, _, back_dir, results = round_trip
     original = load_file(os.path.join(hf_dir, "model.safetensors"))
-    exported = load_file(os.path.join(back_dir, "model.safetensors"))
-    assert sorted(exported) == sorted(original)
-    assert "lm_head.weight" in exported
-    for name, tensor in original.items():
-        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    for directory in (back_dir, f"{back_dir}_from_tp2pp2"):
+        exported = load_file(os.path.join(directory, "model.safetensors"))
+        assert sorted(exported) == sorted(original)
+        assert "lm_head.weight" in exported
+        for name, tensor in original.items():
+            assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), (directory, name)
     written_on_rank0, differing, _, _ = results[0]
     assert sorted(written_on_rank0) == sorted(original)
     assert differing == []
