@@ -11,7 +11,7 @@ import json
 import math
 import os
 import shutil
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -133,6 +133,16 @@ def checkpoint_dtype(hf_config: Dict) -> str:
         raise CheckpointError(f"config.json says dtype {name!r}; the converters keep the stored precision and "
                               f"support {sorted(_DTYPES)} only")
     return name
+
+
+def in_published_dtype(named_tensors: Iterable[Tuple[str, torch.Tensor]],
+                       hf_config: Dict) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The exported tensors in the dtype config.json declares. The models keep some tensors in fp32 whatever
+    their dtype (megatron's RMSNorm weights, the router's expert bias), where the published checkpoints store
+    everything in that dtype; exports match them, so an export loads and compares like the original."""
+    dtype = _DTYPES[checkpoint_dtype(hf_config)]
+    for name, tensor in named_tensors:
+        yield name, tensor.to(dtype)
 
 
 def _build_unloaded_model(model_dir: str, role: str, dtype: Optional[str]):

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from .checkpoint_io import (DEFAULT_MAX_SHARD_BYTES, HF_FILES_SUBDIR, is_writer_rank, build_meta_model,
                             check_checkpoint_matches, check_tensor_parallel_entries, copy_hf_side_files,
-                            hf_files_dir, is_mcore_checkpoint, local_sharded_tensors, write_hf_safetensors)
+                            hf_files_dir, in_published_dtype, is_mcore_checkpoint, local_sharded_tensors,
+                            read_hf_config, write_hf_safetensors)
 from .checkpoint_parts import join_parts, save_part
 from .checkpoint_reads import model_pieces, read_pieces
 from .errors import CheckpointError
@@ -139,9 +140,9 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.dev
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                         max_chunk_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
     """A megatron checkpoint (hf_to_mcore.py's, or a training run's: its actor) -> HF safetensors with the
-    original names, vocabulary padding removed, and the config/tokenizer/processor files; rank 0 writes,
-    every rank joins the gather. One chunk of max_chunk_bytes of the model is loaded at a time. Returns the
-    names written."""
+    original names and dtype (config.json's), vocabulary padding removed, and the config/tokenizer/processor
+    files; rank 0 writes, every rank joins the gather. One chunk of max_chunk_bytes of the model is loaded at
+    a time. Returns the names written."""
     if not is_mcore_checkpoint(mcore_dir):
         raise CheckpointError(f"{mcore_dir} is not a megatron distributed checkpoint (no metadata.json)")
     model = build_meta_model(mcore_dir)
@@ -159,7 +160,8 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.dev
                 yield from iter_hf_tensors([model])
 
     if is_writer_rank():
-        names = write_hf_safetensors(named_tensors(), out_dir, max_shard_bytes)
+        names = write_hf_safetensors(in_published_dtype(named_tensors(), read_hf_config(mcore_dir)), out_dir,
+                                     max_shard_bytes)
         copy_hf_side_files(hf_files_dir(mcore_dir), out_dir)
     else:
         names = [name for name, _ in named_tensors()]  # the gather is collective: other ranks take part and discard

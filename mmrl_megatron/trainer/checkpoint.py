@@ -142,17 +142,18 @@ class Checkpointer:
 
 
 def export_hf(model_chunks, hf_source_dir: str, out_dir: str) -> Optional[str]:
-    """Write the actor as a Hugging Face directory (weights via convert.iter_hf_tensors, in transformers'
-    shard layout, the other files copied from the source checkpoint). Collective; rank 0 writes. Returns
+    """Write the actor as a Hugging Face directory (weights via convert.iter_hf_tensors in the source
+    config's dtype, in transformers' shard layout, the other files copied from the source checkpoint). Collective; rank 0 writes. Returns
     out_dir on rank 0."""
     from ..convert import iter_hf_tensors
-    from ..convert.checkpoint_io import copy_hf_side_files, hf_files_dir, write_hf_safetensors
+    from ..convert.checkpoint_io import (copy_hf_side_files, hf_files_dir, in_published_dtype, read_hf_config,
+                                         write_hf_safetensors)
 
     named = iter_hf_tensors(model_chunks)
     if dist.get_rank() != 0:
         for _ in named:  # the gather is collective: every rank walks it
             pass
         return None
-    write_hf_safetensors(named, out_dir)
+    write_hf_safetensors(in_published_dtype(named, read_hf_config(hf_source_dir)), out_dir)
     copy_hf_side_files(hf_files_dir(hf_source_dir), out_dir)
     return out_dir
