@@ -20,12 +20,17 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
 
     from mmrl_megatron.config import ConfigError
+    from mmrl_megatron.convert.errors import CheckpointError
     from mmrl_megatron.trainer.run import run_training
 
     try:
         run_training(args.config, args.overrides)
     except ConfigError as error:  # a mistake in the config: the message says what to change, no traceback
         print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:  # a damaged or misfit checkpoint: the message names the file
+        if main_rank:  # every rank raises the same message
+            print(f"checkpoint error: {error}", file=sys.stderr)
         return 2
     return 0
 
