@@ -17,6 +17,7 @@ from .checkpoint_io import (DEFAULT_MAX_SHARD_BYTES, HF_FILES_SUBDIR, is_writer_
                             check_checkpoint_matches, check_tensor_parallel_entries, copy_hf_side_files,
                             hf_files_dir, in_published_dtype, is_mcore_checkpoint, local_sharded_tensors,
                             read_hf_config, write_hf_safetensors)
+from .checkpoint_manifest import damaged_file, write_manifest
 from .checkpoint_parts import join_parts, save_part
 from .checkpoint_reads import model_pieces, read_pieces
 from .errors import CheckpointError
@@ -91,6 +92,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, device: Optional[torch.device
     if is_writer_rank():
         copy_hf_side_files(hf_files_dir(hf_dir), os.path.join(out_dir, HF_FILES_SUBDIR))
         join_parts(out_dir, count)
+        write_manifest(out_dir)
     if dist.is_initialized():
         dist.barrier()
 
@@ -145,6 +147,9 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.dev
     a time. Returns the names written."""
     if not is_mcore_checkpoint(mcore_dir):
         raise CheckpointError(f"{mcore_dir} is not a megatron distributed checkpoint (no metadata.json)")
+    problem = damaged_file(mcore_dir)
+    if problem is not None:
+        raise CheckpointError(problem)
     model = build_meta_model(mcore_dir)
     prefix = model_key_prefix(mcore_dir, model.sharded_state_dict())
     whole = model.sharded_state_dict(prefix=prefix)

@@ -13,8 +13,6 @@ records every file's size (and the checksum of the small ones), so a file trunca
 overwritten later is named before anything is read; `resume` then falls back to the previous checkpoint.
 The RNG and data states hold tensors and plain values only, and load with torch.load(weights_only=True).
 """
-import hashlib
-import json
 import logging
 import os
 import re
@@ -25,15 +23,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..convert.errors import CheckpointError
+from ..convert.checkpoint_manifest import damaged_file, write_manifest
+from ..convert.errors import CheckpointError, one_line
 
 logger = logging.getLogger(__name__)
 LATEST = "latest"
-MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step_(\d+)$")
-# files up to this size (RNG, data, common and metadata files, the tokenizer) are checksummed as well;
-# larger ones (the tensor data) are checked by size, as hashing them would cost a read of the whole model
-_CHECKSUMMED_BYTES = 64 << 20
 # megatron-core 0.16's DistributedOptimizer defaults to fully_sharded_model_space, whose flattened
 # ShardedTensors its own dist_checkpointing then rejects ("flattened_range is not supported", seen on an
 # H200); fully_reshardable stores each parameter's state whole, so a checkpoint resumes at any TP/PP/DP.
@@ -74,14 +69,6 @@ def _pointer_target(root: str) -> Optional[str]:
         return os.path.join(root, handle.read().strip())
 
 
-def latest_checkpoint(root: str) -> Optional[str]:
-    path = _pointer_target(root)
-    if path is not None and not os.path.isdir(path):
-        raise CheckpointError(f"{os.path.join(root, LATEST)} names {path}, which does not exist; delete it to start "
-                              "fresh or restore the directory")
-    return path
-
-
 def _step_number(path: str) -> int:
     found = _STEP_DIR.search(os.path.basename(path))
     return int(found.group(1)) if found else -1
@@ -99,54 +86,6 @@ def resume_candidates(root: str) -> List[str]:
     return [target] + sorted(older, key=_step_number, reverse=True)
 
 
-# -- the manifest: what a complete checkpoint holds -------------------------------------------------------
-
-def _file_record(path: str) -> Dict:
-    record = {"bytes": os.path.getsize(path)}
-    if record["bytes"] <= _CHECKSUMMED_BYTES:
-        with open(path, "rb") as handle:
-            record["sha256"] = hashlib.sha256(handle.read()).hexdigest()
-    return record
-
-
-def write_manifest(directory: str) -> None:
-    """Record every file under directory (its size, and the checksum of small files) in manifest.json."""
-    files = {}
-    for folder, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(folder, name)
-            if os.path.relpath(path, directory) not in (MANIFEST, MANIFEST + ".tmp"):
-                files[os.path.relpath(path, directory)] = _file_record(path)
-    with open(os.path.join(directory, MANIFEST + ".tmp"), "w") as handle:
-        json.dump({"files": files}, handle, indent=1, sort_keys=True)
-    os.replace(os.path.join(directory, MANIFEST + ".tmp"), os.path.join(directory, MANIFEST))
-
-
-def damaged_file(directory: str) -> Optional[str]:
-    """What is wrong with the checkpoint's files, naming the first bad one (None when they are as written).
-    Checkpoints from before manifests are checked for megatron's metadata.json only."""
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
-        if os.path.exists(os.path.join(directory, "metadata.json")):
-            return None
-        return f"{os.path.join(directory, 'metadata.json')} is missing: not a complete distributed checkpoint"
-    try:
-        with open(path) as handle:
-            files = json.load(handle)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"{path} is unreadable ({type(error).__name__}: {error})"
-    for name, written in sorted(files.items()):
-        file = os.path.join(directory, name)
-        if not os.path.isfile(file):
-            return f"{file} is missing"
-        found = _file_record(file) if "sha256" in written else {"bytes": os.path.getsize(file)}
-        if found["bytes"] != written["bytes"]:
-            return f"{file} has {found['bytes']} bytes where {written['bytes']} were written (truncated or replaced)"
-        if found != written:
-            return f"{file} differs from what was written (checksum mismatch: corrupted)"
-    return None
-
-
 def _read_state_file(path: str):
     """(the object in a small state file, None) or (None, what is wrong with it); tensors and plain values only."""
     if not os.path.exists(path):
@@ -159,16 +98,6 @@ def _read_state_file(path: str):
         refused = len(lines) > 1 and lines[0].startswith("Weights only load failed")
         reason = lines[1] if refused else (lines[0] if lines else "")
         return None, f"{path} cannot be read with torch.load(weights_only=True) ({type(error).__name__}: {reason[:200]})"
-
-
-def _one_line(error: BaseException) -> str:
-    """A load failure in one line: the first failing rank's exception for torch's CheckpointException."""
-    prefix = ""
-    if isinstance(error, CheckpointException) and error.failures:
-        rank, failure = next(iter(sorted(error.failures.items(), key=lambda item: item[0])))
-        prefix, error = f"rank {rank}: ", failure[0] if isinstance(failure, tuple) else failure
-    text = str(error).strip().splitlines()
-    return f"{prefix}{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
 def _agree(problem: Optional[str]) -> Optional[str]:
@@ -249,7 +178,7 @@ class Checkpointer:
         try:
             loaded = dist_checkpointing.load(sharded, path)
         except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
-            loaded, problem = None, f"{path} could not be loaded: {_one_line(error)}"
+            loaded, problem = None, f"{path} could not be loaded: {one_line(error)}"
         problem = _agree(problem)
         if problem is not None:
             raise CheckpointError(problem)

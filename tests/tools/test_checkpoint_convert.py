@@ -11,12 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmrl_megatron.convert.checkpoint_manifest import write_manifest
 from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
 from tests.cpu_ranks import run_on_cpu_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIDE_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
 CHANGED_TENSOR = "model.layers.1.mlp.down_proj.weight"
+TRUNCATED_FILE = "part0__0_0.distcp"  # the first part's data, as checkpoint_parts.join_parts names it
 # the tiny model is about 0.5 MB: 64 KiB chunks split it into many parts, several tensors and layers apart
 CHUNK_GB = str(64 * 1024 / 1024 ** 3)
 
@@ -89,13 +91,18 @@ def round_trip(tmp_path_factory):
     run_tool("tools/checkpoint_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out", mcore_dir, "--max-chunk-gb", CHUNK_GB)
 
     # misfits: megatron checkpoints whose config asks for a wider MLP (wrong shape), a layer more (the stacked
-    # layer tensors are too short), tied embeddings (the stored output layer is unknown to the model); HF
+    # layer tensors are too short), tied embeddings (the stored output layer is unknown to the model) (their
+    # manifests rewritten, so only the misfit stands), and one with a tensor data file truncated; HF
     # directories with one tensor reshaped or dropped
-    bad_mcore = [str(root / name) for name in ("mcore_shape", "mcore_layers", "mcore_unknown")]
+    bad_mcore = [str(root / name) for name in ("mcore_shape", "mcore_layers", "mcore_unknown", "mcore_truncated")]
     for path, change in zip(bad_mcore, [dict(text={"intermediate_size": 72}), dict(text={"num_hidden_layers": 5}),
                                         dict(top={"tie_word_embeddings": True}, text={"tie_word_embeddings": True})]):
         shutil.copytree(mcore_dir, path)
         _rewrite_config(os.path.join(path, "hf"), **change)
+        write_manifest(path)
+    shutil.copytree(mcore_dir, bad_mcore[-1])
+    with open(os.path.join(bad_mcore[-1], TRUNCATED_FILE), "r+b") as handle:
+        handle.truncate(100)
     tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
     bad_hf = {"shape": str(root / "hf_shape"), "missing": str(root / "hf_missing")}
     for path, edit in [(bad_hf["shape"], lambda t: t.update({CHANGED_TENSOR: t[CHANGED_TENSOR][:, :-1].clone()})),
@@ -143,14 +150,16 @@ def test_side_files_travel_with_the_checkpoint(round_trip):
 
 
 def test_misfit_checkpoints_stop_with_the_tensor_name(round_trip):
-    """Invariant: a checkpoint with a wrongly shaped, missing or unknown tensor stops the load (whole, and the streamed
-    export) on every rank with an error naming that tensor, instead of loading garbage."""
+    """Invariant: a checkpoint with a wrongly shaped, missing or unknown tensor, or a truncated data file, stops the
+    load (whole, and the streamed export) on every rank with an error naming that tensor or file, instead of
+    loading garbage."""
     _, _, _, results = round_trip
     for _, _, whole, streamed in results:
-        hf_shape, hf_missing = whole[3:]
-        for shape_error, layers_error, unknown_error in (whole[:3], streamed):
+        hf_shape, hf_missing = whole[4:]
+        for shape_error, layers_error, unknown_error, truncated_error in (whole[:4], streamed):
             assert "mlp.linear_fc" in shape_error and "shape" in shape_error, shape_error
             assert "decoder.layers." in layers_error and "(5, 32)" in layers_error, layers_error
             assert "output_layer.weight" in unknown_error, unknown_error
+            assert f"mcore_truncated/{TRUNCATED_FILE} has 100 bytes" in truncated_error, truncated_error
         assert CHANGED_TENSOR in hf_shape, hf_shape
         assert CHANGED_TENSOR in hf_missing, hf_missing

@@ -1,6 +1,7 @@
 """Checkpoints: a run resumed from its step-2 checkpoint in fresh processes reproduces the uninterrupted
 run's metrics for steps 3-4 exactly (CPU); the TP=2 checkpoint also resumes at TP=1; a crash mid-save
-never moves `latest`."""
+never moves `latest`; damaged checkpoints are named and skipped; SAVE_AND_EXIT is cleared once honoured;
+resumed steps are logged once."""
 import fnmatch
 import json
 import math
@@ -56,17 +57,19 @@ def test_resume_reproduces_uninterrupted_run_and_reshards(tmp_path):
 
 
 def test_latest_is_not_moved_by_an_unfinished_save(tmp_path):
-    """Invariant: a leftover step_N.tmp directory (a crash mid-save) is never what `latest` names."""
-    from mmrl_megatron.trainer.checkpoint import CheckpointError, latest_checkpoint
+    """Invariant: a leftover step_N.tmp directory (a crash mid-save) is never a checkpoint to resume from; resume
+    tries the one `latest` names, even when it is missing (the warning says so), then the older ones."""
+    from mmrl_megatron.trainer.checkpoint import resume_candidates
 
     root = tmp_path / "checkpoints"
     (root / "step_00000004.tmp").mkdir(parents=True)
-    (root / "step_00000002").mkdir()
+    for step in (1, 2):
+        (root / f"step_0000000{step}").mkdir()
+    assert resume_candidates(str(root)) == []
     (root / "latest").write_text("step_00000002")
-    assert latest_checkpoint(str(root)) == str(root / "step_00000002")
+    assert resume_candidates(str(root)) == [str(root / "step_00000002"), str(root / "step_00000001")]
     (root / "latest").write_text("step_00000009")
-    with pytest.raises(CheckpointError, match="step_00000009"):
-        latest_checkpoint(str(root))
+    assert resume_candidates(str(root)) == [str(root / f"step_0000000{step}") for step in (9, 2, 1)]
 
 
 def _checkpoint_files(root, step, pattern):
