@@ -197,3 +197,25 @@ def test_stop_file_is_cleared_and_resumed_steps_are_logged_once(tmp_path):
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         steps = [json.loads(line)["step"] for line in handle]
     assert steps == [1, 2, 3, 4]
+
+
+def test_launch_reports_a_checkpoint_error_in_one_line(monkeypatch, capsys):
+    """Invariant: a CheckpointError ends launch/train.py with exit status 2 and its message as one stderr line,
+    no traceback."""
+    import importlib.util
+
+    import mmrl_megatron.trainer.run as run
+    from mmrl_megatron.trainer.checkpoint import CheckpointError
+
+    spec = importlib.util.spec_from_file_location("train_entry", os.path.join(os.path.dirname(__file__), "..", "..",
+                                                                                "launch", "train.py"))
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+
+    def damaged(config_path, overrides):
+        raise CheckpointError("no usable checkpoint in runs/x/checkpoints: runs/x/checkpoints/step_1/a.distcp is missing")
+
+    monkeypatch.setattr(run, "run_training", damaged)
+    assert entry.main(["--config", "unused.yaml"]) == 2
+    assert capsys.readouterr().err == ("checkpoint error: no usable checkpoint in runs/x/checkpoints: "
+                                       "runs/x/checkpoints/step_1/a.distcp is missing\n")
