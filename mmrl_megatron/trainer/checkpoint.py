@@ -97,7 +97,8 @@ def _read_state_file(path: str):
         # torch's refusal of a non-tensor object opens with a paragraph of advice; the reason follows it
         refused = len(lines) > 1 and lines[0].startswith("Weights only load failed")
         reason = lines[1] if refused else (lines[0] if lines else "")
-        return None, f"{path} cannot be read with torch.load(weights_only=True) ({type(error).__name__}: {reason[:200]})"
+        return None, (f"{path} cannot be read with torch.load(weights_only=True) "
+                      f"({type(error).__name__}: {reason[:200]})")
 
 
 def _agree(problem: Optional[str]) -> Optional[str]:
@@ -233,8 +234,8 @@ class Checkpointer:
 
 def export_hf(model_chunks, hf_source_dir: str, out_dir: str) -> Optional[str]:
     """Write the actor as a Hugging Face directory (weights via convert.iter_hf_tensors in the source
-    config's dtype, in transformers' shard layout, the other files copied from the source checkpoint). Collective; rank 0 writes. Returns
-    out_dir on rank 0."""
+    config's dtype, in transformers' shard layout, the other files copied from the source checkpoint).
+    Collective; rank 0 writes. Returns out_dir on rank 0."""
     from ..convert import iter_hf_tensors
     from ..convert.checkpoint_io import (copy_hf_side_files, hf_files_dir, in_published_dtype, read_hf_config,
                                          write_hf_safetensors)

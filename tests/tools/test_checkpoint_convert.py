@@ -119,11 +119,10 @@ def round_trip(tmp_path_factory):
 
 def test_round_trip_is_bit_exact(round_trip):
     """Invariant: every HF tensor survives HF -> megatron (TP=1) -> megatron at TP=2 x PP=2 -> HF, and HF -> megatron
-    written at TP=2 x PP=2 -> HF exported at TP=1, with torch.equal,
-    under its original name and shape (vocabulary padding removed), for untied embeddings, a TP-padded vocabulary
-    and one KV head per TP rank, both conversions streamed in chunks far smaller than the model; the checkpoint
-    the parts were joined into, and one converted at TP=2 x PP=2, load whole through megatron's own strict load,
-    every tensor exact."""
+    written at TP=2 x PP=2 -> HF exported at TP=1, with torch.equal, under its original name and shape (vocabulary
+    padding removed), for untied embeddings, a TP-padded vocabulary and one KV head per TP rank, both conversions
+    streamed in chunks far smaller than the model; the checkpoint the parts were joined into, and one converted at
+    TP=2 x PP=2, load whole through megatron's own strict load, every tensor exact."""
     hf_dir, _, back_dir, results = round_trip
     original = load_file(os.path.join(hf_dir, "model.safetensors"))
     for directory in (back_dir, f"{back_dir}_from_tp2pp2"):

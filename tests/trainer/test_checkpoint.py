@@ -147,8 +147,8 @@ def _resume_after_faults(run_dir):
 def test_damaged_checkpoints_fall_back_with_the_bad_file_named(tmp_path):
     """Invariant: a checkpoint with a truncated .distcp, a deleted RNG file or a data-state file that is corrupted
     (or holds a pickle that would run code, refused by weights_only loading) is skipped for the previous complete
-    one with a warning naming that file (from rank 0), every rank alike; with none left, resume raises one CheckpointError
-    line naming each bad file; nothing in a state file is executed."""
+    one with a warning naming that file (from rank 0), every rank alike; with none left, resume raises one
+    CheckpointError line naming each bad file; nothing in a state file is executed."""
     run_dir = str(tmp_path / "run")
     per_rank = run_on_cpu_ranks(2, _resume_after_faults, run_dir)
     (truncated, no_rng, unsafe, corrupt, executed), other_rank = per_rank
@@ -213,7 +213,8 @@ def test_launch_reports_a_checkpoint_error_in_one_line(monkeypatch, capsys):
     spec.loader.exec_module(entry)
 
     def damaged(config_path, overrides):
-        raise CheckpointError("no usable checkpoint in runs/x/checkpoints: runs/x/checkpoints/step_1/a.distcp is missing")
+        raise CheckpointError("no usable checkpoint in runs/x/checkpoints: runs/x/checkpoints/step_1/a.distcp "
+                              "is missing")
 
     monkeypatch.setattr(run, "run_training", damaged)
     assert entry.main(["--config", "unused.yaml"]) == 2
