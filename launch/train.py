@@ -15,6 +15,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value pairs applied after the file, e.g. rollout.n=8")
     args = parser.parse_args(argv)
     from mmrl_megatron.config import ConfigError
+    from mmrl_megatron.convert.errors import CheckpointError
     from mmrl_megatron.data import DataError
     from mmrl_megatron.parallel import detect_process_place
     from mmrl_megatron.trainer.run import run_training
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
         if main_rank:
             kind = "config error" if isinstance(error, ConfigError) else "data error"
             print(f"{kind}: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:  # a damaged or misfit checkpoint: the message names the file
+        if main_rank:  # every rank raises the same message
+            print(f"checkpoint error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -3,7 +3,8 @@
 A megatron checkpoint written here is a `megatron.core.dist_checkpointing` directory of the model's
 sharded_state_dict (global tensors, so it loads under any TP/PP) plus `hf/`, a copy of the source HF
 directory's non-weight files (config.json, tokenizer, chat template, preprocessor), so the checkpoint
-alone is enough to build the model, score with it, or export it back to HF.
+alone is enough to build the model, score with it, or export it back to HF. Its manifest.json
+(checkpoint_manifest.py) lets every load name a truncated, missing or corrupted file before reading.
 
 The whole-directory conversions built on these are in conversions.py.
 """
@@ -11,12 +12,13 @@ import json
 import math
 import os
 import shutil
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .errors import CheckpointError
+from .checkpoint_manifest import damaged_file
+from .errors import CheckpointError, one_line
 from .model_params import is_routed_expert
 
 HF_FILES_SUBDIR = "hf"
@@ -135,6 +137,16 @@ def checkpoint_dtype(hf_config: Dict) -> str:
     return name
 
 
+def in_published_dtype(named_tensors: Iterable[Tuple[str, torch.Tensor]],
+                       hf_config: Dict) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The exported tensors in the dtype config.json declares. The models keep some tensors in fp32 whatever
+    their dtype (megatron's RMSNorm weights, the router's expert bias), where the published checkpoints store
+    everything in that dtype; exports match them, so an export loads and compares like the original."""
+    dtype = _DTYPES[checkpoint_dtype(hf_config)]
+    for name, tensor in named_tensors:
+        yield name, tensor.to(dtype)
+
+
 def _build_unloaded_model(model_dir: str, role: str, dtype: Optional[str]):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -233,13 +245,18 @@ def load_mcore_checkpoint(model, mcore_dir: str) -> None:
     """Fill `model` from a distributed checkpoint written under any TP/PP (collective)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    problem = damaged_file(mcore_dir)
+    if problem is not None:
+        raise CheckpointError(problem)
     sharded = model.sharded_state_dict()
     check_tensor_parallel_entries(sharded)
     check_checkpoint_matches(sharded, mcore_dir)
     try:
         # RAISE_ALL also stops on tensors stored in the checkpoint that no rank's model has.
         state = dist_checkpointing.load(sharded, mcore_dir, strict=StrictHandling.RAISE_ALL)
-    except Exception as error:  # megatron raises several types; all mean the checkpoint does not fit
-        raise CheckpointError(f"loading {mcore_dir} failed: {error}") from error
+    # megatron raises several types, torch a CheckpointException (a BaseException): all mean it does not fit
+    except (Exception, CheckpointException) as error:
+        raise CheckpointError(f"loading {mcore_dir} failed: {one_line(error)}") from error
     model.load_state_dict(state)

@@ -15,13 +15,14 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from .checkpoint_parts import piece_extent
-from .errors import CheckpointError
+from .errors import CheckpointError, one_line
 
 
 @dataclass
@@ -56,8 +57,14 @@ class _PieceLoadPlanner(DefaultLoadPlanner):
 
 def read_pieces(checkpoint_dir: str, pieces: Sequence[Piece]) -> None:
     """Fill every piece's destination from checkpoint_dir (this rank alone, no collective)."""
-    if pieces:
+    if not pieces:
+        return
+    try:
         dcp_load({}, storage_reader=FileSystemReader(checkpoint_dir), planner=_PieceLoadPlanner(pieces), no_dist=True)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        raise CheckpointError(f"reading {checkpoint_dir} failed: {one_line(error)}") from error
 
 
 def model_pieces(sharded_state_dict) -> List[Piece]:
@@ -71,5 +78,7 @@ def model_pieces(sharded_state_dict) -> List[Piece]:
     for entry in nested_values(sharded_state_dict):
         if not isinstance(entry, ShardedTensor):
             continue
-        pieces.append(Piece(entry.key, tuple(entry.global_offset), piece_extent(entry)))
+        # detached: the reader narrows and copies into the destination in place, which autograd forbids on a
+        # view of a parameter taken in no_grad mode (the SwiGLU halves), as a checkpoint of another TP asks for
+        pieces.append(Piece(entry.key, tuple(entry.global_offset), piece_extent(entry).detach()))
     return pieces

@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 from .checkpoint_io import (DEFAULT_MAX_SHARD_BYTES, HF_FILES_SUBDIR, is_writer_rank, build_meta_model,
                             check_checkpoint_matches, check_tensor_parallel_entries, copy_hf_side_files,
-                            hf_files_dir, is_mcore_checkpoint, local_sharded_tensors, write_hf_safetensors)
+                            hf_files_dir, in_published_dtype, is_mcore_checkpoint, local_sharded_tensors,
+                            read_hf_config, write_hf_safetensors)
+from .checkpoint_manifest import damaged_file, write_manifest
 from .checkpoint_parts import join_parts, save_part
 from .checkpoint_reads import model_pieces, read_pieces
 from .errors import CheckpointError
@@ -90,6 +92,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, device: Optional[torch.device
     if is_writer_rank():
         copy_hf_side_files(hf_files_dir(hf_dir), os.path.join(out_dir, HF_FILES_SUBDIR))
         join_parts(out_dir, count)
+        write_manifest(out_dir)
     if dist.is_initialized():
         dist.barrier()
 
@@ -139,11 +142,14 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.dev
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                         max_chunk_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
     """A megatron checkpoint (hf_to_mcore.py's, or a training run's: its actor) -> HF safetensors with the
-    original names, vocabulary padding removed, and the config/tokenizer/processor files; rank 0 writes,
-    every rank joins the gather. One chunk of max_chunk_bytes of the model is loaded at a time. Returns the
-    names written."""
+    original names and dtype (config.json's), vocabulary padding removed, and the config/tokenizer/processor
+    files; rank 0 writes, every rank joins the gather. One chunk of max_chunk_bytes of the model is loaded at
+    a time. Returns the names written."""
     if not is_mcore_checkpoint(mcore_dir):
         raise CheckpointError(f"{mcore_dir} is not a megatron distributed checkpoint (no metadata.json)")
+    problem = damaged_file(mcore_dir)
+    if problem is not None:
+        raise CheckpointError(problem)
     model = build_meta_model(mcore_dir)
     prefix = model_key_prefix(mcore_dir, model.sharded_state_dict())
     whole = model.sharded_state_dict(prefix=prefix)
@@ -159,7 +165,8 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.dev
                 yield from iter_hf_tensors([model])
 
     if is_writer_rank():
-        names = write_hf_safetensors(named_tensors(), out_dir, max_shard_bytes)
+        names = write_hf_safetensors(in_published_dtype(named_tensors(), read_hf_config(mcore_dir)), out_dir,
+                                     max_shard_bytes)
         copy_hf_side_files(hf_files_dir(mcore_dir), out_dir)
     else:
         names = [name for name, _ in named_tensors()]  # the gather is collective: other ranks take part and discard

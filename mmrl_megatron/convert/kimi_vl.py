@@ -12,6 +12,8 @@ group for expert weights; gated fc1 weights split gate and up separately (rules.
 The generic loader/exporter (convert/loader.py, exporter.py) do not know expert parallelism or the
 router's expert-bias buffer, so this module applies the same rule table with both: `load_hf_into_model`
 and `iter_hf_tensors`, which convert's entry points of the same names call for kimi_vl (families.py).
+Like the generic loader, it refuses checkpoint tensors no rule converts and skips rotary inv_freq buffers,
+which the model derives from config.json (loader.check_known).
 """
 import re
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
@@ -21,6 +23,7 @@ import torch.distributed as dist
 
 from .errors import CheckpointError
 from .hf_checkpoint import HFCheckpoint
+from .loader import check_known
 from .model_params import as_chunks, is_routed_expert
 from .rules import GATED, Rule, RuleTable
 from .streaming import is_placeholder
@@ -145,8 +148,11 @@ def local_entries(model) -> List[_Entry]:
 def load_hf_into_model(model, hf_dir: str, hf_config: Optional[Mapping] = None) -> int:
     """Fill this rank's shards of a KimiVLModel (or its one-chunk list) from the published checkpoint;
     returns the number of HF tensors read. Tensors on the meta device (a streamed conversion's other
-    chunks) are left alone. hf_config is accepted for the framework's signature (the model carries its own)."""
+    chunks) are left alone. hf_config is accepted for the framework's signature (the model carries its own).
+    Raises CheckpointError naming a checkpoint tensor no rule converts, as the generic loader does."""
     checkpoint = HFCheckpoint(hf_dir, ALIASES)
+    [chunk] = as_chunks(model)
+    check_known(checkpoint, RuleTable(rules(chunk.hf_config, "actor"), "kimi_vl"), hf_dir)
     read = 0
     for entry in local_entries(model):
         if is_placeholder(entry.tensor):

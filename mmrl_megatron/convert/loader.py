@@ -1,4 +1,5 @@
 """HF checkpoint -> this rank's Megatron shards, reading only the tensors this rank holds."""
+import re
 from typing import Mapping
 
 import torch
@@ -14,8 +15,16 @@ def model_role(model) -> str:
     return getattr(as_chunks(model)[0], "role", "actor")
 
 
-def _check_known(checkpoint: HFCheckpoint, table, hf_dir: str) -> None:
-    unknown = sorted(checkpoint.names() - table.all_hf_names())
+# Rotary inverse frequencies, which checkpoints saved by older transformers carry beside the weights: every
+# model derives them from config.json (rope_theta, rope_scaling, head sizes) when it is built, as transformers
+# does (it registers them non-persistent, so it neither saves nor reads them). So no rule converts them: the
+# loaders accept and skip them, and the exporters write the published weights only.
+DERIVED_BUFFER = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def check_known(checkpoint: HFCheckpoint, table, hf_dir: str) -> None:
+    """Raise CheckpointError naming the checkpoint tensors no rule of `table` converts (derived buffers aside)."""
+    unknown = sorted(name for name in checkpoint.names() - table.all_hf_names() if not DERIVED_BUFFER.search(name))
     if unknown:
         raise CheckpointError(f"{hf_dir}: {len(unknown)} tensor(s) no rule converts, e.g. {unknown[:3]}; the "
                               f"config.json ({table.family}) does not describe these weights")
@@ -35,7 +44,7 @@ def load_hf_into_model(model, hf_dir: str, hf_config: Mapping = None) -> None:
         return
     table = rule_table(hf_config, model_role(model))
     checkpoint = HFCheckpoint(hf_dir, aliases(hf_config))
-    _check_known(checkpoint, table, hf_dir)
+    check_known(checkpoint, table, hf_dir)
     for sharded in sharded_params(model):
         if is_placeholder(sharded.param):
             continue

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..config.schema import Config
 from ..parallel import init_distributed, init_model_parallel, layout_from_config, pick_device
-from .checkpoint import Checkpointer, export_hf, latest_checkpoint
+from .checkpoint import Checkpointer, export_hf
 from .experience import ExperienceSources
 from .loop import Trainer, TrainerParts
 from .optim import build_optimizer, wrap_for_data_parallel
@@ -144,9 +144,9 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     dataset = PromptDataset(config.data.train_files, config.data, config.model.hf_path,
                             config.data.prompts_per_step // data_parallel, dp_rank, data_parallel, train=True)
     state = {"step": 0, "nonfinite_skips": 0, "consecutive_nonfinite": 0, "warmup_done": False}
-    resume_path = _resume_path(trainer_config, checkpointer.root)
-    if resume_path:
-        common, data_state = checkpointer.load(resume_path)
+    resumed = checkpointer.resume(trainer_config.resume)
+    if resumed:
+        resume_path, common, data_state = resumed
         state.update({key: common[key] for key in state if key in common})
         if data_state is not None:
             dataset.load_state_dict(data_state)
@@ -187,14 +187,6 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
         parts.export = lambda: export_hf(_unwrapped(actor.chunks), config.model.hf_path,
                                          os.path.join(trainer_config.run_dir, "hf_export"))
     return trainer
-
-
-def _resume_path(trainer_config, root: str) -> Optional[str]:
-    if trainer_config.resume == "never":
-        return None
-    if trainer_config.resume == "auto":
-        return latest_checkpoint(root)
-    return trainer_config.resume
 
 
 def close_trainer(trainer: Trainer) -> None:

@@ -8,24 +8,31 @@ A checkpoint holds the trainable roles' model and optimizer shards (resharded on
 the common state (step, LR schedules, counters), each data-parallel rank's data position, and each
 rank's RNG states (restored only when the layout is unchanged; otherwise reseeded from the step), and
 hf/, the starting model's config, tokenizer and processor files, so that
-tools/checkpoint_convert/mcore_to_hf.py exports the actor from the checkpoint alone.
+tools/checkpoint_convert/mcore_to_hf.py exports the actor from the checkpoint alone. Last, manifest.json
+records every file's size (and the checksum of the small ones), so a file truncated, deleted or
+overwritten later is named before anything is read; `resume` then falls back to the previous checkpoint.
+The RNG and data states hold tensors and plain values only, and load with torch.load(weights_only=True).
 """
+import logging
 import os
+import re
 import shutil
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from ..convert.checkpoint_manifest import damaged_file, write_manifest
+from ..convert.errors import CheckpointError, one_line
+
+logger = logging.getLogger(__name__)
 LATEST = "latest"
+_STEP_DIR = re.compile(r"step_(\d+)$")
 # megatron-core 0.16's DistributedOptimizer defaults to fully_sharded_model_space, whose flattened
 # ShardedTensors its own dist_checkpointing then rejects ("flattened_range is not supported", seen on an
 # H200); fully_reshardable stores each parameter's state whole, so a checkpoint resumes at any TP/PP/DP.
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match this run; the message names the path."""
 
 
 def _rng_state() -> Dict:
@@ -53,16 +60,52 @@ def _layout_signature() -> str:
             f"pp={ps.get_pipeline_model_parallel_world_size()}")
 
 
-def latest_checkpoint(root: str) -> Optional[str]:
+def _pointer_target(root: str) -> Optional[str]:
+    """The directory `latest` names, or None when there is no `latest`."""
     pointer = os.path.join(root, LATEST)
     if not os.path.exists(pointer):
         return None
     with open(pointer) as handle:
-        path = os.path.join(root, handle.read().strip())
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{pointer} names {path}, which does not exist; delete {pointer} to start fresh "
-                              "or restore the directory")
-    return path
+        return os.path.join(root, handle.read().strip())
+
+
+def _step_number(path: str) -> int:
+    found = _STEP_DIR.search(os.path.basename(path))
+    return int(found.group(1)) if found else -1
+
+
+def resume_candidates(root: str) -> List[str]:
+    """The checkpoint `latest` names, then the older complete step_<N> directories, newest first ([] without
+    `latest`): the order in which `Checkpointer.resume` tries them."""
+    target = _pointer_target(root)
+    if target is None:
+        return []
+    older = [os.path.join(root, name) for name in os.listdir(root)
+             if _STEP_DIR.fullmatch(name) and os.path.isdir(os.path.join(root, name))]
+    older = [path for path in older if _step_number(path) < _step_number(target)]
+    return [target] + sorted(older, key=_step_number, reverse=True)
+
+
+def _read_state_file(path: str):
+    """(the object in a small state file, None) or (None, what is wrong with it); tensors and plain values only."""
+    if not os.path.exists(path):
+        return None, f"{path} is missing"
+    try:
+        return torch.load(path, weights_only=True), None
+    except Exception as error:  # unpickling raises many types; each means this file cannot be used
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's refusal of a non-tensor object opens with a paragraph of advice; the reason follows it
+        refused = len(lines) > 1 and lines[0].startswith("Weights only load failed")
+        reason = lines[1] if refused else (lines[0] if lines else "")
+        return None, (f"{path} cannot be read with torch.load(weights_only=True) "
+                      f"({type(error).__name__}: {reason[:200]})")
+
+
+def _agree(problem: Optional[str]) -> Optional[str]:
+    """The first rank's problem, on every rank (collective), so all ranks take the same branch."""
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((found for found in problems if found is not None), None)
 
 
 class Checkpointer:
@@ -102,14 +145,17 @@ class Checkpointer:
                 copy_hf_side_files(hf_files_dir(self.hf_dir), os.path.join(temporary, HF_FILES_SUBDIR))
         dist.barrier()
         state = self._sharded_state(is_loading=False)
+        # rank 0's common state is the one stored; data_parallel says which data_dp files it comes with
+        data_parallel = parallel_state.get_data_parallel_world_size() if data_state is not None else 0
         state["common"] = dict(common, step=step, schedulers={n: r.scheduler.state_dict() for n, r in self.roles.items()},
-                               layout=_layout_signature())
+                               layout=_layout_signature(), data_parallel=data_parallel)
         dist_checkpointing.save(state, temporary)
         torch.save(_rng_state(), os.path.join(temporary, f"rng_rank{dist.get_rank():05d}.pt"))
         if data_state is not None and parallel_state.get_model_parallel_group().rank() == 0:
             torch.save(data_state, os.path.join(temporary, f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt"))
         dist.barrier()
         if dist.get_rank() == 0:
+            write_manifest(temporary)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(temporary, final)
             pointer = os.path.join(self.root, LATEST)
@@ -119,40 +165,86 @@ class Checkpointer:
         dist.barrier()
         return final
 
-    def load(self, path: str):
-        """Restore the roles in place; returns (common state, this data-parallel rank's data state or None)."""
+    def load(self, path: str) -> Tuple[Dict, Optional[Dict]]:
+        """Restore the roles in place; returns (common state, this data-parallel rank's data state or None).
+
+        Collective. A damaged or incomplete checkpoint raises CheckpointError naming the bad file, the same
+        message on every rank; the roles may then hold some of its tensors, which a later load replaces."""
         from megatron.core import dist_checkpointing, parallel_state
 
-        if not os.path.exists(os.path.join(path, "metadata.json")):
-            raise CheckpointError(f"{path} is not a complete distributed checkpoint (no metadata.json)")
+        problem = _agree(damaged_file(path) if dist.get_rank() == 0 else None)
+        if problem is not None:
+            raise CheckpointError(problem)
         sharded = self._sharded_state(is_loading=True)
-        loaded = dist_checkpointing.load(sharded, path)
+        try:
+            loaded = dist_checkpointing.load(sharded, path)
+        except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+            loaded, problem = None, f"{path} could not be loaded: {one_line(error)}"
+        problem = _agree(problem)
+        if problem is not None:
+            raise CheckpointError(problem)
+        common = loaded["common"]
+        rng, problem = None, None
+        if common.get("layout") == _layout_signature():
+            rng, problem = _read_state_file(os.path.join(path, f"rng_rank{dist.get_rank():05d}.pt"))
+        data_state, data_rank = None, parallel_state.get_data_parallel_rank()
+        data_path = os.path.join(path, f"data_dp{data_rank:05d}.pt")
+        saved_ranks = common.get("data_parallel")
+        # checkpoints from before data_parallel was recorded: the file is read when it is there
+        if (data_rank < saved_ranks) if saved_ranks is not None else os.path.exists(data_path):
+            data_state, data_problem = _read_state_file(data_path)
+            problem = problem or data_problem
+        problem = _agree(problem)
+        if problem is not None:
+            raise CheckpointError(problem)
         for name, role in self.roles.items():
             for index, chunk in enumerate(role.chunks):
                 chunk.load_state_dict(loaded[f"{name}.model{index}"], strict=False)
             role.optimizer.load_state_dict(loaded[f"{name}.optimizer"])
-            role.scheduler.load_state_dict(loaded["common"]["schedulers"][name])
-        common = loaded["common"]
-        rng_path = os.path.join(path, f"rng_rank{dist.get_rank():05d}.pt")
-        if common.get("layout") == _layout_signature() and os.path.exists(rng_path):
-            _set_rng_state(torch.load(rng_path, weights_only=False))
-        data_path = os.path.join(path, f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt")
-        data_state = torch.load(data_path, weights_only=False) if os.path.exists(data_path) else None
+            role.scheduler.load_state_dict(common["schedulers"][name])
+        if rng is not None:
+            _set_rng_state(rng)
         return common, data_state
+
+    def resume(self, resume: str = "auto") -> Optional[Tuple[str, Dict, Optional[Dict]]]:
+        """Load what trainer.resume asks for: (checkpoint path, common state, data state), or None to start fresh.
+
+        "never": None. A directory: that checkpoint, or CheckpointError. "auto": the newest usable checkpoint
+        (resume_candidates): a damaged one is skipped with a warning naming the bad file; CheckpointError,
+        naming each, when `latest` exists and none is usable; None when there is no `latest`. Collective."""
+        if resume == "never":
+            return None
+        if resume != "auto":
+            return (resume, *self.load(resume))
+        failures = []
+        for path in resume_candidates(self.root):
+            try:
+                if not os.path.isdir(path):
+                    raise CheckpointError(f"{path}, which {os.path.join(self.root, LATEST)} names, does not exist")
+                return (path, *self.load(path))
+            except CheckpointError as error:
+                failures.append(str(error))
+                if dist.get_rank() == 0:
+                    logger.warning("checkpoint %s is unusable: %s; trying the previous one", path, error)
+        if failures:
+            raise CheckpointError(f"no usable checkpoint in {self.root}: {'; '.join(failures)}; restore the named "
+                                  "files, or resume from scratch with trainer.resume=never")
+        return None
 
 
 def export_hf(model_chunks, hf_source_dir: str, out_dir: str) -> Optional[str]:
-    """Write the actor as a Hugging Face directory (weights via convert.iter_hf_tensors, in transformers'
-    shard layout, the other files copied from the source checkpoint). Collective; rank 0 writes. Returns
-    out_dir on rank 0."""
+    """Write the actor as a Hugging Face directory (weights via convert.iter_hf_tensors in the source
+    config's dtype, in transformers' shard layout, the other files copied from the source checkpoint).
+    Collective; rank 0 writes. Returns out_dir on rank 0."""
     from ..convert import iter_hf_tensors
-    from ..convert.checkpoint_io import copy_hf_side_files, hf_files_dir, write_hf_safetensors
+    from ..convert.checkpoint_io import (copy_hf_side_files, hf_files_dir, in_published_dtype, read_hf_config,
+                                         write_hf_safetensors)
 
     named = iter_hf_tensors(model_chunks)
     if dist.get_rank() != 0:
         for _ in named:  # the gather is collective: every rank walks it
             pass
         return None
-    write_hf_safetensors(named, out_dir)
+    write_hf_safetensors(in_published_dtype(named, read_hf_config(hf_source_dir)), out_dir)
     copy_hf_side_files(hf_files_dir(hf_source_dir), out_dir)
     return out_dir

@@ -280,6 +280,7 @@ class Trainer:
             if stop or (trainer.save_every >= 0 and (periodic or step == trainer.steps)):
                 self.save_checkpoint(step)
             if stop:
+                self.clear_stop_request()
                 logger.warning("step %d: %s found; checkpoint saved, stopping", step, STOP_FILE)
                 return metrics
         if trainer.export_hf and self.parts.export is not None:
@@ -292,6 +293,14 @@ class Trainer:
         flag = torch.tensor([float(seen)], device=self.parts.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def clear_stop_request(self) -> None:
+        """Remove SAVE_AND_EXIT once its checkpoint is saved, so that a plain relaunch trains on (rank 0)."""
+        if dist.get_rank() == 0:
+            try:
+                os.remove(os.path.join(self.config.trainer.run_dir, STOP_FILE))
+            except FileNotFoundError:  # removed by hand meanwhile: nothing left to do
+                pass
 
     def save_checkpoint(self, step: int) -> None:
         from megatron.core import parallel_state

@@ -2,6 +2,11 @@
 
 Only the main rank writes; every other rank gets a tracker that does nothing, so the loop never
 branches on rank or on which sinks are enabled.
+
+A run resumed from a checkpoint repeats the steps logged after it (the process died before saving them
+again). So the first step a tracker logs replaces what the files hold from that step on: metrics.jsonl
+keeps only the lines before it, and tensorboard purges its events from it. (wandb, resumed with the same
+run id, ignores steps it has seen.)
 """
 import json
 import math
@@ -29,19 +34,44 @@ class MetricSink:
         pass
 
 
+def _drop_lines_from(path: str, step: int) -> None:
+    """Rewrite metrics.jsonl without its lines for `step` and later (atomically: a crash keeps the old file)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as handle:
+        kept = [line for line in handle if _line_step(line) < step]
+    with open(path + ".tmp", "w") as handle:
+        handle.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _line_step(line: str) -> float:
+    """A line's step; a line cut short by a crash counts as the last step, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class JsonlSink(MetricSink):
-    """One JSON object per step, flushed at once so a crash loses at most the current step."""
+    """One JSON object per step, flushed at once so a crash loses at most the current step. The first step
+    logged replaces the file's lines from that step on (a resumed run's repeated steps)."""
 
     def __init__(self, path: str):
-        self._handle = open(path, "a", buffering=1)
+        self._path = path
+        self._handle = None
 
     def log(self, step, metrics):
+        if self._handle is None:
+            _drop_lines_from(self._path, step)
+            self._handle = open(self._path, "a", buffering=1)
         record = {"step": step, "time": time.time()}
         record.update({k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()})
         self._handle.write(json.dumps(record) + "\n")
 
     def close(self):
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 class ConsoleSink(MetricSink):
@@ -70,18 +100,24 @@ class WandbSink(MetricSink):
 
 
 class TensorboardSink(MetricSink):
-    def __init__(self, run_dir: str):
-        from torch.utils.tensorboard import SummaryWriter
+    """Opened at the first step logged, purging the events of that step and later (a resumed run's repeats)."""
 
-        self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    def __init__(self, run_dir: str):
+        self._directory = os.path.join(run_dir, "tensorboard")
+        self._writer = None
 
     def log(self, step, metrics):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self._directory, purge_step=step)
         for key, value in metrics.items():
             self._writer.add_scalar(key, value, step)
         self._writer.flush()
 
     def close(self):
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 class Tracker:

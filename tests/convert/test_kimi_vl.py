@@ -173,25 +173,64 @@ def test_round_trip_and_logprob_parity_on_every_layout(tiny_dir):
                 assert difference < LOGPROB_TOLERANCE, (layout, case, difference)
 
 
-def _streamed_round_trip(hf_dir: str, mcore_dir: str, back_dir: str):
-    """HF -> megatron checkpoint -> HF with the streamed converters on this rank's layout, in 32 KiB chunks."""
+def _streamed_round_trips(conversions, misfit_dir: str, scratch: str):
+    """Per (HF dir, megatron dir, HF dir back): HF -> megatron checkpoint -> HF with the streamed converters
+    at TP=2, in 32 KiB chunks; then the CheckpointError message of converting misfit_dir ('' if none)."""
     from mmrl_megatron.convert.conversions import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
+    from mmrl_megatron.convert.errors import CheckpointError
 
     init_conversion_ranks(tensor=2, pipeline=1)
-    convert_hf_to_mcore(hf_dir, mcore_dir, max_chunk_bytes=32 * 1024)
-    return convert_mcore_to_hf(mcore_dir, back_dir, max_chunk_bytes=32 * 1024)
+    written = []
+    for hf_dir, mcore_dir, back_dir in conversions:
+        convert_hf_to_mcore(hf_dir, mcore_dir, max_chunk_bytes=32 * 1024)
+        written.append(convert_mcore_to_hf(mcore_dir, back_dir, max_chunk_bytes=32 * 1024))
+    try:
+        convert_hf_to_mcore(misfit_dir, scratch)
+    except CheckpointError as error:
+        return written, str(error)
+    return written, ""
+
+
+def _with_tensors(source: str, out_dir: str, extra) -> str:
+    """A copy of the checkpoint `source` with the tensors `extra` added."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out_dir)
+    tensors = load_file(os.path.join(source, "model.safetensors"))
+    save_file(dict(tensors, **extra), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+UNKNOWN_TENSOR = "language_model.model.layers.1.mlp.gate.unknown_scale"
 
 
 def test_checkpoint_directories_round_trip_bit_exact(tiny_dir, tmp_path):
-    """Invariant: the published Kimi-VL tensors (experts, routing bias, MLA and MoonViT weights) survive
-    hf_to_mcore -> mcore_to_hf at TP=2 with torch.equal under their names, streamed in chunks far smaller
-    than the model."""
+    """Invariants: the published Kimi-VL tensors (experts, routing bias, MLA and MoonViT weights) survive
+    hf_to_mcore -> mcore_to_hf at TP=2 with torch.equal under their names and in their dtype, streamed in
+    chunks far smaller than the model: fp32, and bf16 (published checkpoints' dtype, which the export keeps
+    for the RMSNorm weights and e_score_correction_bias the model holds in fp32) with rotary inv_freq buffers
+    beside the weights, which the model derives from config.json; a checkpoint tensor no rule converts stops
+    the conversion with its name."""
     from safetensors.torch import load_file
 
-    back_dir = str(tmp_path / "back")
-    written = run_on_cpu_ranks(2, _streamed_round_trip, tiny_dir, str(tmp_path / "mcore"), back_dir)[0]
-    original = load_file(os.path.join(tiny_dir, "model.safetensors"))
-    exported = load_file(os.path.join(back_dir, "model.safetensors"))
-    assert sorted(written) == sorted(exported) == sorted(original)
-    for name, tensor in original.items():
-        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    from mmrl_megatron.models.kimi_vl.tiny import build_tiny_checkpoint
+
+    bf16_dir = build_tiny_checkpoint(str(tmp_path / "bf16"), seed=3, dtype=torch.bfloat16)
+    inv_freq = {f"language_model.model.layers.{layer}.self_attn.rotary_emb.inv_freq": torch.rand(4)
+                for layer in range(2)}
+    with_buffers = _with_tensors(bf16_dir, str(tmp_path / "bf16_inv_freq"), inv_freq)
+    misfit = _with_tensors(tiny_dir, str(tmp_path / "unknown"), {UNKNOWN_TENSOR: torch.ones(3)})
+    conversions = [(source, str(tmp_path / f"mcore{index}"), str(tmp_path / f"back{index}"))
+                   for index, source in enumerate((tiny_dir, with_buffers))]
+    written, error = run_on_cpu_ranks(2, _streamed_round_trips, conversions, misfit, str(tmp_path / "misfit"))[0]
+    for (_, _, back_dir), names, source, dtype in zip(conversions, written, (tiny_dir, bf16_dir),
+                                                       (torch.float32, torch.bfloat16)):
+        original = load_file(os.path.join(source, "model.safetensors"))
+        exported = load_file(os.path.join(back_dir, "model.safetensors"))
+        assert sorted(names) == sorted(exported) == sorted(original)
+        for name, tensor in original.items():
+            assert tensor.dtype == dtype, name
+            assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    assert UNKNOWN_TENSOR in error and "no rule converts" in error, error

@@ -165,7 +165,7 @@ def stand_in_trainer(config, resume: bool = True):
     from mmrl_megatron.bridge import WeightBridge
     from mmrl_megatron.parallel import init_model_parallel, layout_from_config
     from mmrl_megatron.trainer.build import build_role
-    from mmrl_megatron.trainer.checkpoint import Checkpointer, latest_checkpoint
+    from mmrl_megatron.trainer.checkpoint import Checkpointer
     from mmrl_megatron.trainer.experience import ExperienceSources
     from mmrl_megatron.trainer.loop import Trainer, TrainerParts
     from mmrl_megatron.trainer.tracking import build_tracker
@@ -183,9 +183,9 @@ def stand_in_trainer(config, resume: bool = True):
     data_parallel = parallel_state.get_data_parallel_world_size()
     dataset = StandInDataset(config.data.prompts_per_step // data_parallel, parallel_state.get_data_parallel_rank())
     state = {"step": 0, "nonfinite_skips": 0, "consecutive_nonfinite": 0, "warmup_done": False}
-    latest = latest_checkpoint(checkpointer.root) if resume else None
-    if latest:
-        common, data_state = checkpointer.load(latest)
+    resumed = checkpointer.resume("auto" if resume else "never")
+    if resumed:
+        _, common, data_state = resumed
         state.update({key: common[key] for key in state if key in common})
         dataset.load_state_dict(data_state)
     engine = StandInEngine()

@@ -1,0 +1,38 @@
+"""The offline conversions keep the published checkpoint's dtype: a bf16 Qwen2.5-VL checkpoint comes back
+from hf_to_mcore -> mcore_to_hf in bf16 for every tensor, including the RMSNorm weights the megatron model
+holds in fp32, and bit-exact. (Kimi-VL's: tests/convert/test_kimi_vl.py; other layouts and misfits:
+tests/tools/test_checkpoint_convert.py.)"""
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
+from tests.cpu_ranks import run_on_cpu_ranks
+
+
+def _round_trip(hf_dir: str, mcore_dir: str, back_dir: str):
+    """HF -> megatron checkpoint -> HF on one rank; returns the dtypes of the megatron model's norm weights."""
+    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir
+    from mmrl_megatron.convert.conversions import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
+
+    init_conversion_ranks()
+    convert_hf_to_mcore(hf_dir, mcore_dir)
+    convert_mcore_to_hf(mcore_dir, back_dir)
+    model = build_model_from_dir(mcore_dir)
+    return {str(parameter.dtype) for name, parameter in model.named_parameters() if "layernorm" in name}
+
+
+def test_export_keeps_the_published_dtype(tmp_path):
+    """Invariant: every exported tensor has the dtype config.json declares (bf16 here), whatever dtype the
+    megatron model keeps it in, and equals the original."""
+    hf_dir = build_tiny_checkpoint(str(tmp_path / "hf"), dtype=torch.bfloat16)
+    back_dir = str(tmp_path / "back")
+    model_norm_dtypes = run_on_cpu_ranks(1, _round_trip, hf_dir, str(tmp_path / "mcore"), back_dir)[0]
+    assert "torch.float32" in model_norm_dtypes  # what made exports fp32: the case this test protects
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    exported = load_file(os.path.join(back_dir, "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert tensor.dtype == torch.bfloat16, name
+        assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], tensor), name
