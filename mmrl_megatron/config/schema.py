@@ -131,7 +131,9 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     use_distributed_optimizer: bool = True
-    offload_during_rollout: bool = False
+    offload_during_rollout: bool = False  # optimizer states (fp32 main params, Adam moments) to host while generating
+    offload_grads_during_rollout: bool = False  # also release the gradient buffers (re-allocated as zeros)
+    offload_params_during_rollout: bool = False  # also move the weights to host (the engine keeps its own copy)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Dict, List, Tuple
 import yaml
 
 from ..config.errors import ConfigError
-from ..config.schema import Config
+from ..config.schema import Config, OptimizerConfig
 from ..models.common.logprobs import DEFAULT_CHUNK_TOKENS
 from ..config.validate import ModelShape, validate_layout
 from .model_dims import ModelDims
@@ -34,6 +34,10 @@ FRAGMENTATION_SHARE = 0.05
 LOGIT_BYTES_PER_ENTRY = 2 + 2
 LOGIT_CHUNK_BYTES_PER_ENTRY = 4 + 4 + 4
 SWIGLU_BYTES = 4 + 2 + 2
+GRADIENT_BYTES = 4  # megatron DDP's grad buffers are fp32 (grad_reduce_in_fp32)
+# a trainable role's components by kind, as the table names them
+ACTOR_COMPONENTS = {"weights": "actor weights", "gradients": "gradient buffers", "optimizer states": "optimizer states"}
+CRITIC_COMPONENTS = {kind: f"critic {name.removeprefix('actor ')}" for kind, name in ACTOR_COMPONENTS.items()}
 
 
 @dataclass
@@ -70,6 +74,43 @@ class MemoryPlan:
     @property
     def fits(self) -> bool:
         return self.peak_gib <= self.gpu_memory_gib
+
+
+def weight_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def optimizer_state_bytes(dtype: str) -> int:
+    """Bytes per trainable parameter: Adam's two fp32 moments, plus the fp32 main copy of a bf16 parameter."""
+    return 8 if dtype == "float32" else 12
+
+
+@dataclass(frozen=True)
+class OffloadSwitches:
+    """What a trainable role frees on the device while the engine generates; the trainer's offload
+    (trainer/offload.py) and this plan both read it, so the plan counts what the trainer does."""
+
+    optimizer_states: bool
+    gradients: bool
+    weights: bool
+
+    @property
+    def any(self) -> bool:
+        return self.optimizer_states or self.gradients or self.weights
+
+
+def rollout_offload(optim: OptimizerConfig) -> OffloadSwitches:
+    """The offload switches of one role's optimizer config (actor.optim or critic.optim)."""
+    return OffloadSwitches(optim.offload_during_rollout, optim.offload_grads_during_rollout,
+                           optim.offload_params_during_rollout)
+
+
+def _rollout_resident(training: Dict[str, float], names: Dict[str, str], switches: OffloadSwitches) -> Dict[str, float]:
+    """The rollout phase's copy of a role's training-phase entries, with what `switches` offloads at zero;
+    `names` maps "weights", "gradients", "optimizer states" to this role's component names."""
+    offloaded = {names["weights"]: switches.weights, names["gradients"]: switches.gradients,
+                 names["optimizer states"]: switches.optimizer_states}
+    return {name: 0.0 if offloaded.get(name) else value for name, value in training.items()}
 
 
 def _stage_layers(dims: ModelDims, pipeline: int, stage: int) -> range:
@@ -190,8 +231,7 @@ def estimate(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: f
     shape = ModelShape(lm.layers, lm.heads, lm.kv_heads, lm.num_experts)
     data_parallel = validate_layout(config, world_size, shape)
     expert_data_parallel = world_size // (p.pipeline * p.expert * (p.expert_tensor or p.tensor))
-    weight_bytes = 4 if config.model.dtype == "float32" else 2
-    state_bytes = 8 if config.model.dtype == "float32" else 12  # Adam moments (+ fp32 master weights)
+    param_bytes, state_bytes = weight_bytes(config.model.dtype), optimizer_state_bytes(config.model.dtype)
     dense_shards = data_parallel * p.context if optim.use_distributed_optimizer else 1
     expert_shards = expert_data_parallel if optim.use_distributed_optimizer else 1
     with_reference = config.algorithm.kl_coef > 0 or config.algorithm.kl_in_reward
@@ -205,15 +245,16 @@ def estimate(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: f
         dense, experts, vision = _stage_params(dims, config, stage)
         trainable_vision = 0 if config.model.freeze_vision_tower else vision
         params = dense + experts + vision
-        weights = params * weight_bytes
-        gradients = (dense + experts + trainable_vision) * 4
+        weights = params * param_bytes
+        gradients = (dense + experts + trainable_vision) * GRADIENT_BYTES
         optimizer = (dense / dense_shards + experts / expert_shards + trainable_vision / dense_shards) * state_bytes
         training = {"actor weights": weights, "gradient buffers": gradients, "optimizer states": optimizer}
-        rollout = dict(training, **{"optimizer states": 0.0 if optim.offload_during_rollout else optimizer})
+        rollout = _rollout_resident(training, ACTOR_COMPONENTS, rollout_offload(optim))
         if with_critic:  # a critic the size of the actor (its value head is negligible) keeps the same states
-            training["critic weights + gradients"] = rollout["critic weights + gradients"] = weights + gradients
-            training["critic optimizer states"] = optimizer
-            rollout["critic optimizer states"] = 0.0 if config.critic.optim.offload_during_rollout else optimizer
+            critic = {"critic weights": weights, "critic gradient buffers": gradients,
+                      "critic optimizer states": optimizer}
+            training.update(critic)
+            rollout.update(_rollout_resident(critic, CRITIC_COMPONENTS, rollout_offload(config.critic.optim)))
         if with_reference:
             rollout["reference weights"] = 0.0 if config.actor.offload_reference else weights
             training["reference weights"] = 0.0 if config.actor.offload_reference else weights
@@ -278,10 +319,11 @@ def _candidate_changes(config: Config, dims: ModelDims, world_size: int) -> List
         changes.append([f"rollout.sglang.mem_fraction_static={rollout.sglang.mem_fraction_static - 0.1:.2f}"])
     if not rollout.release_memory:
         changes.append(["rollout.release_memory=true"])
-    if not optim.offload_during_rollout:
-        changes.append(["actor.optim.offload_during_rollout=true"])
-    if config.algorithm.advantage == "gae" and not config.critic.optim.offload_during_rollout:
-        changes.append(["critic.optim.offload_during_rollout=true"])
+    roles = [("actor", optim)] + ([("critic", config.critic.optim)] if config.algorithm.advantage == "gae" else [])
+    for role, role_optim in roles:
+        for switch in ("offload_during_rollout", "offload_grads_during_rollout", "offload_params_during_rollout"):
+            if not getattr(role_optim, switch):
+                changes.append([f"{role}.optim.{switch}=true"])
     if not optim.use_distributed_optimizer:
         changes.append(["actor.optim.use_distributed_optimizer=true"])
     if (config.algorithm.kl_coef > 0 or config.algorithm.kl_in_reward) and not config.actor.offload_reference:

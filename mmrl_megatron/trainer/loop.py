@@ -19,6 +19,7 @@ from ..rollout import SamplingParams
 from . import losses
 from .batch import MicroBatch, Sample, build_micro_batches, response_mask
 from .experience import ExperienceSources, collect_experience
+from .offload import rollout_offload_for
 from .metrics import (add_stats, finish_reward_std, reduce_across_ranks, rollout_stats, summed_counters,
                       throughput_metrics)
 from .roles import ModelRole
@@ -57,6 +58,7 @@ class Trainer:
         self.parts = parts
         self.config = parts.config
         self.algorithm = parts.config.algorithm
+        self.offload = rollout_offload_for(parts)
 
     # -- steps 1-3 -----------------------------------------------------------------------------------
     def sampling(self, step: int) -> SamplingParams:
@@ -203,8 +205,10 @@ class Trainer:
     def train_step(self, step: int) -> Dict[str, float]:
         times = {}
         start = time.perf_counter()
+        times.update(self.offload.before_rollout())  # what the offload switches name leaves the device
         samples, all_scores = self.generate_and_reward(step)  # steps 1-3
         times["time/generate_and_reward_s"] = time.perf_counter() - start
+        times.update(self.offload.after_rollout())
 
         mark = time.perf_counter()
         micro_batches = build_micro_batches(samples, self.config.actor.micro_batch_tokens, self.parts.pack_sequences)

@@ -150,6 +150,24 @@ def test_phases_follow_offload_and_release_settings():
     assert sglang.rollout["engine weights + KV pool"] == 40 * GIB and sglang.training["engine weights + KV pool"] == 0
 
 
+@pytest.mark.parametrize("role", ["actor", "critic"])
+def test_each_offload_switch_zeroes_its_own_component_during_rollout_only(role):
+    """Invariant: each of a role's three offload switches (optimizer states, gradient buffers, weights) zeroes
+    exactly that component of that role in the rollout phase; the training phase and every other entry stay."""
+    from mmrl_megatron.parallel.memory_plan import ACTOR_COMPONENTS, CRITIC_COMPONENTS
+
+    components = ACTOR_COMPONENTS if role == "actor" else CRITIC_COMPONENTS
+    switches = {"optimizer states": "offload_during_rollout", "gradients": "offload_grads_during_rollout",
+                "weights": "offload_params_during_rollout"}
+    base = estimate(_toy_config("algorithm.advantage=gae"), TOY, 8).stages[0]
+    for kind, switch in switches.items():
+        stage = estimate(_toy_config("algorithm.advantage=gae", f"{role}.optim.{switch}=true"), TOY, 8).stages[0]
+        name = components[kind]
+        assert base.rollout[name] > 0 and stage.rollout[name] == 0 and stage.training == base.training, switch
+        unchanged = [key for key in base.rollout if key not in (name, "runtime reserve")]
+        assert {key: stage.rollout[key] for key in unchanged} == {key: base.rollout[key] for key in unchanged}
+
+
 def test_impossible_layout_is_refused():
     """Invariant: the planner applies the run's own layout validation (layers divisible by pipeline)."""
     with pytest.raises(ConfigError, match="parallel.pipeline=3"):

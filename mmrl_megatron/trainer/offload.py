@@ -1,0 +1,242 @@
+"""Freeing a trainable role's training memory while the rollout engine generates, and refilling it after.
+
+What leaves the device follows the role's optimizer switches (parallel/memory_plan.rollout_offload, which
+the memory planner reads too, so the plan counts what happens here):
+- optimizer states (`offload_during_rollout`): the fp32 main parameters and Adam's exp_avg / exp_avg_sq
+  (and step) of megatron-core's distributed or plain optimizer, copied to pinned host memory and back;
+- gradient buffers (`offload_grads_during_rollout`): megatron DDP's contiguous grad buffers, released and
+  re-allocated as zeros, not copied: the trainer zeroes them before every backward (ModelRole.train_step),
+  so their values between steps are never read;
+- weights (`offload_params_during_rollout`): the model's parameters (megatron DDP's param buffer under
+  the distributed optimizer), copied to pinned host memory and back; the engine generates with its own copy.
+
+The unit moved is a tensor storage, not a tensor: megatron keeps views into one storage (params and
+main_grad into the DDP buffers, shard views for the distributed optimizer, `param.main_param` handles), and
+emptying the storage in place (`untyped_storage().resize_(0)`) frees the memory under every view at once while
+every Python reference stays valid; refilling writes the same bytes back, so a step after a round trip is
+bit-identical. megatron-core's own MegatronOptimizer.offload_to_cpu replaces tensors with unpinned copies
+(slower transfers, and views such as main_grad keep the device memory alive), hence this module.
+Device-agnostic: on CPU runs the storages are emptied into (unpinned) CPU copies, so the logic is tested there.
+"""
+import time
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+from ..parallel.memory_plan import rollout_offload
+
+
+def _distinct_storages(tensors: Iterable[torch.Tensor], device: torch.device, exclude=()) -> List:
+    """Storages of `tensors` on `device`, once each, in first-seen order, leaving out empty ones and the
+    data pointers in `exclude`."""
+    seen, storages = set(exclude), []
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if not _on(storage.device, device) or storage.nbytes() == 0 or storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        storages.append(storage)
+    return storages
+
+
+def _on(place: torch.device, device: torch.device) -> bool:
+    """Whether `place` is `device` ("cuda" without an index means any GPU of this process)."""
+    return place.type == device.type and (device.index is None or place.index in (None, device.index))
+
+
+def _bytes_view(storage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+class OffloadedStorages:
+    """Storages emptied on their device and refilled in place: with keep_values their bytes go to host
+    buffers (pinned when CUDA is present; kept between rounds, since pinning is slow) and come back; without,
+    they come back zeroed."""
+
+    def __init__(self, keep_values: bool = True):
+        self.keep_values = keep_values
+        self._storages: List = []
+        self._sizes: List[int] = []
+        self._host: List[torch.Tensor] = []
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(self._storages)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the storages last offloaded."""
+        return sum(self._sizes)
+
+    def _host_buffer(self, index: int, nbytes: int) -> torch.Tensor:
+        if index < len(self._host) and self._host[index].numel() == nbytes:
+            return self._host[index]
+        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        if index < len(self._host):
+            self._host[index] = buffer
+        else:
+            self._host.append(buffer)
+        return buffer
+
+    def offload(self, storages: List) -> int:
+        """Empty `storages` (after copying their bytes out when keep_values); returns the bytes freed."""
+        if self.offloaded:
+            raise RuntimeError("storages are already offloaded: call onload() first")
+        self._sizes = [storage.nbytes() for storage in storages]
+        if self.keep_values:
+            for index, storage in enumerate(storages):
+                self._host_buffer(index, self._sizes[index]).copy_(_bytes_view(storage), non_blocking=True)
+            del self._host[len(storages):]
+            _synchronize(storages)  # the copies read the storages about to be freed
+        for storage in storages:
+            storage.resize_(0)
+        self._storages = storages
+        return self.bytes
+
+    def onload(self) -> int:
+        """Re-allocate every emptied storage at its size and write its bytes (or zeros) back; returns bytes."""
+        for index, (storage, nbytes) in enumerate(zip(self._storages, self._sizes)):
+            storage.resize_(nbytes)
+            view = _bytes_view(storage)
+            if self.keep_values:
+                view.copy_(self._host[index], non_blocking=True)
+            else:
+                view.zero_()
+        _synchronize(self._storages)
+        self._storages = []
+        return self.bytes
+
+
+def _synchronize(storages) -> None:
+    if any(storage.device.type == "cuda" for storage in storages):
+        torch.cuda.synchronize()
+
+
+def _optimizer_parts(optimizer):
+    """megatron optimizers: a ChainedOptimizer (dense + experts, or several chunks) or a single one."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def model_parameters(chunks) -> List[torch.nn.Parameter]:
+    return [parameter for chunk in chunks for parameter in chunk.parameters()]
+
+
+def gradient_buffers(chunks) -> List[torch.Tensor]:
+    """megatron DDP's contiguous grad buffers (dense and expert-parallel) of every chunk."""
+    return [buffer.grad_data for chunk in chunks
+            for buffer in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", []))]
+
+
+def optimizer_state_tensors(optimizer) -> List[torch.Tensor]:
+    """The tensors the inner torch optimizers own: parameter-group tensors (fp32 main parameters for a bf16
+    model; for an fp32 model the model's own parameters, which optimizer_state_storages leaves out) and
+    every tensor of their per-parameter state (Adam: exp_avg, exp_avg_sq, step)."""
+    tensors = []
+    for part in _optimizer_parts(optimizer):
+        inner = getattr(part, "optimizer", None)
+        if inner is None:  # a stub optimizer for a rank without parameters of this kind
+            continue
+        tensors.extend(p for group in inner.param_groups for p in group["params"])
+        tensors.extend(value for state in inner.state.values() for value in state.values()
+                       if isinstance(value, torch.Tensor))
+    return tensors
+
+
+def optimizer_state_storages(optimizer, chunks, device: torch.device) -> List:
+    """Storages only the optimizer uses: its state minus anything shared with model weights or gradients."""
+    shared = {s.data_ptr() for s in _distinct_storages(model_parameters(chunks) + gradient_buffers(chunks), device)}
+    return _distinct_storages(optimizer_state_tensors(optimizer), device, exclude=shared)
+
+
+def weight_storages(chunks, device: torch.device) -> List:
+    return _distinct_storages(model_parameters(chunks), device)
+
+
+def gradient_storages(chunks, device: torch.device) -> List:
+    return _distinct_storages(gradient_buffers(chunks), device)
+
+
+def offload_optimizer_states(optimizer, chunks, device: torch.device,
+                             into: Optional[OffloadedStorages] = None) -> OffloadedStorages:
+    """Move the optimizer's own states to host memory; onload_storages(returned) brings them back."""
+    into = into or OffloadedStorages(keep_values=True)
+    into.offload(optimizer_state_storages(optimizer, chunks, device))
+    return into
+
+
+def offload_gradients(chunks, device: torch.device, into: Optional[OffloadedStorages] = None) -> OffloadedStorages:
+    """Release the DDP grad buffers (they come back zeroed)."""
+    into = into or OffloadedStorages(keep_values=False)
+    into.offload(gradient_storages(chunks, device))
+    return into
+
+
+def offload_weights(chunks, device: torch.device, into: Optional[OffloadedStorages] = None) -> OffloadedStorages:
+    """Move the model's parameters to host memory."""
+    into = into or OffloadedStorages(keep_values=True)
+    into.offload(weight_storages(chunks, device))
+    return into
+
+
+def onload_storages(offloaded: OffloadedStorages) -> int:
+    return offloaded.onload()
+
+
+class RoleOffload:
+    """One trainable role's offload during rollout, as its optimizer config's switches say."""
+
+    def __init__(self, role, optim_config):
+        self.role = role
+        self.switches = rollout_offload(optim_config)
+        self._optimizer = OffloadedStorages(keep_values=True)
+        self._gradients = OffloadedStorages(keep_values=False)
+        self._weights = OffloadedStorages(keep_values=True)
+
+    def offload(self) -> int:
+        """Free what the switches name; returns the bytes freed on the device."""
+        role, parts = self.role, []
+        if self.switches.optimizer_states:
+            parts.append(offload_optimizer_states(role.optimizer, role.chunks, role.device, into=self._optimizer))
+        if self.switches.gradients:
+            parts.append(offload_gradients(role.chunks, role.device, into=self._gradients))
+        if self.switches.weights:
+            parts.append(offload_weights(role.chunks, role.device, into=self._weights))
+        return sum(part.bytes for part in parts)
+
+    def onload(self) -> int:
+        return sum(onload_storages(part) for part in (self._weights, self._gradients, self._optimizer)
+                   if part.offloaded)
+
+
+class RolloutOffload:
+    """The trainer's hooks: before_rollout() frees what the switches name on every trainable role,
+    after_rollout() brings it back before scoring and the update. Each returns {metric: value}."""
+
+    def __init__(self, roles: List[RoleOffload]):
+        self.roles = [role for role in roles if role.switches.any]
+
+    def before_rollout(self) -> Dict[str, float]:
+        if not self.roles:
+            return {}
+        start = time.perf_counter()
+        freed = sum(role.offload() for role in self.roles)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the freed blocks back to the driver: SGLang runs in another process
+        return {"time/offload_s": time.perf_counter() - start, "offload/gigabytes": freed / 1024 ** 3}
+
+    def after_rollout(self) -> Dict[str, float]:
+        if not self.roles:
+            return {}
+        start = time.perf_counter()
+        for role in self.roles:
+            role.onload()
+        return {"time/onload_s": time.perf_counter() - start}
+
+
+def rollout_offload_for(parts) -> RolloutOffload:
+    """The hooks for a run's trainable roles (actor with actor.optim, critic with critic.optim)."""
+    config = parts.config
+    roles = [RoleOffload(parts.actor, config.actor.optim)]
+    if parts.critic is not None:
+        roles.append(RoleOffload(parts.critic, config.critic.optim))
+    return RolloutOffload(roles)
