@@ -10,7 +10,8 @@ from typing import List, Literal, Optional
 @dataclass
 class ModelConfig:
     hf_path: str = ""  # Hugging Face directory (config.json, safetensors, tokenizer, preprocessor)
-    mcore_checkpoint: Optional[str] = None  # megatron-core dist checkpoint to load instead of hf_path's weights
+    # megatron-core checkpoint (hf_to_mcore.py) whose weights replace hf_path's; empty hf_path: its hf/ files
+    mcore_checkpoint: Optional[str] = None
     family: Literal["auto", "qwen2_5_vl", "kimi_vl"] = "auto"  # auto: read from config.json model_type
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     attention_backend: Literal["auto", "sdpa", "te"] = "auto"  # auto: TE when importable, else SDPA
