@@ -18,12 +18,15 @@ bit-identical. megatron-core's own MegatronOptimizer.offload_to_cpu replaces ten
 (slower transfers, and views such as main_grad keep the device memory alive), hence this module.
 Device-agnostic: on CPU runs the storages are emptied into (unpinned) CPU copies, so the logic is tested there.
 """
+import itertools
 import time
 from typing import Dict, Iterable, List, Optional
 
 import torch
 
 from ..parallel.memory_plan import rollout_offload
+
+MAX_BLOCK_BYTES = 1 << 30
 
 
 def _distinct_storages(tensors: Iterable[torch.Tensor], device: torch.device, exclude=()) -> List:
@@ -48,16 +51,41 @@ def _bytes_view(storage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
+class HostArena:
+    """Host memory for byte strings of given sizes, laid end to end over equal power-of-two blocks (pinned
+    when CUDA is present). torch's pinned allocator rounds every allocation up to a power of two, so one
+    buffer per tensor (or one for all) could pin up to twice the offloaded bytes; equal blocks of at most
+    MAX_BLOCK_BYTES waste less than one block."""
+
+    def __init__(self, sizes: List[int]):
+        self.sizes = list(sizes)
+        total = sum(self.sizes)
+        self.block_bytes = min(MAX_BLOCK_BYTES, 1 << max(total - 1, 0).bit_length())
+        pin = torch.cuda.is_available()
+        self.blocks = [torch.empty(self.block_bytes, dtype=torch.uint8, pin_memory=pin)
+                       for _ in range(-(-total // self.block_bytes))]
+        self.offsets = list(itertools.accumulate(self.sizes, initial=0))[:-1]
+
+    def pieces(self, index: int):
+        """(host view, start, end) covering byte string `index`: its bytes [start, end) live in the view."""
+        position, done, nbytes = self.offsets[index], 0, self.sizes[index]
+        while done < nbytes:
+            block, within = divmod(position + done, self.block_bytes)
+            length = min(self.block_bytes - within, nbytes - done)
+            yield self.blocks[block][within:within + length], done, done + length
+            done += length
+
+
 class OffloadedStorages:
-    """Storages emptied on their device and refilled in place: with keep_values their bytes go to host
-    buffers (pinned when CUDA is present; kept between rounds, since pinning is slow) and come back; without,
-    they come back zeroed."""
+    """Storages emptied on their device and refilled in place: with keep_values their bytes go to a host
+    arena (kept between rounds while the sizes stay the same, since pinning is slow) and come back;
+    without, they come back zeroed."""
 
     def __init__(self, keep_values: bool = True):
         self.keep_values = keep_values
         self._storages: List = []
         self._sizes: List[int] = []
-        self._host: List[torch.Tensor] = []
+        self._arena: Optional[HostArena] = None
 
     @property
     def offloaded(self) -> bool:
@@ -68,25 +96,18 @@ class OffloadedStorages:
         """Bytes of the storages last offloaded."""
         return sum(self._sizes)
 
-    def _host_buffer(self, index: int, nbytes: int) -> torch.Tensor:
-        if index < len(self._host) and self._host[index].numel() == nbytes:
-            return self._host[index]
-        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        if index < len(self._host):
-            self._host[index] = buffer
-        else:
-            self._host.append(buffer)
-        return buffer
-
     def offload(self, storages: List) -> int:
         """Empty `storages` (after copying their bytes out when keep_values); returns the bytes freed."""
         if self.offloaded:
             raise RuntimeError("storages are already offloaded: call onload() first")
         self._sizes = [storage.nbytes() for storage in storages]
         if self.keep_values:
+            if self._arena is None or self._arena.sizes != self._sizes:
+                self._arena = HostArena(self._sizes)
             for index, storage in enumerate(storages):
-                self._host_buffer(index, self._sizes[index]).copy_(_bytes_view(storage), non_blocking=True)
-            del self._host[len(storages):]
+                view = _bytes_view(storage)
+                for host, start, end in self._arena.pieces(index):
+                    host.copy_(view[start:end], non_blocking=True)
             _synchronize(storages)  # the copies read the storages about to be freed
         for storage in storages:
             storage.resize_(0)
@@ -98,10 +119,11 @@ class OffloadedStorages:
         for index, (storage, nbytes) in enumerate(zip(self._storages, self._sizes)):
             storage.resize_(nbytes)
             view = _bytes_view(storage)
-            if self.keep_values:
-                view.copy_(self._host[index], non_blocking=True)
-            else:
+            if not self.keep_values:
                 view.zero_()
+                continue
+            for host, start, end in self._arena.pieces(index):
+                view[start:end].copy_(host, non_blocking=True)
         _synchronize(self._storages)
         self._storages = []
         return self.bytes
