@@ -211,18 +211,26 @@ def test_cli_reports_misfit_and_errors(capsys):
     assert "world size 24" in capsys.readouterr().err
 
 
+WITHOUT_OFFLOAD = ["actor.optim.offload_during_rollout=false", "critic.optim.offload_during_rollout=false"]
+
+
 def test_docs_layout_table_matches_the_planner(capsys):
     """Invariant: every row of docs/scale_out.md's layout table is what its plan command prints: the
-    layout fits and the peak (and its phase) are the planner's."""
+    layout fits and the peak (and its phase) are the planner's; its "without offload" peak and verdict are
+    what the same command prints with the optimizer offload switched off."""
     with open(os.path.join(REPO, "docs", "scale_out.md")) as handle:
-        rows = re.findall(r"^\|.*\| ([\d.]+) \((\w+)\) \| `python tools/plan.py ([^`]+)` \|$", handle.read(), re.M)
-    assert len(rows) >= 6
-    for peak, phase, arguments in rows:
+        rows = re.findall(r"^\|.*\| ([\d.]+) \((fits|does not fit)\) \| ([\d.]+) \((\w+)\) \| "
+                          r"`python tools/plan.py ([^`]+)` \|$", handle.read(), re.M)
+    assert len(rows) >= 7
+    for without_peak, without_verdict, peak, phase, arguments in rows:
         argv = arguments.split()
         argv[argv.index("--config") + 1] = os.path.join(REPO, argv[argv.index("--config") + 1])
         assert plan_main(argv) == 0, arguments
         printed = re.search(r"peak ([\d.]+) GiB \(\w+ stage, (\w+) phase\)", capsys.readouterr().out)
         assert printed.groups() == (peak, phase), arguments
+        assert plan_main(argv + WITHOUT_OFFLOAD) == (0 if without_verdict == "fits" else 1), arguments
+        printed = re.search(r"peak ([\d.]+) GiB", capsys.readouterr().out)
+        assert printed.group(1) == without_peak, arguments
 
 
 def _small_qwen_config(**overrides) -> dict:
