@@ -1,20 +1,23 @@
-"""Offload during rollout on the Qwen2.5-VL-7B shape: seconds per offload and onload, and the peak memory of
+"""Offload during rollout on the Qwen2.5-VL-7B widths: seconds per offload and onload, and the peak memory of
 a colocated step with and without it, measured next to the memory planner's estimate for the same run.
 
     python benchmarks/bench_offload.py                  # one GPU: 7B widths, 14 of its 28 layers (fits unoffloaded)
-    python benchmarks/bench_offload.py --layers 28 --offload all   # the whole 7B depth (needs the offload)
+    python benchmarks/bench_offload.py --offload all    # also the gradient buffers and weights
     python benchmarks/bench_offload.py --quick          # tiny model on the CPU, seconds (the smoke test runs it)
 
 One process, megatron-core's distributed optimizer (bf16 weights, fp32 grad buffer, fp32 main params + Adam)
-built by the trainer's own build_role, offloaded by trainer/offload.py. Each of the two runs (offload off,
-on) is: rollout phase, then training phase. The rollout phase stands in for the embedded engine with two
-allocations of exactly the planner's size for this workload (its weights, kept all step, and its KV cache,
-freed before training as rollout.release_memory does), so what is measured against the plan is the actor's
-side (weights, gradients, optimizer states, what offload frees, activations, logits) and the runtime's
-overhead. Device memory is the driver's count (total - free: context, NCCL and allocator cache included,
-which the plan's runtime reserve stands for); the allocator's cache is emptied between phases so each phase
-counts its own. Offload and onload are timed per component on warm pinned buffers (the first offload, which
-pins the host buffers, is reported apart). Prints one JSON line and a markdown row for benchmarks/RESULTS.md.
+built by the trainer's own build_role, offloaded by trainer/offload.py's RoleOffload in the trainer's order.
+The whole 7B depth does not train on one GPU (18 B per parameter: 139 GiB before activations), hence 14
+layers by default; the seconds for the whole 7B (and for the shipped 8-GPU 7B layout's share per GPU) are
+projected from the bandwidth measured. Each of the two runs (offload off, on) goes through a weight sync
+moment, generation and a training step. The engine is stood in for by allocations of exactly the
+planner's size for this workload (its weights, kept all step; its KV cache, held during generation only, as
+rollout.release_memory does), so what is measured against the plan is the actor's side (weights, gradients,
+optimizer states, what offload frees, activations, logits) and the runtime's overhead. Device memory is the
+driver's count (total - free: context, NCCL and allocator cache included, which the plan's runtime reserve
+stands for); the allocator's cache is emptied between phases so each counts its own. Offload and onload
+are timed per kind on warm pinned buffers (the first offload, which pins them, is reported apart). Prints
+one JSON line and a markdown row for benchmarks/RESULTS.md.
 """
 import argparse
 import json
@@ -27,8 +30,9 @@ from typing import Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench_rollout import TEXT_SHAPES, build_config  # noqa: E402  (the published geometries, kept in one place)
+from bench_rollout import build_config  # noqa: E402  (the published geometries, kept in one place)
 from common import (GIB, command_line, device_name, init_single_process_megatron, markdown_row,  # noqa: E402
                     pick_device, significant, synchronize, utc_date, allocated_bytes)
 
@@ -66,8 +70,9 @@ def model_config(args) -> dict:
     return config
 
 
-def plan_config(args, dtype: str, offload: bool):
-    """The Config this benchmark runs, as the planner and build_role read it."""
+def plan_config(args, dtype: str, offload: bool, what: Optional[str] = None):
+    """The Config this benchmark runs, as the planner and build_role read it (offload: what --offload names,
+    or `what`)."""
     from mmrl_megatron.config.schema import Config
     from mmrl_megatron.parallel.memory_plan import with_overrides
 
@@ -78,7 +83,7 @@ def plan_config(args, dtype: str, offload: bool):
                  f"rollout.max_batch_size={args.rollout_sequences}", f"data.prompts_per_step={args.rollout_sequences}",
                  f"data.max_prompt_length={prompt}", f"rollout.max_new_tokens={args.sequence_tokens - prompt}",
                  "actor.optim.use_distributed_optimizer=true", "actor.optim.lr=1.0e-6"]
-    return with_overrides(Config(), overrides + (OFFLOAD_CHOICES[args.offload] if offload else []))
+    return with_overrides(Config(), overrides + (OFFLOAD_CHOICES[what or args.offload] if offload else []))
 
 
 def device_used(device: torch.device) -> int:
@@ -129,31 +134,6 @@ class TrainingStep:
         return float(loss.detach())
 
 
-class Components:
-    """The three offloadable parts of the actor, each with its own (reused) host buffers."""
-
-    def __init__(self, role):
-        from mmrl_megatron.trainer import offload as offloading
-
-        self.role, self.offloading = role, offloading
-        self.parts = {"optimizer states": offloading.OffloadedStorages(keep_values=True),
-                      "gradient buffers": offloading.OffloadedStorages(keep_values=False),
-                      "actor weights": offloading.OffloadedStorages(keep_values=True)}
-
-    def offload(self, name: str) -> int:
-        role, offloading, into = self.role, self.offloading, self.parts[name]
-        if name == "optimizer states":
-            offloading.offload_optimizer_states(role.optimizer, role.chunks, role.device, into=into)
-        elif name == "gradient buffers":
-            offloading.offload_gradients(role.chunks, role.device, into=into)
-        else:
-            offloading.offload_weights(role.chunks, role.device, into=into)
-        return into.bytes
-
-    def onload(self, name: str) -> int:
-        return self.offloading.onload_storages(self.parts[name])
-
-
 def _timed(call, device: torch.device):
     synchronize(device)
     start = time.perf_counter()
@@ -162,19 +142,24 @@ def _timed(call, device: torch.device):
     return time.perf_counter() - start, result
 
 
-def run_phases(components: Components, step: TrainingStep, plan, offloaded: List[str], device: torch.device) -> Dict:
-    """Rollout (offload what `offloaded` names, hold the stand-in KV cache) then training (onload, one step)."""
+def run_phases(offload, kinds: List[str], step: TrainingStep, plan, device: torch.device) -> Dict:
+    """One step in the trainer's order (trainer/offload.py): optimizer states and gradients off, weight sync
+    (the engine's weights back, its KV cache not yet), weights off, generation (the stand-in KV cache), all
+    back, training. `offload` is a RoleOffload with every switch on; `kinds` are the ones this run frees."""
     [stage] = plan.stages
     empty_cache(device)
     first_offload = {}
-    for name in offloaded:
-        first_offload[name], _ = _timed(lambda: components.offload(name), device)
+    for kind in (k for k in kinds if k != "weights"):
+        first_offload[kind], _ = _timed(lambda: offload.offload([kind]), device)
     empty_cache(device)
+    measured = {"sync": device_used(device)}
+    if "weights" in kinds:
+        first_offload["weights"], _ = _timed(lambda: offload.offload(["weights"]), device)
+        empty_cache(device)
     kv_cache = torch.ones(int(stage.rollout["engine KV cache"]) // 2, dtype=torch.bfloat16, device=device)
-    rollout_used = device_used(device)
+    measured["rollout"] = device_used(device)
     del kv_cache
-    for name in offloaded:
-        components.onload(name)
+    offload.onload()
     empty_cache(device)
     quiet_used = device_used(device)
     quiet_reserved = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
@@ -182,42 +167,61 @@ def run_phases(components: Components, step: TrainingStep, plan, offloaded: List
         torch.cuda.reset_peak_memory_stats(device)
     loss = step()
     synchronize(device)
-    training_used = (torch.cuda.max_memory_reserved(device) + quiet_used - quiet_reserved if device.type == "cuda"
-                     else device_used(device))
-    planned_rollout, planned_training = (sum(getattr(stage, phase).values()) for phase in ("rollout", "training"))
-    measured_peak, planned_peak = max(rollout_used, training_used), max(planned_rollout, planned_training)
+    measured["training"] = (torch.cuda.max_memory_reserved(device) + quiet_used - quiet_reserved
+                            if device.type == "cuda" else device_used(device))
+    planned = {phase: sum(entries.values()) for phase, entries in stage.phases()}
+    planned.setdefault("sync", planned["rollout"])  # modelled apart only when weights are offloaded
+    measured_peak, planned_peak = max(measured.values()), max(planned.values())
     return {"loss": loss, "first_offload_s": {k: significant(v) for k, v in first_offload.items()},
-            "rollout_measured_gib": significant(rollout_used / GIB), "rollout_planned_gib": significant(planned_rollout / GIB),
-            "training_measured_gib": significant(training_used / GIB),
-            "training_planned_gib": significant(planned_training / GIB),
+            "measured_gib": {k: significant(v / GIB) for k, v in measured.items()},
+            "planned_gib": {k: significant(v / GIB) for k, v in planned.items()},
             "peak_measured_gib": significant(measured_peak / GIB), "peak_planned_gib": significant(planned_peak / GIB),
             "peak_error": significant(planned_peak / measured_peak - 1),
-            "planned_components_gib": {phase: {k: significant(v / GIB) for k, v in getattr(stage, phase).items()}
-                                       for phase in ("rollout", "training")}}
+            "planned_components_gib": {phase: {k: significant(v / GIB) for k, v in entries.items()}
+                                       for phase, entries in stage.phases()}}
 
 
-def time_round_trips(components: Components, device: torch.device, rounds: int = 2) -> Dict:
-    """Seconds and GB/s of offload and onload per component, the best of `rounds` on warm host buffers."""
+def time_round_trips(offload, device: torch.device, rounds: int = 2) -> Dict:
+    """Seconds and GB/s of offload and onload per kind, the best of `rounds` on warm host buffers."""
     timings = {}
-    for name in components.parts:
+    for kind in ("optimizer states", "gradients", "weights"):
         offload_s, onload_s, moved = [], [], 0
         for _ in range(rounds):
-            seconds, moved = _timed(lambda: components.offload(name), device)
+            seconds, moved = _timed(lambda: offload.offload([kind]), device)
             offload_s.append(seconds)
-            onload_s.append(_timed(lambda: components.onload(name), device)[0])
+            onload_s.append(_timed(offload.onload, device)[0])
         best_off, best_on = min(offload_s), min(onload_s)
-        timings[name] = {"gigabytes": significant(moved / 1e9), "offload_s": significant(best_off),
+        timings[kind] = {"gigabytes": significant(moved / 1e9), "offload_s": significant(best_off),
                          "onload_s": significant(best_on), "offload_gb_per_s": significant(moved / 1e9 / best_off),
                          "onload_gb_per_s": significant(moved / 1e9 / best_on)}
     return timings
 
 
+def project_state_seconds(measured: Dict, dtype: str) -> Dict:
+    """Offload and onload seconds of the optimizer states of the whole 7B on one GPU and of one GPU's share
+    in the shipped 7B layout (yaml_configs/grpo_geo3k_qwen25vl_7b.yaml on 8 GPUs), at the measured GB/s."""
+    from mmrl_megatron.config import load_config
+    from mmrl_megatron.parallel.memory_plan import estimate, optimizer_state_bytes
+    from mmrl_megatron.parallel.model_dims import resolve_model_dims
+
+    dims = resolve_model_dims("qwen2.5-vl-7b")
+    shipped = load_config(os.path.join(ROOT, "yaml_configs", "grpo_geo3k_qwen25vl_7b.yaml"))
+    share = estimate(shipped, dims, 8).stages[0].training["optimizer states"]
+    projected = {}
+    for name, nbytes in (("whole_7b_one_gpu", dims.total_params() * optimizer_state_bytes(dtype)),
+                         ("shipped_7b_layout_per_gpu", share)):
+        projected[name] = {"gigabytes": significant(nbytes / 1e9),
+                           "offload_s": significant(nbytes / 1e9 / measured["offload_gb_per_s"]),
+                           "onload_s": significant(nbytes / 1e9 / measured["onload_gb_per_s"])}
+    return projected
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
-    from mmrl_megatron.config.schema import ModelConfig
     from mmrl_megatron.models import build_model
-    from mmrl_megatron.parallel.memory_plan import estimate, optimizer_state_bytes, rollout_offload
+    from mmrl_megatron.parallel.memory_plan import estimate, rollout_offload
     from mmrl_megatron.parallel.model_dims import resolve_model_dims
     from mmrl_megatron.trainer.build import build_role
+    from mmrl_megatron.trainer.offload import RoleOffload
 
     args = parse_args(argv)
     device = pick_device("auto", args.quick)
@@ -243,29 +247,25 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     text_vocab = min(hf_config["text_config"]["vocab_size"], hf_config["image_token_id"]) - 16
     step = TrainingStep(role, args.tokens, text_vocab, device)
     step()  # Adam's states exist from the first step on
-    components = Components(role)
+    # one RoleOffload with every switch on, so both runs and the timings reuse one set of pinned host buffers
+    offload = RoleOffload(role, plan_config(args, dtype, True, "all").actor.optim)
     switches = rollout_offload(configs[True].actor.optim)
-    offloaded = [name for name, on in (("optimizer states", switches.optimizer_states),
-                                       ("gradient buffers", switches.gradients),
-                                       ("actor weights", switches.weights)) if on]
+    kinds = [kind for kind, on in (("optimizer states", switches.optimizer_states), ("gradients", switches.gradients),
+                                   ("weights", switches.weights)) if on]
     runs = {}
     if not args.skip_plain:
-        runs["plain"] = run_phases(components, step, plans[False], [], device)
-    runs["offload"] = run_phases(components, step, plans[True], offloaded, device)
-    timings = time_round_trips(components, device)
+        runs["plain"] = run_phases(offload, [], step, plans[False], device)
+    runs["offload"] = run_phases(offload, kinds, step, plans[True], device)
+    timings = time_round_trips(offload, device)
+    del engine_weights  # held through both runs
     layers = hf_config["text_config"]["num_hidden_layers"]
     summary = {"device": device_name(device), "shape": "tiny" if args.quick else f"7b widths, {layers} layers",
                "optimizer": type(role.optimizer).__name__,
                "parameters_b": significant(dims.total_params() / 1e9), "tokens": args.tokens, "offload": args.offload,
                "setup_s": significant(setup_s), "round_trip": timings, **runs,
                "within_target": abs(runs["offload"]["peak_error"]) <= TARGET_ERROR}
-    if not args.quick and layers != TEXT_SHAPES["7b"]["num_hidden_layers"]:
-        # the optimizer states of the whole 7B depth at the bandwidth measured here
-        full = resolve_model_dims("qwen2.5-vl-7b").total_params() * optimizer_state_bytes(dtype) / 1e9
-        summary["projected_full_7b_states_s"] = {
-            "gigabytes": significant(full),
-            "offload_s": significant(full / timings["optimizer states"]["offload_gb_per_s"]),
-            "onload_s": significant(full / timings["optimizer states"]["onload_gb_per_s"])}
+    if not args.quick:
+        summary["projected_states_s"] = project_state_seconds(timings["optimizer states"], dtype)
     print(json.dumps(summary))
     states = timings["optimizer states"]
     plain = runs.get("plain")

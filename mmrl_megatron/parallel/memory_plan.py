@@ -1,10 +1,12 @@
 """Per-GPU memory estimate of a colocated RL run, and the changes that make a layout fit.
 
 A colocated step has two phases that share every GPU: rollout (engine weights + KV cache, with the
-actor's weights, gradient buffers and, unless offloaded, optimizer states resident) and training
-(actor states + activations + logits, with whatever the engine did not release). The peak of the two
-phases on the worst pipeline stage (the first holds the embedding, the vision tower and the most
-in-flight micro-batches; the last holds the output layer and the logits) is compared with the GPU.
+actor's weights, gradient buffers and optimizer states resident unless its offload switches say otherwise,
+rollout_offload) and training (actor states + activations + logits, with whatever the engine did not
+release). When weights are offloaded the weight sync that opens the rollout phase is a third moment (the
+engine back, the actor's weights still there). The peak of the phases on the worst pipeline stage (the
+first holds the embedding, the vision tower and the most in-flight micro-batches; the last holds the
+output layer and the logits) is compared with the GPU.
 
 Byte counts follow megatron-core's mixed-precision accounting (Megatron-LM's theoretical memory):
 bf16 weights (2 B), fp32 gradient buffers (4 B: the trainer sets grad_reduce_in_fp32), and fp32
@@ -13,7 +15,7 @@ Activations count the tensors each layer keeps for backward with a flash-style a
 sequence-squared scores), so "selective" recompute (core attention only) saves nothing here.
 """
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Tuple
 
 import yaml
@@ -42,15 +44,22 @@ CRITIC_COMPONENTS = {kind: f"critic {name.removeprefix('actor ')}" for kind, nam
 
 @dataclass
 class StageMemory:
-    """Bytes by component in each phase for one pipeline stage of one GPU."""
+    """Bytes by component in each phase for one pipeline stage of one GPU. `sync` is the weight sync that
+    opens the rollout phase (the engine's memory back, the actor's weights still resident), modelled apart
+    only when a role offloads its weights during rollout (otherwise it never needs more than generation)."""
 
     stage: str
     rollout: Dict[str, float] = field(default_factory=dict)
     training: Dict[str, float] = field(default_factory=dict)
+    sync: Dict[str, float] = field(default_factory=dict)
+
+    def phases(self) -> List[Tuple[str, Dict[str, float]]]:
+        return [("rollout", self.rollout), *([("sync", self.sync)] if self.sync else []), ("training", self.training)]
 
     def peak(self) -> Tuple[float, str]:
-        rollout, training = sum(self.rollout.values()), sum(self.training.values())
-        return (rollout, "rollout") if rollout > training else (training, "training")
+        """(bytes, phase) of the phase that needs most; ties go to the earlier phase."""
+        return max(((sum(entries.values()), name) for name, entries in self.phases()),
+                   key=lambda item: item[0])
 
 
 @dataclass
@@ -222,6 +231,14 @@ def _engine_bytes(dims: ModelDims, config: Config, data_parallel: int, gpu_bytes
     return {"engine weights": weight_bytes, "engine KV cache": kv}, training
 
 
+def _engine_sync_bytes(engine_rollout: Dict, engine_training: Dict, config: Config) -> Dict[str, float]:
+    """The engine during the weight sync: SGLang's pool is back whole (resume_memory restores weights and
+    cache); the embedded engine has its weights back and allocates its KV cache at the next generate."""
+    if config.rollout.backend == "sglang":
+        return dict(engine_rollout)
+    return dict(engine_rollout, **{"engine KV cache": engine_training["engine KV cache"]})
+
+
 def estimate(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: float = 80.0) -> MemoryPlan:
     """Per-GPU bytes of every component in both phases on the first and last pipeline stage.
 
@@ -251,23 +268,31 @@ def estimate(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: f
         weights = params * param_bytes
         gradients = (dense + experts + trainable_vision) * GRADIENT_BYTES
         optimizer = (dense / dense_shards + experts / expert_shards + trainable_vision / dense_shards) * state_bytes
-        training = {"actor weights": weights, "gradient buffers": gradients, "optimizer states": optimizer}
-        rollout = _rollout_resident(training, ACTOR_COMPONENTS, rollout_offload(optim))
+        roles = [({"actor weights": weights, "gradient buffers": gradients, "optimizer states": optimizer},
+                  ACTOR_COMPONENTS, rollout_offload(optim))]
         if with_critic:  # a critic the size of the actor (its value head is negligible) keeps the same states
-            critic = {"critic weights": weights, "critic gradient buffers": gradients,
-                      "critic optimizer states": optimizer}
-            training.update(critic)
-            rollout.update(_rollout_resident(critic, CRITIC_COMPONENTS, rollout_offload(config.critic.optim)))
+            roles.append(({"critic weights": weights, "critic gradient buffers": gradients,
+                           "critic optimizer states": optimizer}, CRITIC_COMPONENTS, rollout_offload(config.critic.optim)))
+        training, rollout, sync = {}, {}, {}
+        for entries, names, switches in roles:
+            training.update(entries)
+            rollout.update(_rollout_resident(entries, names, switches))
+            # the trainer offloads weights only after the sync, which reads them (trainer/offload.py)
+            sync.update(_rollout_resident(entries, names, replace(switches, weights=False)))
         if with_reference:
-            rollout["reference weights"] = 0.0 if config.actor.offload_reference else weights
-            training["reference weights"] = 0.0 if config.actor.offload_reference else weights
+            for phase in (rollout, sync, training):
+                phase["reference weights"] = 0.0 if config.actor.offload_reference else weights
         training.update(_activation_bytes(dims, config, stage, len(_stage_layers(dims, p.pipeline, stage))))
         rollout.update(engine_rollout)
+        sync.update(_engine_sync_bytes(engine_rollout, engine_training, config))
         training.update(engine_training)
-        for phase in (rollout, training):
-            phase["runtime reserve"] = RUNTIME_RESERVE_BYTES + FRAGMENTATION_SHARE * sum(phase.values())
+        if not any(switches.weights for _, _, switches in roles):
+            sync = {}
+        for phase in (rollout, sync, training):
+            if phase:
+                phase["runtime reserve"] = RUNTIME_RESERVE_BYTES + FRAGMENTATION_SHARE * sum(phase.values())
         name = "first" if stage == 0 else "last"
-        stages.append(StageMemory("only" if p.pipeline == 1 else name, rollout, training))
+        stages.append(StageMemory("only" if p.pipeline == 1 else name, rollout, training, sync))
     return MemoryPlan(dims, world_size, data_parallel, gpu_memory_gib, stages, _engine_warnings(dims, config, gpu_bytes))
 
 
@@ -385,7 +410,7 @@ def suggest_changes(config: Config, dims: ModelDims, world_size: int, gpu_memory
 
 def format_plan(plan: MemoryPlan) -> str:
     """A table of GiB per component, one column per (stage, phase), and the verdict."""
-    columns = [(stage, phase) for stage in plan.stages for phase in ("rollout", "training")]
+    columns = [(stage, phase) for stage in plan.stages for phase, _ in stage.phases()]
     components = list(dict.fromkeys(name for stage, phase in columns for name in getattr(stage, phase)))
     dims, lm = plan.model, plan.model.language
     lines = [f"model {dims.name}: {dims.total_params() / 1e9:.2f} B parameters "

@@ -193,22 +193,23 @@ class Trainer:
     # -- step 7 --------------------------------------------------------------------------------------
     def sync_weights(self) -> Dict[str, float]:
         engine = self.parts.sources.engine
+        offload = self.offload.before_engine_resumes()  # the update is done: its states leave the device
         if self.config.rollout.release_memory:
             engine.resume_memory()
         stats = self.parts.bridge.sync()
         if self.config.rollout.verify_weight_sync:
             self.parts.bridge.verify()
+        offload.update(self.offload.after_weight_sync())
         return {"weight_sync/seconds": stats.seconds, "weight_sync/gigabytes": stats.gigabytes,
-                "weight_sync/gb_per_s": stats.gb_per_s}
+                "weight_sync/gb_per_s": stats.gb_per_s, **offload}
 
     # -- one step: the eight steps in order ------------------------------------------------------------
     def train_step(self, step: int) -> Dict[str, float]:
         times = {}
         start = time.perf_counter()
-        times.update(self.offload.before_rollout())  # what the offload switches name leaves the device
         samples, all_scores = self.generate_and_reward(step)  # steps 1-3
         times["time/generate_and_reward_s"] = time.perf_counter() - start
-        times.update(self.offload.after_rollout())
+        times.update(self.offload.after_rollout())  # what the offload switches moved off the device returns
 
         mark = time.perf_counter()
         micro_batches = build_micro_batches(samples, self.config.actor.micro_batch_tokens, self.parts.pack_sequences)
@@ -277,7 +278,8 @@ class Trainer:
                 logger.warning("step %d: %s found; checkpoint saved, stopping", step, STOP_FILE)
                 return metrics
         if trainer.export_hf and self.parts.export is not None:
-            self.parts.export()
+            with self.offload.onloaded():
+                self.parts.export()
         return metrics
 
     def stop_requested(self) -> bool:
@@ -292,4 +294,5 @@ class Trainer:
 
         common = {key: value for key, value in self.parts.state.items() if key != "step"}
         data_state = self.parts.dataset.state_dict() if parallel_state.get_model_parallel_group().rank() == 0 else None
-        self.parts.checkpointer.save(step, common, data_state)
+        with self.offload.onloaded():
+            self.parts.checkpointer.save(step, common, data_state)

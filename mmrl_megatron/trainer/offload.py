@@ -1,5 +1,10 @@
 """Freeing a trainable role's training memory while the rollout engine generates, and refilling it after.
 
+When (RolloutOffload, called by trainer/loop.py): optimizer states and gradients leave right after the
+update, before the weight sync brings the engine's memory back (SGLang's resume restores its whole pool);
+weights leave after the sync, which reads them; everything returns after generation, before the log-prob
+passes and the update. A checkpoint save or export in between gets it back for its duration (onloaded()).
+
 What leaves the device follows the role's optimizer switches (parallel/memory_plan.rollout_offload, which
 the memory planner reads too, so the plan counts what happens here):
 - optimizer states (`offload_during_rollout`): the fp32 main parameters and Adam's exp_avg / exp_avg_sq
@@ -18,6 +23,7 @@ bit-identical. megatron-core's own MegatronOptimizer.offload_to_cpu replaces ten
 (slower transfers, and views such as main_grad keep the device memory alive), hence this module.
 Device-agnostic: on CPU runs the storages are emptied into (unpinned) CPU copies, so the logic is tested there.
 """
+import contextlib
 import itertools
 import time
 from typing import Dict, Iterable, List, Optional
@@ -100,6 +106,11 @@ class OffloadedStorages:
         """Empty `storages` (after copying their bytes out when keep_values); returns the bytes freed."""
         if self.offloaded:
             raise RuntimeError("storages are already offloaded: call onload() first")
+        fixed = [storage for storage in storages if not storage.resizable()]
+        if fixed:  # checked before anything moves, so a refusal leaves every storage as it was
+            raise RuntimeError(f"{len(fixed)} of {len(storages)} storages to offload cannot be resized (the first "
+                               f"holds {fixed[0].nbytes()} bytes): a numpy view or an external buffer shares "
+                               "their memory; clone tensors before calling .numpy() on them")
         self._sizes = [storage.nbytes() for storage in storages]
         if self.keep_values:
             if self._arena is None or self._arena.sizes != self._sizes:
@@ -210,41 +221,51 @@ class RoleOffload:
     def __init__(self, role, optim_config):
         self.role = role
         self.switches = rollout_offload(optim_config)
-        self._optimizer = OffloadedStorages(keep_values=True)
-        self._gradients = OffloadedStorages(keep_values=False)
-        self._weights = OffloadedStorages(keep_values=True)
+        self._parts = {"optimizer states": OffloadedStorages(keep_values=True),
+                       "gradients": OffloadedStorages(keep_values=False),
+                       "weights": OffloadedStorages(keep_values=True)}
 
-    def offload(self) -> int:
-        """Free what the switches name; returns the bytes freed on the device."""
-        role, parts = self.role, []
-        if self.switches.optimizer_states:
-            parts.append(offload_optimizer_states(role.optimizer, role.chunks, role.device, into=self._optimizer))
-        if self.switches.gradients:
-            parts.append(offload_gradients(role.chunks, role.device, into=self._gradients))
-        if self.switches.weights:
-            parts.append(offload_weights(role.chunks, role.device, into=self._weights))
-        return sum(part.bytes for part in parts)
+    def offload(self, kinds) -> int:
+        """Free those of `kinds` the switches name and are not already off the device; returns bytes freed."""
+        role, freed = self.role, 0
+        wanted = {"optimizer states": self.switches.optimizer_states, "gradients": self.switches.gradients,
+                  "weights": self.switches.weights}
+        for kind in kinds:
+            part = self._parts[kind]
+            if not wanted[kind] or part.offloaded:
+                continue
+            if kind == "optimizer states":
+                offload_optimizer_states(role.optimizer, role.chunks, role.device, into=part)
+            elif kind == "gradients":
+                offload_gradients(role.chunks, role.device, into=part)
+            else:
+                offload_weights(role.chunks, role.device, into=part)
+            freed += part.bytes
+        return freed
 
-    def onload(self) -> int:
-        return sum(onload_storages(part) for part in (self._weights, self._gradients, self._optimizer)
-                   if part.offloaded)
+    def onload(self) -> List[str]:
+        """Bring back everything offloaded; returns the kinds that were off the device."""
+        kinds = [kind for kind, part in self._parts.items() if part.offloaded]
+        for kind in kinds:
+            onload_storages(self._parts[kind])
+        return kinds
 
 
 class RolloutOffload:
-    """The trainer's hooks: before_rollout() frees what the switches name on every trainable role,
-    after_rollout() brings it back before scoring and the update. Each returns {metric: value}."""
+    """The trainer's hooks, in the order of a step: after the update, before the engine's memory comes back
+    (before_engine_resumes: optimizer states, gradients); after the weight sync, which reads the weights
+    (after_weight_sync: weights); after generation, before scoring and the next update (after_rollout:
+    everything back). onloaded() brings everything back for a block (a checkpoint save, an export) and
+    frees it again. The hooks return {metric: value} to log."""
 
     def __init__(self, roles: List[RoleOffload]):
         self.roles = [role for role in roles if role.switches.any]
 
-    def before_rollout(self) -> Dict[str, float]:
-        if not self.roles:
-            return {}
-        start = time.perf_counter()
-        freed = sum(role.offload() for role in self.roles)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the freed blocks back to the driver: SGLang runs in another process
-        return {"time/offload_s": time.perf_counter() - start, "offload/gigabytes": freed / 1024 ** 3}
+    def before_engine_resumes(self) -> Dict[str, float]:
+        return self._offload(["optimizer states", "gradients"], "offload")
+
+    def after_weight_sync(self) -> Dict[str, float]:
+        return self._offload(["weights"], "offload_weights")
 
     def after_rollout(self) -> Dict[str, float]:
         if not self.roles:
@@ -253,6 +274,24 @@ class RolloutOffload:
         for role in self.roles:
             role.onload()
         return {"time/onload_s": time.perf_counter() - start}
+
+    @contextlib.contextmanager
+    def onloaded(self):
+        kinds = [role.onload() for role in self.roles]
+        try:
+            yield
+        finally:
+            for role, offloaded in zip(self.roles, kinds):
+                role.offload(offloaded)
+
+    def _offload(self, kinds: List[str], name: str) -> Dict[str, float]:
+        start = time.perf_counter()
+        freed = sum(role.offload(kinds) for role in self.roles)
+        if not freed:
+            return {}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the freed blocks back to the driver: SGLang runs in another process
+        return {f"time/{name}_s": time.perf_counter() - start, f"{name}/gigabytes": freed / 1024 ** 3}
 
 
 def rollout_offload_for(parts) -> RolloutOffload:

@@ -26,10 +26,13 @@ def quick_run():
 def test_moved_bytes_are_the_planned_components(quick_run):
     """Invariant: each component's bytes moved (optimizer states, gradient buffers, weights) are the planner's
     figure for it within 1% (Adam's per-tensor step counters are the only bytes the plan leaves out)."""
+    from mmrl_megatron.parallel.memory_plan import ACTOR_COMPONENTS
+
     summary, _ = quick_run
     planned = summary["offload"]["planned_components_gib"]["training"]
-    for name, timing in summary["round_trip"].items():
-        assert timing["gigabytes"] * 1e9 == pytest.approx(planned[name] * GIB, rel=0.01), name
+    assert sorted(summary["round_trip"]) == sorted(ACTOR_COMPONENTS)
+    for kind, timing in summary["round_trip"].items():
+        assert timing["gigabytes"] * 1e9 == pytest.approx(planned[ACTOR_COMPONENTS[kind]] * GIB, rel=0.01), kind
 
 
 def test_offload_run_plans_states_away_and_reports_timings(quick_run):

@@ -66,8 +66,9 @@ def _dtype(device: torch.device) -> torch.dtype:
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
-    """A host copy that crosses process boundaries by value (the ranks are spawned processes)."""
-    return tensor.detach().float().cpu().numpy().copy()
+    """A host copy that crosses process boundaries by value (the ranks are spawned processes); cloned first,
+    since a numpy view of a tensor's own memory makes its storage non-resizable (no more offload)."""
+    return tensor.detach().float().cpu().clone().numpy()
 
 
 def _train_one_step(chunks, optimizer, scheduler, tokens) -> None:
@@ -169,8 +170,9 @@ def _trainer_params_after_steps(root: str, switches):
     metrics = trainer.run()
     trainer.parts.tracker.close()
     actor = trainer.parts.actor
-    weights = {name: _array(p) for name, p in actor.chunks[0].named_parameters()}
-    moments = [_array(t) for t in offloading.optimizer_state_tensors(actor.optimizer)]
+    with trainer.offload.onloaded():  # a run ends after its last weight sync, with the switches' parts offloaded
+        weights = {name: _array(p) for name, p in actor.chunks[0].named_parameters()}
+        moments = [_array(t) for t in offloading.optimizer_state_tensors(actor.optimizer)]
     return weights, moments, metrics
 
 
@@ -180,13 +182,15 @@ def _loop_with_and_without(root: str):
 
 
 def test_loop_offloads_around_rollout_without_changing_training(tmp_path):
-    """Invariant: with every offload switch on, the RL loop offloads before generation (reporting bytes and
-    seconds) and the run's weights and Adam moments after 2 steps equal those of a run without offload."""
+    """Invariant: with every offload switch on, the RL loop offloads around each weight sync and brings
+    everything back after generation (reporting bytes and seconds; the final checkpoint saves onloaded
+    states), and the run's weights and Adam moments after 2 steps equal those of a run without offload."""
     [(plain, offloaded)] = run_on_cpu_ranks(1, _loop_with_and_without, str(tmp_path))
     _assert_same_training(plain, offloaded)
     metrics = offloaded[2]
-    assert metrics["offload/gigabytes"] > 0 and metrics["time/offload_s"] >= 0 and metrics["time/onload_s"] >= 0
-    assert "offload/gigabytes" not in plain[2]
+    assert metrics["offload/gigabytes"] > 0 and metrics["offload_weights/gigabytes"] > 0
+    assert metrics["time/offload_s"] >= 0 and metrics["time/onload_s"] >= 0
+    assert "offload/gigabytes" not in plain[2] and "time/onload_s" not in plain[2]
 
 
 def _offloaded_components(switch_overrides):
@@ -207,29 +211,38 @@ def _offloaded_components(switch_overrides):
         actor = build_role("actor", _gpt(device), config, device, config.actor.optim)
         _train_one_step(actor.chunks, actor.optimizer, actor.scheduler, torch.randint(0, 64, (2, 16)))
         hooks = offloading.rollout_offload_for(SimpleNamespace(config=config, actor=actor, critic=None))
-        hooks.before_rollout()
-        results.append({"weights": not offloading.weight_storages(actor.chunks, device),
-                        "gradients": not offloading.gradient_storages(actor.chunks, device),
-                        "optimizer states": not offloading.optimizer_state_storages(actor.optimizer, actor.chunks,
-                                                                                    device)})
+
+        def empty():
+            return {"weights": not offloading.weight_storages(actor.chunks, device),
+                    "gradients": not offloading.gradient_storages(actor.chunks, device),
+                    "optimizer states": not offloading.optimizer_state_storages(actor.optimizer, actor.chunks, device)}
+
+        hooks.before_engine_resumes()
+        at_sync = empty()
+        hooks.after_weight_sync()
+        results.append((at_sync, empty()))
         hooks.after_rollout()
+        assert not any(empty().values()), "after_rollout left something off the device"
     return results
 
 
 def test_trainer_frees_exactly_what_the_plan_zeroes():
-    """Invariant: with no switch and with each switch alone, the components the trainer empties before
-    rollout are the ones the memory planner counts as zero in the rollout phase, and nothing else."""
+    """Invariant: with no switch and with each switch alone, the components the trainer has emptied during
+    generation are the ones the memory planner counts as zero in the rollout phase, and nothing else; during
+    the weight sync the weights are still there, as the plan's sync phase counts them."""
     from mmrl_megatron.config.schema import Config
     from mmrl_megatron.parallel.memory_plan import ACTOR_COMPONENTS, estimate, with_overrides
     from tests.tools.test_plan import TOY
 
     cases = [[], *[[switch] for switch in ALL_SWITCHES]]
     [trainer_empty] = run_on_cpu_ranks(1, _offloaded_components, cases)
-    for overrides, empty in zip(cases, trainer_empty):
+    for overrides, (at_sync, during_generation) in zip(cases, trainer_empty):
         config = with_overrides(Config(), ["rollout.backend=sglang", "algorithm.kl_coef=0", "data.prompts_per_step=8",
                                            *overrides])
         [stage] = estimate(config, TOY, world_size=1).stages
-        assert empty == {kind: stage.rollout[name] == 0 for kind, name in ACTOR_COMPONENTS.items()}, overrides
+        assert during_generation == {kind: stage.rollout[name] == 0 for kind, name in ACTOR_COMPONENTS.items()}
+        sync = stage.sync or stage.rollout  # the plan models the sync apart only when weights are offloaded
+        assert at_sync == {kind: sync[name] == 0 for kind, name in ACTOR_COMPONENTS.items()}, overrides
 
 
 @pytest.mark.gpu
