@@ -168,6 +168,24 @@ def test_each_offload_switch_zeroes_its_own_component_during_rollout_only(role):
         assert {key: stage.rollout[key] for key in unchanged} == {key: base.rollout[key] for key in unchanged}
 
 
+def test_weight_offload_is_planned_after_the_weight_sync():
+    """Invariant: offloading weights lowers generation's memory but the weight sync, which reads them, still
+    holds them: with SGLang (its whole pool back before the sync) the sync is the peak and saves nothing over
+    keeping the weights; with the embedded engine the sync holds no KV cache yet. Without weight offload the
+    plan has no separate sync phase."""
+    assert estimate(_toy_config("actor.optim.offload_during_rollout=true"), TOY, 8).stages[0].sync == {}
+    sglang = ["rollout.backend=sglang", "rollout.release_memory=true"]
+    kept = estimate(_toy_config(*sglang), TOY, 8)
+    offloaded = estimate(_toy_config(*sglang, "actor.optim.offload_params_during_rollout=true"), TOY, 8)
+    stage = offloaded.stages[0]
+    assert stage.rollout["actor weights"] == 0 and stage.sync["actor weights"] == kept.stages[0].rollout["actor weights"]
+    assert offloaded.worst[1] == "sync" and offloaded.peak_gib == pytest.approx(kept.peak_gib)
+    embedded = estimate(_toy_config("actor.optim.offload_params_during_rollout=true", "rollout.release_memory=true"),
+                        TOY, 8).stages[0]
+    assert embedded.sync["engine KV cache"] == 0 < embedded.rollout["engine KV cache"]
+    assert embedded.sync["actor weights"] > 0 == embedded.rollout["actor weights"]
+
+
 def test_impossible_layout_is_refused():
     """Invariant: the planner applies the run's own layout validation (layers divisible by pipeline)."""
     with pytest.raises(ConfigError, match="parallel.pipeline=3"):
