@@ -54,11 +54,11 @@ def with_model_files(config: Config) -> Config:
     if not is_mcore_checkpoint(checkpoint):
         raise ConfigError(f"model.mcore_checkpoint: {checkpoint} is not a megatron-core distributed checkpoint; "
                           "write one with tools/checkpoint_convert/hf_to_mcore.py")
-    if config.algorithm.advantage == "gae" and not config.critic.hf_path:
-        raise ConfigError("model.mcore_checkpoint holds the actor only (no value head): set critic.hf_path to "
-                          "an HF directory to start the critic from, or use model.hf_path")
+    if config.algorithm.advantage == "gae" and not (config.critic.hf_path or config.model.hf_path):
+        raise ConfigError("model.mcore_checkpoint holds the actor only (no value head) and model.hf_path is empty: "
+                          "set critic.hf_path (or model.hf_path) to an HF directory to start the critic from")
     if not config.model.hf_path and config.rollout.backend == "sglang" and not config.rollout.sglang.urls \
-            and "--load-format" not in config.rollout.sglang.extra_args:
+            and not any(arg.startswith("--load-format") for arg in config.rollout.sglang.extra_args):
         raise ConfigError("model.mcore_checkpoint without model.hf_path: the SGLang server we launch would find no "
                           "weights in the checkpoint's hf/ files; set model.hf_path, or pass "
                           "rollout.sglang.extra_args=[--load-format,dummy] (the first weight sync fills it)")
@@ -67,13 +67,14 @@ def with_model_files(config: Config) -> Config:
 
 def load_model(config: Config, hf_config, role: str, device: torch.device, hf_path: Optional[str] = None):
     """This pipeline stage's model for role ("actor" or "critic"), filled from hf_path (the critic's own HF
-    directory), else model.mcore_checkpoint, else model.hf_path."""
+    directory), else model.mcore_checkpoint (an actor's weights: not the critic's), else model.hf_path."""
     from ..convert.checkpoint_io import load_model_weights
     from ..models import build_model
 
     model = build_model(config.model, hf_config, role)
     model.to(device)
-    load_model_weights(model, hf_path or config.model.mcore_checkpoint or config.model.hf_path)
+    checkpoint = config.model.mcore_checkpoint if role != "critic" else None
+    load_model_weights(model, hf_path or checkpoint or config.model.hf_path)
     return model
 
 
