@@ -179,37 +179,46 @@ def test_offloaded_bytes_are_what_the_planner_counts(plain_optimizer_runs):
     assert freed[0][0] == 0
 
 
-def _trainer_params_after_steps(root: str, switches):
-    """Final actor weights, Adam moments and metrics of 2 stand-in RL steps with the given offload switches."""
+def _trainer_state_after_steps(root: str, overrides):
+    """Final weights and Adam moments of every trainable role, and the metrics, of 2 stand-in RL steps."""
     from tests.trainer.stand_ins import stand_in_config, stand_in_trainer
 
     from mmrl_megatron.trainer import offload as offloading
 
-    trainer = stand_in_trainer(stand_in_config(root, ["trainer.steps=2", "algorithm.kl_coef=0", *switches]))
+    trainer = stand_in_trainer(stand_in_config(root, ["trainer.steps=2", "algorithm.kl_coef=0", *overrides]))
     metrics = trainer.run()
     trainer.parts.tracker.close()
-    actor = trainer.parts.actor
+    roles = [role for role in (trainer.parts.actor, trainer.parts.critic) if role is not None]
     with trainer.offload.onloaded():  # a run ends after its last weight sync, with the switches' parts offloaded
-        weights = {name: _array(p) for name, p in actor.chunks[0].named_parameters()}
-        moments = [_array(t) for t in offloading.optimizer_state_tensors(actor.optimizer)]
-    return weights, moments, metrics
+        states = [({name: _array(p) for name, p in role.chunks[0].named_parameters()},
+                   [_array(t) for t in offloading.optimizer_state_tensors(role.optimizer)]) for role in roles]
+    return states, metrics
 
 
 def _loop_with_and_without(root: str):
-    return (_trainer_params_after_steps(f"{root}/plain", []),
-            _trainer_params_after_steps(f"{root}/offload", ALL_SWITCHES))
+    """GRPO with every actor switch on, and PPO with every actor and critic switch on, each beside the same
+    run without offload."""
+    critic_switches = [switch.replace("actor.", "critic.") for switch in ALL_SWITCHES]
+    ppo = ["algorithm.advantage=gae"]
+    return {"grpo": (_trainer_state_after_steps(f"{root}/grpo", []),
+                     _trainer_state_after_steps(f"{root}/grpo_offload", ALL_SWITCHES)),
+            "ppo": (_trainer_state_after_steps(f"{root}/ppo", ppo),
+                    _trainer_state_after_steps(f"{root}/ppo_offload", ppo + ALL_SWITCHES + critic_switches))}
 
 
 def test_loop_offloads_around_rollout_without_changing_training(tmp_path):
-    """Invariant: with every offload switch on, the RL loop offloads around each weight sync and brings
-    everything back after generation (reporting bytes and seconds; the final checkpoint saves onloaded
-    states), and the run's weights and Adam moments after 2 steps equal those of a run without offload."""
-    [(plain, offloaded)] = run_on_cpu_ranks(1, _loop_with_and_without, str(tmp_path))
-    _assert_same_training(plain, offloaded)
-    metrics = offloaded[2]
-    assert metrics["offload/gigabytes"] > 0 and metrics["offload_weights/gigabytes"] > 0
-    assert metrics["time/offload_s"] >= 0 and metrics["time/onload_s"] >= 0
-    assert "offload/gigabytes" not in plain[2] and "time/onload_s" not in plain[2]
+    """Invariant: with every offload switch on (actor, and critic for PPO), the RL loop offloads around each
+    weight sync and brings everything back after generation (reporting bytes and seconds; the final
+    checkpoint saves onloaded states), and every role's weights and Adam moments after 2 steps equal those
+    of the run without offload."""
+    [runs] = run_on_cpu_ranks(1, _loop_with_and_without, str(tmp_path))
+    for name, ((plain, plain_metrics), (offloaded, metrics)) in runs.items():
+        assert len(plain) == len(offloaded) == (2 if name == "ppo" else 1)
+        for plain_role, offloaded_role in zip(plain, offloaded):
+            _assert_same_training(plain_role, offloaded_role)
+        assert metrics["offload/gigabytes"] > 0 and metrics["offload_weights/gigabytes"] > 0
+        assert metrics["time/offload_s"] >= 0 and metrics["time/onload_s"] >= 0
+        assert "offload/gigabytes" not in plain_metrics and "time/onload_s" not in plain_metrics
 
 
 def _offloaded_components(switch_overrides):
