@@ -10,7 +10,8 @@ from typing import List, Literal, Optional
 @dataclass
 class ModelConfig:
     hf_path: str = ""  # Hugging Face directory (config.json, safetensors, tokenizer, preprocessor)
-    mcore_checkpoint: Optional[str] = None  # megatron-core dist checkpoint to load instead of hf_path's weights
+    # megatron-core checkpoint (hf_to_mcore.py) whose weights replace hf_path's; empty hf_path: its hf/ files
+    mcore_checkpoint: Optional[str] = None
     family: Literal["auto", "qwen2_5_vl", "kimi_vl"] = "auto"  # auto: read from config.json model_type
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     attention_backend: Literal["auto", "sdpa", "te"] = "auto"  # auto: TE when importable, else SDPA
@@ -133,7 +134,9 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     use_distributed_optimizer: bool = True
-    offload_during_rollout: bool = False
+    offload_during_rollout: bool = False  # optimizer states (fp32 main params, Adam moments) to host while generating
+    offload_grads_during_rollout: bool = False  # also release the gradient buffers (re-allocated as zeros)
+    offload_params_during_rollout: bool = False  # also move the weights to host (the engine keeps its own copy)
 
 
 @dataclass

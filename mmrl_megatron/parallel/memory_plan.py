@@ -1,10 +1,12 @@
 """Per-GPU memory estimate of a colocated RL run, and the changes that make a layout fit.
 
 A colocated step has two phases that share every GPU: rollout (engine weights + KV cache, with the
-actor's weights, gradient buffers and, unless offloaded, optimizer states resident) and training
-(actor states + activations + logits, with whatever the engine did not release). The peak of the two
-phases on the worst pipeline stage (the first holds the embedding, the vision tower and the most
-in-flight micro-batches; the last holds the output layer and the logits) is compared with the GPU.
+actor's weights, gradient buffers and optimizer states resident unless its offload switches say otherwise,
+rollout_offload) and training (actor states + activations + logits, with whatever the engine did not
+release). When weights are offloaded the weight sync that opens the rollout phase is a third moment (the
+engine back, the actor's weights still there). The peak of the phases on the worst pipeline stage (the
+first holds the embedding, the vision tower and the most in-flight micro-batches; the last holds the
+output layer and the logits) is compared with the GPU.
 
 Byte counts follow megatron-core's mixed-precision accounting (Megatron-LM's theoretical memory):
 bf16 weights (2 B), fp32 gradient buffers (4 B: the trainer sets grad_reduce_in_fp32), and fp32
@@ -13,13 +15,13 @@ Activations count the tensors each layer keeps for backward with a flash-style a
 sequence-squared scores), so "selective" recompute (core attention only) saves nothing here.
 """
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Tuple
 
 import yaml
 
 from ..config.errors import ConfigError
-from ..config.schema import Config
+from ..config.schema import Config, OptimizerConfig
 from ..models.common.logprobs import DEFAULT_CHUNK_TOKENS
 from ..config.validate import ModelShape, validate_layout
 from .model_dims import ModelDims
@@ -33,22 +35,33 @@ FRAGMENTATION_SHARE = 0.05
 # work (upcast, exponentials, probabilities) exists only for one chunk of rows at a time (logprobs.py).
 LOGIT_BYTES_PER_ENTRY = 2 + 2
 LOGIT_CHUNK_BYTES_PER_ENTRY = 4 + 4 + 4
-# SwiGLU per unit of MLP width: on GPUs megatron-core's fused SwiGLU keeps only its input (gate + up, 4 B) and the
-# down projection keeps its input, the product (2 B); the unfused CPU path also keeps the SiLU output.
-SWIGLU_BYTES = 4 + 2
+# SwiGLU per unit of MLP width: megatron-core's fused SwiGLU keeps only its input (gate + up, 4 B) and the down
+# projection keeps its input, the product (2 B); run unfused it also keeps the SiLU output (2 B).
+FUSED_SWIGLU_BYTES, UNFUSED_SWIGLU_BYTES = 4 + 2, 4 + 2 + 2
+GRADIENT_BYTES = 4  # megatron DDP's grad buffers are fp32 (grad_reduce_in_fp32)
+# a trainable role's components by kind, as the table names them
+ACTOR_COMPONENTS = {"weights": "actor weights", "gradients": "gradient buffers", "optimizer states": "optimizer states"}
+CRITIC_COMPONENTS = {kind: f"critic {name.removeprefix('actor ')}" for kind, name in ACTOR_COMPONENTS.items()}
 
 
 @dataclass
 class StageMemory:
-    """Bytes by component in each phase for one pipeline stage of one GPU."""
+    """Bytes by component in each phase for one pipeline stage of one GPU. `sync` is the weight sync that
+    opens the rollout phase (the engine's memory back, the actor's weights still resident), modelled apart
+    only when a role offloads its weights during rollout (otherwise it never needs more than generation)."""
 
     stage: str
     rollout: Dict[str, float] = field(default_factory=dict)
     training: Dict[str, float] = field(default_factory=dict)
+    sync: Dict[str, float] = field(default_factory=dict)
+
+    def phases(self) -> List[Tuple[str, Dict[str, float]]]:
+        return [("rollout", self.rollout), *([("sync", self.sync)] if self.sync else []), ("training", self.training)]
 
     def peak(self) -> Tuple[float, str]:
-        rollout, training = sum(self.rollout.values()), sum(self.training.values())
-        return (rollout, "rollout") if rollout > training else (training, "training")
+        """(bytes, phase) of the phase that needs most; ties go to the earlier phase."""
+        return max(((sum(entries.values()), name) for name, entries in self.phases()),
+                   key=lambda item: item[0])
 
 
 @dataclass
@@ -74,6 +87,43 @@ class MemoryPlan:
         return self.peak_gib <= self.gpu_memory_gib
 
 
+def weight_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def optimizer_state_bytes(dtype: str) -> int:
+    """Bytes per trainable parameter: Adam's two fp32 moments, plus the fp32 main copy of a bf16 parameter."""
+    return 8 if dtype == "float32" else 12
+
+
+@dataclass(frozen=True)
+class OffloadSwitches:
+    """What a trainable role frees on the device while the engine generates; the trainer's offload
+    (trainer/offload.py) and this plan both read it, so the plan counts what the trainer does."""
+
+    optimizer_states: bool
+    gradients: bool
+    weights: bool
+
+    @property
+    def any(self) -> bool:
+        return self.optimizer_states or self.gradients or self.weights
+
+
+def rollout_offload(optim: OptimizerConfig) -> OffloadSwitches:
+    """The offload switches of one role's optimizer config (actor.optim or critic.optim)."""
+    return OffloadSwitches(optim.offload_during_rollout, optim.offload_grads_during_rollout,
+                           optim.offload_params_during_rollout)
+
+
+def _rollout_resident(training: Dict[str, float], names: Dict[str, str], switches: OffloadSwitches) -> Dict[str, float]:
+    """The rollout phase's copy of a role's training-phase entries, with what `switches` offloads at zero;
+    `names` maps "weights", "gradients", "optimizer states" to this role's component names."""
+    offloaded = {names["weights"]: switches.weights, names["gradients"]: switches.gradients,
+                 names["optimizer states"]: switches.optimizer_states}
+    return {name: 0.0 if offloaded.get(name) else value for name, value in training.items()}
+
+
 def _stage_layers(dims: ModelDims, pipeline: int, stage: int) -> range:
     per_stage = dims.language.layers // pipeline
     return range(stage * per_stage, (stage + 1) * per_stage)
@@ -90,13 +140,14 @@ def _layer_activation_bytes_per_token(dims: ModelDims, config: Config) -> float:
         attention = 2 * lm.heads * (2 * qk + 2 * lm.v_head_dim) / tensor + 2 * (2 * lm.kv_lora_rank + lm.qk_rope_head_dim)
     else:
         attention = 2 * (2 * lm.heads + 2 * lm.kv_heads) * lm.head_dim / tensor
+    swiglu = FUSED_SWIGLU_BYTES if lm.fused_swiglu else UNFUSED_SWIGLU_BYTES
     if lm.num_experts:
         # k routed copies of each token (dispatched input + SwiGLU), shared experts, fp32 router scores
         k = lm.experts_per_token
-        mlp = k * (2 * lm.hidden + SWIGLU_BYTES * lm.moe_ffn / expert_tensor) + SWIGLU_BYTES * lm.shared_ffn / tensor \
+        mlp = k * (2 * lm.hidden + swiglu * lm.moe_ffn / expert_tensor) + swiglu * lm.shared_ffn / tensor \
             + 8 * lm.num_experts
     else:
-        mlp = SWIGLU_BYTES * lm.ffn / tensor
+        mlp = swiglu * lm.ffn / tensor
     return replicated + attention + mlp
 
 
@@ -192,6 +243,14 @@ def choose_recompute(config: Config, dims: ModelDims, world_size: int, gpu_memor
     return RECOMPUTE_CHOICES[-1]
 
 
+def _engine_sync_bytes(engine_rollout: Dict, engine_training: Dict, config: Config) -> Dict[str, float]:
+    """The engine during the weight sync: SGLang's pool is back whole (resume_memory restores weights and
+    cache); the embedded engine has its weights back and allocates its KV cache at the next generate."""
+    if config.rollout.backend == "sglang":
+        return dict(engine_rollout)
+    return dict(engine_rollout, **{"engine KV cache": engine_training["engine KV cache"]})
+
+
 def estimate(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: float = 80.0) -> MemoryPlan:
     """Per-GPU bytes of every component in both phases on the first and last pipeline stage
     (model.recompute=auto planned as choose_recompute resolves it).
@@ -205,8 +264,10 @@ def estimate(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: f
     shape = ModelShape(lm.layers, lm.heads, lm.kv_heads, lm.num_experts)
     data_parallel = validate_layout(config, world_size, shape)
     expert_data_parallel = world_size // (p.pipeline * p.expert * (p.expert_tensor or p.tensor))
-    weight_bytes = 4 if config.model.dtype == "float32" else 2
-    state_bytes = 8 if config.model.dtype == "float32" else 12  # Adam moments (+ fp32 master weights)
+    if expert_data_parallel < 1:
+        raise ConfigError(f"parallel.expert={p.expert} x expert_tensor={p.expert_tensor or p.tensor} x "
+                          f"pipeline={p.pipeline} needs more than the world size {world_size}; lower parallel.expert")
+    param_bytes, state_bytes = weight_bytes(config.model.dtype), optimizer_state_bytes(config.model.dtype)
     dense_shards = data_parallel * p.context if optim.use_distributed_optimizer else 1
     expert_shards = expert_data_parallel if optim.use_distributed_optimizer else 1
     with_reference = config.algorithm.kl_coef > 0 or config.algorithm.kl_in_reward
@@ -220,25 +281,34 @@ def estimate(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: f
         dense, experts, vision = _stage_params(dims, config, stage)
         trainable_vision = 0 if config.model.freeze_vision_tower else vision
         params = dense + experts + vision
-        weights = params * weight_bytes
-        gradients = (dense + experts + trainable_vision) * 4
+        weights = params * param_bytes
+        gradients = (dense + experts + trainable_vision) * GRADIENT_BYTES
         optimizer = (dense / dense_shards + experts / expert_shards + trainable_vision / dense_shards) * state_bytes
-        training = {"actor weights": weights, "gradient buffers": gradients, "optimizer states": optimizer}
-        rollout = dict(training, **{"optimizer states": 0.0 if optim.offload_during_rollout else optimizer})
+        roles = [({"actor weights": weights, "gradient buffers": gradients, "optimizer states": optimizer},
+                  ACTOR_COMPONENTS, rollout_offload(optim))]
         if with_critic:  # a critic the size of the actor (its value head is negligible) keeps the same states
-            training["critic weights + gradients"] = rollout["critic weights + gradients"] = weights + gradients
-            training["critic optimizer states"] = optimizer
-            rollout["critic optimizer states"] = 0.0 if config.critic.optim.offload_during_rollout else optimizer
+            roles.append(({"critic weights": weights, "critic gradient buffers": gradients,
+                           "critic optimizer states": optimizer}, CRITIC_COMPONENTS, rollout_offload(config.critic.optim)))
+        training, rollout, sync = {}, {}, {}
+        for entries, names, switches in roles:
+            training.update(entries)
+            rollout.update(_rollout_resident(entries, names, switches))
+            # the trainer offloads weights only after the sync, which reads them (trainer/offload.py)
+            sync.update(_rollout_resident(entries, names, replace(switches, weights=False)))
         if with_reference:
-            rollout["reference weights"] = 0.0 if config.actor.offload_reference else weights
-            training["reference weights"] = 0.0 if config.actor.offload_reference else weights
+            for phase in (rollout, sync, training):
+                phase["reference weights"] = 0.0 if config.actor.offload_reference else weights
         training.update(_activation_bytes(dims, config, stage, len(_stage_layers(dims, p.pipeline, stage))))
         rollout.update(engine_rollout)
+        sync.update(_engine_sync_bytes(engine_rollout, engine_training, config))
         training.update(engine_training)
-        for phase in (rollout, training):
-            phase["runtime reserve"] = RUNTIME_RESERVE_BYTES + FRAGMENTATION_SHARE * sum(phase.values())
+        if not any(switches.weights for _, _, switches in roles):
+            sync = {}
+        for phase in (rollout, sync, training):
+            if phase:
+                phase["runtime reserve"] = RUNTIME_RESERVE_BYTES + FRAGMENTATION_SHARE * sum(phase.values())
         name = "first" if stage == 0 else "last"
-        stages.append(StageMemory("only" if p.pipeline == 1 else name, rollout, training))
+        stages.append(StageMemory("only" if p.pipeline == 1 else name, rollout, training, sync))
     return MemoryPlan(dims, world_size, data_parallel, gpu_memory_gib, stages, _engine_warnings(dims, config, gpu_bytes))
 
 
@@ -293,10 +363,11 @@ def _candidate_changes(config: Config, dims: ModelDims, world_size: int) -> List
         changes.append([f"rollout.sglang.mem_fraction_static={rollout.sglang.mem_fraction_static - 0.1:.2f}"])
     if not rollout.release_memory:
         changes.append(["rollout.release_memory=true"])
-    if not optim.offload_during_rollout:
-        changes.append(["actor.optim.offload_during_rollout=true"])
-    if config.algorithm.advantage == "gae" and not config.critic.optim.offload_during_rollout:
-        changes.append(["critic.optim.offload_during_rollout=true"])
+    roles = [("actor", optim)] + ([("critic", config.critic.optim)] if config.algorithm.advantage == "gae" else [])
+    for role, role_optim in roles:
+        for switch in ("offload_during_rollout", "offload_grads_during_rollout", "offload_params_during_rollout"):
+            if not getattr(role_optim, switch):
+                changes.append([f"{role}.optim.{switch}=true"])
     if not optim.use_distributed_optimizer:
         changes.append(["actor.optim.use_distributed_optimizer=true"])
     if (config.algorithm.kl_coef > 0 or config.algorithm.kl_in_reward) and not config.actor.offload_reference:
@@ -355,7 +426,7 @@ def suggest_changes(config: Config, dims: ModelDims, world_size: int, gpu_memory
 
 def format_plan(plan: MemoryPlan) -> str:
     """A table of GiB per component, one column per (stage, phase), and the verdict."""
-    columns = [(stage, phase) for stage in plan.stages for phase in ("rollout", "training")]
+    columns = [(stage, phase) for stage in plan.stages for phase, _ in stage.phases()]
     components = list(dict.fromkeys(name for stage, phase in columns for name in getattr(stage, phase)))
     dims, lm = plan.model, plan.model.language
     lines = [f"model {dims.name}: {dims.total_params() / 1e9:.2f} B parameters "

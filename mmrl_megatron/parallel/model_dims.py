@@ -35,6 +35,9 @@ class LanguageDims:
     moe_ffn: int = 0
     shared_ffn: int = 0  # all shared experts together
     first_dense_layers: int = 0
+    # whether the model's SwiGLU runs megatron-core's fused (compiled) kernel on GPUs: Qwen2.5-VL's builder
+    # turns it on, Kimi-VL's experts run it unfused (models/*/build)
+    fused_swiglu: bool = True
 
     def is_moe_layer(self, index: int) -> bool:
         return self.num_experts > 0 and index >= self.first_dense_layers
@@ -152,7 +155,7 @@ BUILTIN_MODELS: Dict[str, ModelDims] = {
         LanguageDims(layers=27, hidden=2048, heads=16, kv_heads=16, head_dim=128, ffn=11264, vocab=163840,
                      tied=False, attention="mla", kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                      v_head_dim=128, num_experts=64, experts_per_token=6, moe_ffn=1408, shared_ffn=2 * 1408,
-                     first_dense_layers=1),
+                     first_dense_layers=1, fused_swiglu=False),
         VisionDims("moonvit", depth=27, hidden=1152, ffn=4304, heads=16, temporal_patch=1, pos_emb_cells=64 * 64,
                    split_over_tensor_parallel=False),
     ),
@@ -187,7 +190,7 @@ def _dims_from_config_json(path: str) -> ModelDims:
             v_head_dim=text["v_head_dim"], num_experts=text.get("n_routed_experts") or 0,
             experts_per_token=text.get("num_experts_per_tok") or 0, moe_ffn=text.get("moe_intermediate_size") or 0,
             shared_ffn=(text.get("n_shared_experts") or 0) * (text.get("moe_intermediate_size") or 0),
-            first_dense_layers=text.get("first_k_dense_replace", 0))
+            first_dense_layers=text.get("first_k_dense_replace", 0), fused_swiglu=False)
         merge = (vision.get("merge_kernel_size") or [2, 2])[0]
         tower = VisionDims("moonvit", vision["num_hidden_layers"], vision["hidden_size"], vision["intermediate_size"],
                            vision["num_attention_heads"], vision.get("patch_size", 14), merge, 1,

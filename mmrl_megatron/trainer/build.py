@@ -6,7 +6,7 @@ optimizers -> checkpoint resume -> data, rewards, rollout engine, weight bridge 
 import json
 import logging
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Optional
 
 import torch
@@ -41,14 +41,40 @@ def _total_optimizer_steps(config: Config) -> int:
     return max(config.trainer.steps * config.actor.ppo_epochs * config.actor.mini_batches_per_step, 1)
 
 
+def with_model_files(config: Config) -> Config:
+    """With model.mcore_checkpoint the weights come from that megatron checkpoint (every rank reads only its
+    shards) and, when model.hf_path is empty, config.json, tokenizer and processor from the hf/ files kept
+    inside it: returns the config with model.hf_path naming those files. Unchanged without the key."""
+    from ..config import ConfigError
+    from ..convert.checkpoint_io import hf_files_dir, is_mcore_checkpoint
+
+    checkpoint = config.model.mcore_checkpoint
+    if not checkpoint:
+        return config
+    if not is_mcore_checkpoint(checkpoint):
+        raise ConfigError(f"model.mcore_checkpoint: {checkpoint} is not a megatron-core distributed checkpoint; "
+                          "write one with tools/checkpoint_convert/hf_to_mcore.py")
+    if config.algorithm.advantage == "gae" and not (config.critic.hf_path or config.model.hf_path):
+        raise ConfigError("model.mcore_checkpoint holds the actor only (no value head) and model.hf_path is empty: "
+                          "set critic.hf_path (or model.hf_path) to an HF directory to start the critic from")
+    if not config.model.hf_path and config.rollout.backend == "sglang" and not config.rollout.sglang.urls \
+            and not any(arg.startswith("--load-format") for arg in config.rollout.sglang.extra_args):
+        raise ConfigError("model.mcore_checkpoint without model.hf_path: the SGLang server we launch would find no "
+                          "weights in the checkpoint's hf/ files; set model.hf_path, or pass "
+                          "rollout.sglang.extra_args=[--load-format,dummy] (the first weight sync fills it)")
+    return replace(config, model=replace(config.model, hf_path=config.model.hf_path or hf_files_dir(checkpoint)))
+
+
 def load_model(config: Config, hf_config, role: str, device: torch.device, hf_path: Optional[str] = None):
-    """This pipeline stage's model for role ("actor" or "critic"), filled from the HF checkpoint."""
-    from ..convert import load_hf_into_model
+    """This pipeline stage's model for role ("actor" or "critic"), filled from hf_path (the critic's own HF
+    directory), else model.mcore_checkpoint (an actor's weights: not the critic's), else model.hf_path."""
+    from ..convert.checkpoint_io import load_model_weights
     from ..models import build_model
 
     model = build_model(config.model, hf_config, role)
     model.to(device)
-    load_hf_into_model(model, hf_path or config.model.hf_path)
+    checkpoint = config.model.mcore_checkpoint if role != "critic" else None
+    load_model_weights(model, hf_path or checkpoint or config.model.hf_path)
     return model
 
 
@@ -118,6 +144,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     from ..rewards import build_reward_function
     from ..rollout import build_engine
 
+    config = with_model_files(config)
     trainer_config, algorithm = config.trainer, config.algorithm
     resolve_recompute(config, device)
     layout = layout_from_config(config, dist.get_world_size(), read_model_shape(config.model.hf_path))

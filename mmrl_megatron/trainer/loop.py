@@ -19,6 +19,7 @@ from ..rollout import SamplingParams
 from . import losses
 from .batch import MicroBatch, Sample, build_micro_batches, response_mask
 from .experience import ExperienceSources, collect_experience
+from .offload import rollout_offload_for
 from .metrics import (add_stats, finish_reward_std, reduce_across_ranks, rollout_stats, summed_counters,
                       throughput_metrics)
 from .roles import ModelRole
@@ -57,6 +58,7 @@ class Trainer:
         self.parts = parts
         self.config = parts.config
         self.algorithm = parts.config.algorithm
+        self.offload = rollout_offload_for(parts)
 
     # -- steps 1-3 -----------------------------------------------------------------------------------
     def sampling(self, step: int) -> SamplingParams:
@@ -200,13 +202,15 @@ class Trainer:
     # -- step 7 --------------------------------------------------------------------------------------
     def sync_weights(self) -> Dict[str, float]:
         engine = self.parts.sources.engine
+        offload = self.offload.before_engine_resumes()  # the update is done: its states leave the device
         if self.config.rollout.release_memory:
             engine.resume_memory()
         stats = self.parts.bridge.sync()
         if self.config.rollout.verify_weight_sync:
             self.parts.bridge.verify()
+        offload.update(self.offload.after_weight_sync())
         return {"weight_sync/seconds": stats.seconds, "weight_sync/gigabytes": stats.gigabytes,
-                "weight_sync/gb_per_s": stats.gb_per_s}
+                "weight_sync/gb_per_s": stats.gb_per_s, **offload}
 
     # -- one step: the eight steps in order ------------------------------------------------------------
     def train_step(self, step: int) -> Dict[str, float]:
@@ -214,6 +218,7 @@ class Trainer:
         start = time.perf_counter()
         samples, all_scores = self.generate_and_reward(step)  # steps 1-3
         times["time/generate_and_reward_s"] = time.perf_counter() - start
+        times.update(self.offload.after_rollout())  # what the offload switches moved off the device returns
 
         mark = time.perf_counter()
         micro_batches = build_micro_batches(samples, self.config.actor.micro_batch_tokens, self.parts.pack_sequences)
@@ -284,7 +289,8 @@ class Trainer:
                 logger.warning("step %d: %s found; checkpoint saved, stopping", step, STOP_FILE)
                 return metrics
         if trainer.export_hf and self.parts.export is not None:
-            self.parts.export()
+            with self.offload.onloaded():
+                self.parts.export()
         return metrics
 
     def stop_requested(self) -> bool:
@@ -307,4 +313,5 @@ class Trainer:
 
         common = {key: value for key, value in self.parts.state.items() if key != "step"}
         data_state = self.parts.dataset.state_dict() if parallel_state.get_model_parallel_group().rank() == 0 else None
-        self.parts.checkpointer.save(step, common, data_state)
+        with self.offload.onloaded():
+            self.parts.checkpointer.save(step, common, data_state)

@@ -150,6 +150,42 @@ def test_phases_follow_offload_and_release_settings():
     assert sglang.rollout["engine weights + KV pool"] == 40 * GIB and sglang.training["engine weights + KV pool"] == 0
 
 
+@pytest.mark.parametrize("role", ["actor", "critic"])
+def test_each_offload_switch_zeroes_its_own_component_during_rollout_only(role):
+    """Invariant: each of a role's three offload switches (optimizer states, gradient buffers, weights) zeroes
+    exactly that component of that role in the rollout phase; the training phase and every other entry stay."""
+    from mmrl_megatron.parallel.memory_plan import ACTOR_COMPONENTS, CRITIC_COMPONENTS
+
+    components = ACTOR_COMPONENTS if role == "actor" else CRITIC_COMPONENTS
+    switches = {"optimizer states": "offload_during_rollout", "gradients": "offload_grads_during_rollout",
+                "weights": "offload_params_during_rollout"}
+    base = estimate(_toy_config("algorithm.advantage=gae"), TOY, 8).stages[0]
+    for kind, switch in switches.items():
+        stage = estimate(_toy_config("algorithm.advantage=gae", f"{role}.optim.{switch}=true"), TOY, 8).stages[0]
+        name = components[kind]
+        assert base.rollout[name] > 0 and stage.rollout[name] == 0 and stage.training == base.training, switch
+        unchanged = [key for key in base.rollout if key not in (name, "runtime reserve")]
+        assert {key: stage.rollout[key] for key in unchanged} == {key: base.rollout[key] for key in unchanged}
+
+
+def test_weight_offload_is_planned_after_the_weight_sync():
+    """Invariant: offloading weights lowers generation's memory but the weight sync, which reads them, still
+    holds them: with SGLang (its whole pool back before the sync) the sync is the peak and saves nothing over
+    keeping the weights; with the embedded engine the sync holds no KV cache yet. Without weight offload the
+    plan has no separate sync phase."""
+    assert estimate(_toy_config("actor.optim.offload_during_rollout=true"), TOY, 8).stages[0].sync == {}
+    sglang = ["rollout.backend=sglang", "rollout.release_memory=true"]
+    kept = estimate(_toy_config(*sglang), TOY, 8)
+    offloaded = estimate(_toy_config(*sglang, "actor.optim.offload_params_during_rollout=true"), TOY, 8)
+    stage = offloaded.stages[0]
+    assert stage.rollout["actor weights"] == 0 and stage.sync["actor weights"] == kept.stages[0].rollout["actor weights"]
+    assert offloaded.worst[1] == "sync" and offloaded.peak_gib == pytest.approx(kept.peak_gib)
+    embedded = estimate(_toy_config("actor.optim.offload_params_during_rollout=true", "rollout.release_memory=true"),
+                        TOY, 8).stages[0]
+    assert embedded.sync["engine KV cache"] == 0 < embedded.rollout["engine KV cache"]
+    assert embedded.sync["actor weights"] > 0 == embedded.rollout["actor weights"]
+
+
 def test_impossible_layout_is_refused():
     """Invariant: the planner applies the run's own layout validation (layers divisible by pipeline)."""
     with pytest.raises(ConfigError, match="parallel.pipeline=3"):
@@ -193,18 +229,26 @@ def test_cli_reports_misfit_and_errors(capsys):
     assert "world size 24" in capsys.readouterr().err
 
 
+WITHOUT_OFFLOAD = ["actor.optim.offload_during_rollout=false", "critic.optim.offload_during_rollout=false"]
+
+
 def test_docs_layout_table_matches_the_planner(capsys):
     """Invariant: every row of docs/scale_out.md's layout table is what its plan command prints: the
-    layout fits and the peak (and its phase) are the planner's."""
+    layout fits and the peak (and its phase) are the planner's; its "without offload" peak and verdict are
+    what the same command prints with the optimizer offload switched off."""
     with open(os.path.join(REPO, "docs", "scale_out.md")) as handle:
-        rows = re.findall(r"^\|.*\| ([\d.]+) \((\w+)\) \| `python tools/plan.py ([^`]+)` \|$", handle.read(), re.M)
-    assert len(rows) >= 6
-    for peak, phase, arguments in rows:
+        rows = re.findall(r"^\|.*\| ([\d.]+) \((fits|does not fit)\) \| ([\d.]+) \((\w+)\) \| "
+                          r"`python tools/plan.py ([^`]+)` \|$", handle.read(), re.M)
+    assert len(rows) >= 7
+    for without_peak, without_verdict, peak, phase, arguments in rows:
         argv = arguments.split()
         argv[argv.index("--config") + 1] = os.path.join(REPO, argv[argv.index("--config") + 1])
         assert plan_main(argv) == 0, arguments
         printed = re.search(r"peak ([\d.]+) GiB \(\w+ stage, (\w+) phase\)", capsys.readouterr().out)
         assert printed.groups() == (peak, phase), arguments
+        assert plan_main(argv + WITHOUT_OFFLOAD) == (0 if without_verdict == "fits" else 1), arguments
+        printed = re.search(r"peak ([\d.]+) GiB", capsys.readouterr().out)
+        assert printed.group(1) == without_peak, arguments
 
 
 def _small_qwen_config(**overrides) -> dict:
