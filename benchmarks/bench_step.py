@@ -7,8 +7,8 @@
 Workload per step (the per-GPU share of EasyR1's Geometry3K baseline, 512 prompts x n=5 on 8 GPUs):
 64 prompts x n=5, each one 448x448 image (256 image tokens) plus about 150 text tokens, 512 sampled
 response tokens (a random model almost never samples eos), the embedded engine colocated, a frozen
-reference for the KL loss, 4 optimizer steps per rollout, micro-batches of 8,192 tokens, the activation recompute
-the memory planner chooses (model.recompute=auto). Every phase runs: generate, reward, old and
+reference for the KL loss, 4 optimizer steps per rollout, update micro-batches of 8,192 tokens (scoring ones of
+16,384), the activation recompute the memory planner chooses (model.recompute=auto). Every phase runs: generate, reward, old and
 reference log-probs, update, weight sync. Prints per-step JSON (time per phase, tokens/s/GPU) and a
 markdown row for benchmarks/RESULTS.md against the best published figure for this task (EasyR1 on
 8xH100: 1,800 tokens/s/GPU for 3B), which cannot be run here; the steady-state figure leaves out step 1
@@ -61,7 +61,9 @@ def step_overrides(args, work_dir: str, hf_dir: str, data_path: str) -> List[str
         f"data.prompts_per_step={args.prompts}", f"data.min_pixels={pixels}", f"data.max_pixels={pixels}",
         "data.max_prompt_length=2048", f"rollout.n={args.n}", f"rollout.max_new_tokens={args.response_tokens}",
         f"rollout.max_batch_size={args.prompts * args.n}", "algorithm.kl_coef=0.001",
-        f"actor.micro_batch_tokens={args.micro_batch_tokens}", f"actor.mini_batches_per_step={args.mini_batches}",
+        f"actor.micro_batch_tokens={args.micro_batch_tokens}",
+        f"actor.scoring_micro_batch_tokens={args.scoring_micro_batch_tokens}",
+        f"actor.mini_batches_per_step={args.mini_batches}",
         "actor.optim.lr=1e-6", "logging.wandb=false", "logging.plot_at_end=false", "logging.console=true",
         "reward.num_workers=2",
     ]
@@ -103,7 +105,9 @@ def parse_args(argv: Optional[List[str]]):
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--response-tokens", type=int, default=512)
     parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("--micro-batch-tokens", type=int, default=8192)
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="the update's token budget")
+    parser.add_argument("--scoring-micro-batch-tokens", type=int, default=16384,
+                        help="the forward-only log-prob passes' token budget")
     parser.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per rollout")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--recompute", choices=["none", "selective", "full", "auto"], default="auto",
@@ -116,6 +120,7 @@ def parse_args(argv: Optional[List[str]]):
     if args.quick:
         args.shape, args.steps, args.prompts, args.n, args.response_tokens = "tiny", 2, 2, 2, 4
         args.image_size, args.micro_batch_tokens, args.mini_batches, args.dtype = 56, 1024, 1, "float32"
+        args.scoring_micro_batch_tokens = 1024
     return args
 
 
@@ -128,18 +133,20 @@ def profile_one_pass(trainer) -> Dict[str, Dict]:
     config, actor = trainer.config, trainer.parts.actor
     temperature = config.rollout.temperature or 1.0
     samples, _ = trainer.generate_and_reward(config.trainer.steps + 1)
-    micro_batches = build_micro_batches(samples, config.actor.micro_batch_tokens, trainer.parts.pack_sequences)
+    micro_batches = build_micro_batches(samples, config.actor.scoring_micro_batch_tokens
+                                        or config.actor.micro_batch_tokens, trainer.parts.pack_sequences)
     scoring = profile_summary(lambda: actor.score(
         micro_batches, lambda output, mb: losses.response_logprobs(output, mb, temperature), "old_logprobs"),
         trainer.parts.device)
     scoring["tokens"] = sum(mb.num_tokens for mb in micro_batches)
     trainer.score_with_models(micro_batches, on_policy=False)
     trainer.compute_advantages(samples)
-    normaliser = trainer.normaliser(micro_batches[0].samples)
+    [first, *_] = build_micro_batches(samples, config.actor.micro_batch_tokens, trainer.parts.pack_sequences)
+    normaliser = trainer.normaliser(first.samples)
     update = profile_summary(lambda: actor.train_step(
-        micro_batches[:1], lambda output, mb: losses.actor_loss(output, mb, trainer.algorithm, temperature, normaliser),
+        [first], lambda output, mb: losses.actor_loss(output, mb, trainer.algorithm, temperature, normaliser),
         config.actor.optim.grad_clip), trainer.parts.device)
-    update["tokens"] = micro_batches[0].num_tokens
+    update["tokens"] = first.num_tokens
     return {"scoring_pass": scoring, "update_micro_batch": update}
 
 

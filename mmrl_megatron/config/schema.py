@@ -143,6 +143,9 @@ class OptimizerConfig:
 class ActorConfig:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     micro_batch_tokens: int = 8192  # token budget per packed micro-batch
+    # token budget of the forward-only passes (old and reference log-probs, values): they keep no activations,
+    # so larger micro-batches fit and run nearer the GPU's peak; None: micro_batch_tokens
+    scoring_micro_batch_tokens: Optional[int] = None
     mini_batches_per_step: int = 1  # optimizer steps per RL step
     ppo_epochs: int = 1
     offload_reference: bool = False

@@ -180,8 +180,11 @@ def _activation_bytes(dims: ModelDims, config: Config, stage: int, layers: int) 
         result["vision activations"] = vision
     if stage == pipeline - 1:
         shard = padded_vocab(dims, config) / p.tensor
-        result["logits"] = shard * (tokens * LOGIT_BYTES_PER_ENTRY
-                                    + min(tokens, DEFAULT_CHUNK_TOKENS) * LOGIT_CHUNK_BYTES_PER_ENTRY)
+        update = shard * (tokens * LOGIT_BYTES_PER_ENTRY + min(tokens, DEFAULT_CHUNK_TOKENS) * LOGIT_CHUNK_BYTES_PER_ENTRY)
+        # a scoring micro-batch's bf16 logits have no gradient; counted as if they met the update's activations
+        scoring = (config.actor.scoring_micro_batch_tokens or config.actor.micro_batch_tokens) / p.context
+        result["logits"] = max(update, shard * (scoring * 2 + min(scoring, DEFAULT_CHUNK_TOKENS)
+                                                * LOGIT_CHUNK_BYTES_PER_ENTRY))
     return result
 
 

@@ -221,7 +221,9 @@ class Trainer:
         times.update(self.offload.after_rollout())  # what the offload switches moved off the device returns
 
         mark = time.perf_counter()
-        micro_batches = build_micro_batches(samples, self.config.actor.micro_batch_tokens, self.parts.pack_sequences)
+        actor = self.config.actor
+        micro_batches = build_micro_batches(samples, actor.scoring_micro_batch_tokens or actor.micro_batch_tokens,
+                                            self.parts.pack_sequences)
         on_policy = self.on_policy_update(samples)
         self.score_with_models(micro_batches, on_policy)  # step 4
         times["time/logprob_s"] = time.perf_counter() - mark

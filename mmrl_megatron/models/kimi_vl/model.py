@@ -9,6 +9,7 @@ from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
+from ..common.image_placement import place_image_features
 from ..common.packing import append_padding_sequence
 from ..errors import ModelError
 from .hf_config import KimiVLConfig, kimi_vl_config_from_dict
@@ -68,8 +69,8 @@ class KimiVLModel(MegatronModule):
             raise ModelError(f"{int(mask.sum())} media placeholder tokens (id {self.media_placeholder_token_id}) "
                              f"but {features.shape[0]} image features: expand each <|media_pad|> per image grid")
         hidden = embeddings.shape[-1]
-        placed = torch.zeros(mask.shape[0], mask.shape[1], hidden, dtype=embeddings.dtype,
-                             device=embeddings.device).masked_scatter(mask, features)
+        placed = place_image_features(torch.zeros(mask.shape[0], mask.shape[1], hidden, dtype=embeddings.dtype,
+                                                  device=embeddings.device), mask.squeeze(-1), features)
         if self.config.sequence_parallel:  # embeddings are this rank's sequence chunk: take the same chunk
             placed = tensor_parallel.scatter_to_sequence_parallel_region(placed)
             mask = mask.chunk(self.config.tensor_model_parallel_size, dim=0)[

@@ -14,6 +14,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
+from ..common.image_placement import place_image_features
 from ..common.packing import as_packed_segments
 from ..common.value_head import ValueHead
 from ..errors import ModelError
@@ -72,9 +73,8 @@ class Qwen25VLModel(MegatronModule):
         if pixel_values is None:
             return embeddings
         image_embeddings = self.vision_model(pixel_values, image_grid_thw)
-        # masked_scatter fills in row-major order, so scatter in [b, s, h] to keep samples in batch order
-        batch_major = embeddings.transpose(0, 1)
-        batch_major = batch_major.masked_scatter(image_tokens.unsqueeze(-1), image_embeddings.to(batch_major.dtype))
+        # features are in batch order, so place them in [b, s, h]
+        batch_major = place_image_features(embeddings.transpose(0, 1), image_tokens, image_embeddings)
         return batch_major.transpose(0, 1).contiguous()
 
     @staticmethod
