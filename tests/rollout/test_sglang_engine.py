@@ -42,7 +42,9 @@ def rollout_config(**sglang_overrides) -> RolloutConfig:
 
 
 def make_engine(hf_dir, tp_size=1, crash_plan=(), **sglang_overrides):
-    launcher = InProcessLauncher(hf_dir, tp_size=tp_size, crash_plan=crash_plan)
+    # the fake runs as the launcher would start it: deterministic only with the flag
+    launcher = InProcessLauncher(hf_dir, tp_size=tp_size, crash_plan=crash_plan,
+                                 deterministic_inference=sglang_overrides.get("deterministic_inference", False))
     engine = SGLangEngine(rollout_config(tensor_parallel=tp_size, **sglang_overrides), hf_dir, launcher=launcher)
     return engine, launcher
 
@@ -63,7 +65,7 @@ def scaled_weights(launcher, factor: float):
 
 def test_generation_with_images_returns_n_samples_and_tempered_logprobs(hf_dir):
     """n samples per image prompt, ordered (request, sample), with log-probs under the sampling temperature."""
-    engine, launcher = make_engine(hf_dir)
+    engine, launcher = make_engine(hf_dir, deterministic_inference=True)
     try:
         requests = [image_request(b"red?", "red"), image_request(b"blue?", "blue")]
         sampling = SamplingParams(n=3, temperature=0.7, max_new_tokens=6, seed=5)
@@ -111,8 +113,6 @@ def test_tensor_weight_update_in_a_session_with_one_payload_per_tp_rank(hf_dir):
         assert body["load_format"] == "flattened_bucket" and body["weight_version"] == "1"
         for name, tensor in new[0]:
             assert torch.equal(launcher.server.weights[name], tensor)
-        fetched = engine.get_weights(["model.norm.weight"])
-        assert torch.allclose(fetched["model.norm.weight"], dict(new[0])["model.norm.weight"])
     finally:
         engine.shutdown()
 
@@ -175,7 +175,7 @@ def test_release_and_resume_memory_around_training(hf_dir):
 
 def test_server_crash_mid_rollout_restarts_resyncs_and_keeps_completed_samples(hf_dir):
     """A crash after 3 answers: restart, re-sync the last weights, resend only the unanswered samples."""
-    engine, launcher = make_engine(hf_dir, crash_plan=[3], max_restarts=1)
+    engine, launcher = make_engine(hf_dir, crash_plan=[3], max_restarts=1, deterministic_inference=True)
     try:
         synced = scaled_weights(launcher, 0.25)
         engine.update_weights(synced)
@@ -188,7 +188,7 @@ def test_server_crash_mid_rollout_restarts_resyncs_and_keeps_completed_samples(h
         for name, tensor in synced[0]:
             assert torch.equal(second.weights[name], tensor)  # re-synced, not the checkpoint's weights
         assert [(r.request_index, r.sample_index) for r in results] == [(i, j) for i in range(4) for j in range(2)]
-        reference, _ = make_engine(hf_dir)
+        reference, _ = make_engine(hf_dir, deterministic_inference=True)
         try:
             reference.update_weights(synced)
             assert reference.generate(requests, sampling) == results  # as if nothing had happened

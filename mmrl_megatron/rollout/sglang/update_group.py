@@ -13,10 +13,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world
 
-try:
-    from sglang.srt.utils import init_custom_process_group as _sglang_init_group
-except ImportError:
-    _sglang_init_group = None
+from .optional_sglang import sglang_attribute
+
+_sglang_init_group = sglang_attribute("sglang.srt.utils", "init_custom_process_group")
 
 
 class UpdateGroup(NamedTuple):
