@@ -261,3 +261,96 @@ def test_two_process_group_shares_one_server(hf_dir):
     assert torch.equal(leader["received_norms"][0], leader["expected_norm"])
     assert torch.equal(leader["received_norms"][1], member["expected_norm"])
     assert leader["name_error"] and leader["name_error"] == member["name_error"]
+
+
+def test_update_group_store_listens_on_the_configured_address_only(hf_dir):
+    """The weight-update group's store serves on update_group_address alone, not on every interface."""
+    import psutil
+
+    engine, launcher = make_engine(hf_dir, weight_sync="distributed", update_group_backend="gloo",
+                                   update_group_address="127.0.0.1")
+    try:
+        engine.update_weights(scaled_weights(launcher, 1.0))
+        port = dict(launcher.server.calls)["/init_weights_update_group"]["master_port"]
+        listening = {conn.laddr.ip for conn in psutil.Process().net_connections("inet")
+                     if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port}
+        assert listening == {"127.0.0.1"}
+    finally:
+        engine.shutdown()
+
+
+def test_groups_sharing_a_server_never_send_the_same_request_id(hf_dir):
+    """Two engines on one user-started server generate the same prompts at once: SGLang refuses an id
+    already in flight, so every request id must be unique per engine and call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.rollout.fake_sglang_server import FakeSGLangServer
+
+    server = FakeSGLangServer(hf_dir, generate_delay_s=0.2).start()
+    engines = [SGLangEngine(rollout_config(urls=[server.url]), hf_dir) for _ in range(2)]
+    try:
+        requests = [RolloutRequest(prompt_ids=[3, 4]), RolloutRequest(prompt_ids=[5, 6])]
+        sampling = SamplingParams(n=2, max_new_tokens=2)
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(lambda engine: engine.generate(requests, sampling), engines))
+        assert all(len(results) == 4 for results in outcomes)
+        again = engines[0].generate(requests, sampling)  # a second call of the same engine: fresh ids too
+        assert len(again) == 4
+        rids = [body["rid"] for route, body in server.calls if route == "/generate"]
+        assert len(rids) == 12 and len(set(rids)) == 12
+    finally:
+        for engine in engines:
+            engine.shutdown()
+        server.stop()
+
+
+def test_a_retried_request_gets_a_fresh_id(hf_dir):
+    """A request that timed out may still run on the server; its retry must not reuse the id."""
+    from tests.rollout.fake_sglang_server import FakeSGLangServer
+
+    server = FakeSGLangServer(hf_dir, generate_delay_s=1.0).start()
+    engine = SGLangEngine(rollout_config(urls=[server.url], request_timeout_s=0.3, max_retries=3), hf_dir)
+    try:
+        server.generate_delay_s = 1.0
+        sent = []
+        original = server.route_generate
+
+        def faster_after_first(body):
+            sent.append(body["rid"])
+            if len(sent) > 1:
+                server.generate_delay_s = 0.0
+            return original(body)
+
+        server.route_generate = faster_after_first
+        (result,) = engine.generate([RolloutRequest(prompt_ids=[7, 8])], SamplingParams(max_new_tokens=2))
+        assert result.response_ids
+        assert len(sent) >= 2 and len(set(sent)) == len(sent)
+    finally:
+        engine.shutdown()
+        server.stop()
+
+
+def test_seeds_reach_sglang_only_with_deterministic_inference(hf_dir):
+    """SGLang honours sampling_seed only under --enable-deterministic-inference: with the config key the
+    launcher passes the flag and a fixed seed repeats a rollout; without it no seed is sent at all."""
+    from mmrl_megatron.rollout.sglang.launcher import launch_command
+
+    requests = [RolloutRequest(prompt_ids=[11, 12])]
+    sampling = SamplingParams(n=4, temperature=1.0, max_new_tokens=4, seed=9)
+    config = rollout_config(deterministic_inference=True).sglang
+    assert "--enable-deterministic-inference" in launch_command(config, hf_dir, "127.0.0.1", 1, 0)
+    assert "--enable-deterministic-inference" not in launch_command(rollout_config().sglang, hf_dir, "127.0.0.1", 1, 0)
+    engine, launcher = make_engine(hf_dir, deterministic_inference=True)
+    try:
+        assert engine.generate(requests, sampling) == engine.generate(requests, sampling)
+        seeds = [body["sampling_params"]["sampling_seed"] for route, body in launcher.server.calls if route == "/generate"]
+        assert len(seeds) == 8 and len(set(seeds)) == 4
+    finally:
+        engine.shutdown()
+    engine, launcher = make_engine(hf_dir)
+    try:
+        engine.generate(requests, sampling)
+        assert all("sampling_seed" not in body["sampling_params"]
+                   for route, body in launcher.server.calls if route == "/generate")
+    finally:
+        engine.shutdown()
