@@ -136,6 +136,10 @@ def import_sglang() -> Optional[types.SimpleNamespace]:
     import torch.utils.flop_counter  # noqa: F401
     import transformers.utils.import_utils  # noqa: F401
 
+    # an earlier import attempt without the placeholders (mmrl_megatron's optional helpers) may have
+    # left half-registered sglang modules behind
+    for name in [name for name in sys.modules if name == "sglang" or name.startswith("sglang.")]:
+        del sys.modules[name]
     finder = _PlaceholderFinder(PLACEHOLDER_ROOTS)
     had_uvloop = "uvloop" in sys.modules or importlib.util.find_spec("uvloop") is not None
     if not had_uvloop:
