@@ -188,7 +188,9 @@ class SGLangEngine(RolloutEngine):
             if self.resync is None:
                 raise RolloutError(
                     "SGLang server restarted but cannot be re-synced: the last update_weights got a one-shot "
-                    "iterator; pass a list or a WeightStream whose again() re-creates the buckets"
+                    "iterator (or a WeightStream without again(): the bridge cannot re-export on this rank alone "
+                    "when the actor's export is tensor, pipeline or expert parallel); restart the run from its "
+                    "last checkpoint"
                 )
             self._push_on_leader(self.resync())
 
