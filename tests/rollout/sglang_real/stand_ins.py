@@ -155,6 +155,11 @@ def import_sglang() -> Optional[types.SimpleNamespace]:
 
     if sglang.__version__ != PINNED:
         raise RuntimeError(f"installed sglang is {sglang.__version__}, the backend is pinned to {PINNED}")
+    # modules that looked for sglang's helpers before it was importable: look again, so that this
+    # process sends what production sends (sglang's SafeUnpickler refuses the local fallback's classes)
+    for name in ("mmrl_megatron.rollout.sglang.serialization", "mmrl_megatron.rollout.sglang.update_group"):
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
     _imported = types.SimpleNamespace(**modules)
     return _imported
 

@@ -3,7 +3,6 @@ parser, weight deserialisation), imported on CPU by stand_ins.py. CI installs th
 (a missing wheel fails there); elsewhere they skip without it."""
 import argparse
 import dataclasses
-import importlib
 import inspect
 import json
 
@@ -165,8 +164,7 @@ def test_weight_buckets_load_bit_exact_through_sglangs_own_deserialiser(sglang):
     path, hands the model exactly our tensors: names, dtypes, shapes and bits."""
     from mmrl_megatron.rollout.sglang import serialization
 
-    serialization = importlib.reload(serialization)  # sglang is importable now: use its helpers, as production does
-    assert serialization.USING_SGLANG_HELPERS
+    assert serialization.USING_SGLANG_HELPERS  # as in production: the payload is built by sglang's classes
     generator = torch.Generator().manual_seed(0)
     tensors = [
         ("model.embed_tokens.weight", torch.randn(7, 5, generator=generator).to(torch.bfloat16)),
