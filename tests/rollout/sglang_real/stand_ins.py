@@ -27,7 +27,7 @@ PINNED = "0.5.23"
 # are here when importing them drags in GPU kernels (the scheduler: mamba/Triton ops).
 PLACEHOLDER_ROOTS = (
     "triton", "tvm_ffi", "torchvision", "sentencepiece", "compressed_tensors", "gguf", "partial_json_parser",
-    "setproctitle", "einops", "xgrammar", "soundfile", "IPython", "dill", "aiohttp", "zmq",
+    "setproctitle", "einops", "jsonschema", "xgrammar", "soundfile", "IPython", "aiohttp", "zmq",
     "sglang.srt.managers.scheduler",
 )
 SGLANG_MODULES = (
