@@ -311,7 +311,6 @@ def test_a_retried_request_gets_a_fresh_id(hf_dir):
     server = FakeSGLangServer(hf_dir, generate_delay_s=1.0).start()
     engine = SGLangEngine(rollout_config(urls=[server.url], request_timeout_s=0.3, max_retries=3), hf_dir)
     try:
-        server.generate_delay_s = 1.0
         sent = []
         original = server.route_generate
 

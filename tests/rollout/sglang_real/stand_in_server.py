@@ -6,7 +6,6 @@ The stand-in gets the request objects sglang built from our JSON, refuses a requ
 flight as TokenizerManager does ("Duplicate request ID detected"), and loads weight payloads with
 sglang's own MultiprocessingSerializer and flattened-bucket path.
 """
-import dataclasses
 import threading
 import time
 from types import SimpleNamespace
@@ -36,7 +35,7 @@ class StandInTokenizerManager:
         except Exception as error:  # the fake's BadRequest: TokenizerManager raises ValueError, the route answers 400
             raise ValueError(str(error)) from error
 
-    def _session(self, route, obj):
+    def _session(self, route):
         try:
             getattr(self.model, route)({})
         except Exception as error:
@@ -44,10 +43,10 @@ class StandInTokenizerManager:
         return True, "ok"
 
     async def begin_weight_update(self, obj, request=None):
-        return self._session("route_begin_weight_update", obj)
+        return self._session("route_begin_weight_update")
 
     async def end_weight_update(self, obj, request=None):
-        return self._session("route_end_weight_update", obj)
+        return self._session("route_end_weight_update")
 
     async def update_weights_from_tensor(self, obj, request=None):
         self.requests.append(obj)
