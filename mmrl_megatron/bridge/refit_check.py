@@ -23,7 +23,9 @@ ActorLogprobs = Callable[[Sequence[RolloutRequest], Sequence[RolloutResult]], Li
 class RefitProbe:
     """requests: a fixed batch (the same every step, so the check is comparable over a run).
     actor_logprobs(requests, results): the actor's log-prob of each result's response tokens at
-    temperature 1, one 1-D tensor per result (a forward pass, collective over the actor's ranks).
+    temperature 1, one 1-D tensor per result (a forward pass, collective over the actor's ranks: it
+    must score the same samples on every rank of a model-parallel group, so gather the results over
+    that group first where its ranks talk to different servers, as trainer/experience.py does).
     tolerance: mean |engine - actor| per token; bf16 engines differ from the actor by about 1e-2."""
 
     requests: List[RolloutRequest]
