@@ -2,7 +2,8 @@
 
 It serves the routes and JSON formats of the pinned version and is as strict as that server where
 its behaviour is known (tests/rollout/sglang_real/ checks the client against sglang's own code):
-unknown request fields ignored, a missing required field refused (HTTP 422), a request id already in
+unknown request fields ignored but unknown sampling_params keys refused (HTTP 400), a missing
+required field refused (HTTP 422), a request id already in
 flight refused (HTTP 400, "Duplicate request ID detected"), sampling_seed honoured only under
 --enable-deterministic-inference, /get_weights_by_name failing (HTTP 400) as it does for 0.5.23's
 Qwen2.5-VL and Kimi-VL models, weight updates only inside a begin/end session, one serialized payload
@@ -39,6 +40,14 @@ from mmrl_megatron.rollout.sglang.serialization import deserialize_bucket
 
 EOS_TOKEN_ID = 256  # tiny checkpoint's <|endoftext|>
 VISION_START_TOKEN_ID = 259
+# the /generate JSON contract's SamplingParams keys (sglang/api/v1/api_types.py; unknown keys are a 400
+# there); tests/rollout/sglang_real/test_contract.py checks this list against the wheel
+CONTRACT_SAMPLING_KEYS = frozenset({
+    "beam_width", "choice", "custom_params", "ebnf", "frequency_penalty", "ignore_eos", "json_schema", "logit_bias",
+    "max_new_tokens", "min_new_tokens", "min_p", "n", "no_stop_trim", "presence_penalty", "regex",
+    "repetition_penalty", "sampling_seed", "skip_special_tokens", "spaces_between_special_tokens", "stop",
+    "stop_regex", "stop_token_ids", "stream_interval", "structural_tag", "temperature", "top_k", "top_p", "watermark",
+})
 STACKED_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
 
 
@@ -229,6 +238,9 @@ class FakeSGLangServer:
             image = _decode_image(item)
             image_key = zlib.crc32(image.tobytes(), image_key)
         params = body.get("sampling_params") or {}
+        unknown = sorted(set(params) - CONTRACT_SAMPLING_KEYS)
+        if unknown:
+            raise BadRequest(f"unknown field `{unknown[0]}` in sampling_params")
         with self.lock:
             if self.deterministic_inference:
                 seed = params.get("sampling_seed", 42)  # SamplingParams' default seed

@@ -353,3 +353,24 @@ def test_seeds_reach_sglang_only_with_deterministic_inference(hf_dir):
                    for route, body in launcher.server.calls if route == "/generate")
     finally:
         engine.shutdown()
+
+
+def test_the_fake_is_as_lenient_as_the_real_server(hf_dir):
+    """Like 0.5.23 (tests/rollout/sglang_real): unknown body fields ignored, an unknown sampling key a 400,
+    a missing required field a 422, /get_weights_by_name a 400 for this model family."""
+    import requests as http
+
+    from tests.rollout.fake_sglang_server import FakeSGLangServer
+
+    server = FakeSGLangServer(hf_dir).start()
+    try:
+        ok = http.post(server.url + "/generate", json={"input_ids": [1, 2], "no_such_field": 1,
+                                                       "sampling_params": {"max_new_tokens": 1}})
+        assert ok.status_code == 200
+        bad = http.post(server.url + "/generate", json={"input_ids": [1, 2], "sampling_params": {"max_tokens": 1}})
+        assert bad.status_code == 400 and "max_tokens" in bad.text
+        assert http.post(server.url + "/begin_weight_update", json={"selector": "all", "extra": 1}).status_code == 200
+        assert http.post(server.url + "/update_weights_from_tensor", json={}).status_code == 422
+        assert http.post(server.url + "/get_weights_by_name", json={"name": "model.norm.weight"}).status_code == 400
+    finally:
+        server.stop()

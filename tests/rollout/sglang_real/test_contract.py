@@ -132,6 +132,11 @@ def test_the_real_server_ignores_unknown_request_fields_but_not_unknown_sampling
     assert begin.selector == "all"
     assert generate_contract_error({"input_ids": [1], "no_such_field": 1}) is None
     assert "max_tokens" in generate_contract_error({"input_ids": [1], "sampling_params": {"max_tokens": 3}})
+    from sglang.api.v1.api_types import SamplingParams as ContractSamplingParams
+
+    from tests.rollout.fake_sglang_server import CONTRACT_SAMPLING_KEYS
+
+    assert CONTRACT_SAMPLING_KEYS == set(ContractSamplingParams.__struct_fields__)
 
 
 def test_launch_command_parses_with_sglangs_server_args(sglang):
