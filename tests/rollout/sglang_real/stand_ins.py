@@ -157,7 +157,8 @@ def import_sglang() -> Optional[types.SimpleNamespace]:
         raise RuntimeError(f"installed sglang is {sglang.__version__}, the backend is pinned to {PINNED}")
     # modules that looked for sglang's helpers before it was importable: look again, so that this
     # process sends what production sends (sglang's SafeUnpickler refuses the local fallback's classes)
-    for name in ("mmrl_megatron.rollout.sglang.serialization", "mmrl_megatron.rollout.sglang.update_group"):
+    for name in ("mmrl_megatron.rollout.sglang.optional_sglang", "mmrl_megatron.rollout.sglang.serialization",
+                 "mmrl_megatron.rollout.sglang.update_group"):
         if name in sys.modules:
             importlib.reload(sys.modules[name])
     _imported = types.SimpleNamespace(**modules)
