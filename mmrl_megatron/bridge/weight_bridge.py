@@ -10,10 +10,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from ..rollout.engine import RolloutEngine
+from ..rollout.engine import RolloutEngine, WeightStream
 from .buckets import bucket_by_bytes, tensor_bytes
 from .checks import check_names_known, compare_with_engine, spread_sample
 from .errors import BridgeError
+from .refit_check import RefitProbe, check_refit
 
 NamedTensor = Tuple[str, torch.Tensor]
 ExportFunction = Callable[[object], Iterable[NamedTensor]]
@@ -37,6 +38,17 @@ def _default_export(model_chunks) -> Iterable[NamedTensor]:
     return iter_hf_tensors(model_chunks)
 
 
+def _export_is_collective() -> bool:
+    """Whether convert.iter_hf_tensors gathers over other ranks (tensor, pipeline or expert parallel)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return False
+    return (parallel_state.get_tensor_model_parallel_world_size() > 1
+            or parallel_state.get_pipeline_model_parallel_world_size() > 1
+            or parallel_state.get_expert_model_parallel_world_size() > 1)
+
+
 class _Recorder:
     """Passes named tensors through while counting bytes and remembering names in order."""
 
@@ -58,17 +70,26 @@ class WeightBridge:
     takes them. `engine`: the rollout engine on ranks that hold one, None elsewhere; every actor rank
     calls sync() and verify() together because both run the gather collective. `bucket_bytes`: the most
     tensor bytes handed to the engine in one update_weights bucket. `export` replaces
-    convert.iter_hf_tensors (tests, other model families)."""
+    convert.iter_hf_tensors (tests, other model families). `probe`: what verify() checks for engines
+    that cannot return weights by name (refit_check.py).
+
+    The engine also gets a way to re-create the buckets from the actor's current weights (to reload a
+    server that restarted): possible on the engine's rank alone only where the export is not
+    collective; `export_is_collective` (default: read from megatron's parallel state) says which."""
 
     def __init__(self, model_chunks, engine: Optional[RolloutEngine], bucket_bytes: int,
-                 export: Optional[ExportFunction] = None, check_names: bool = True) -> None:
+                 export: Optional[ExportFunction] = None, check_names: bool = True,
+                 probe: Optional[RefitProbe] = None, export_is_collective: Optional[bool] = None) -> None:
         if bucket_bytes <= 0:
             raise BridgeError(f"bucket_bytes must be positive, got {bucket_bytes} (rollout.sync_bucket_mb)")
         self.model_chunks = model_chunks
         self.engine = engine
         self.bucket_bytes = bucket_bytes
         self._export = export or _default_export
-        self._names_checked = not check_names
+        # an engine that cannot read weights by name checks names itself, before sending (SGLang)
+        self._names_checked = not check_names or (engine is not None and not engine.reads_weights_by_name)
+        self.probe = probe
+        self._collective = _export_is_collective() if export_is_collective is None else export_is_collective
         self.sent_names: List[str] = []
 
     def sync(self) -> SyncStats:
@@ -78,7 +99,7 @@ class WeightBridge:
         buckets = bucket_by_bytes(recorder.record(self._export(self.model_chunks)), self.bucket_bytes)
         pushed = _CountingIterator(buckets)
         if self.engine is not None:
-            self.engine.update_weights(pushed)
+            self.engine.update_weights(WeightStream(pushed, None if self._collective else self._fresh_buckets))
         # Ranks without an engine (and an engine that stopped early) still drain the stream, so that
         # every rank takes part in every gather collective and none is left waiting.
         unconsumed = sum(1 for _ in pushed)
@@ -96,12 +117,23 @@ class WeightBridge:
         return SyncStats(seconds=seconds, gigabytes=gigabytes, gb_per_s=gigabytes / max(seconds, 1e-9),
                          tensors=len(recorder.names), buckets=pushed.count)
 
+    def _fresh_buckets(self) -> Iterable[List[NamedTensor]]:
+        """The actor's current weights, bucketed as sync() sends them (for re-syncing a restarted server)."""
+        return bucket_by_bytes(self._export(self.model_chunks), self.bucket_bytes)
+
     def verify(self, num_tensors: Optional[int] = 8) -> List[str]:
         """Compare `num_tensors` engine tensors (spread over the model; None: all) with the actor's
-        converted ones, bit for bit after casting to the engine's dtype. Collective; raises BridgeError
-        naming the tensor on a mismatch. Returns the names compared."""
+        converted ones, bit for bit after casting to the engine's dtype; for an engine that cannot
+        return weights by name, run the refit check (probe log-probs) instead. Collective; raises
+        BridgeError naming the tensor, or the log-prob difference, on a mismatch. Returns the names compared."""
         if not self.sent_names:
             raise BridgeError("verify() needs a sync() first: it compares what the last sync sent")
+        if self.engine is not None and not self.engine.reads_weights_by_name:
+            if self.probe is None:
+                raise BridgeError("rollout.verify_weight_sync with an engine that cannot return weights by name "
+                                  "(SGLang) needs a RefitProbe: build the WeightBridge with probe=")
+            check_refit(self.engine, self.probe)
+            return list(self.sent_names)
         sample = spread_sample(self.sent_names, num_tensors)
         wanted = set(sample)
         expected = {name: tensor.detach().to("cpu", copy=True)

@@ -74,6 +74,9 @@ class SGLangConfig:
     log_dir: str = ""  # server logs; empty: <trainer.run_dir>/sglang
     update_group_backend: Literal["nccl", "gloo"] = "nccl"  # weight_sync=distributed: broadcast backend
     update_group_address: str = ""  # weight_sync=distributed: this node's address the servers reach; empty: host
+    # --enable-deterministic-inference: without it SGLang ignores sampling seeds (rollouts are not reproducible);
+    # with it, seeded and batch-invariant but slower (pytorch sampler, no custom all-reduce; see docs/sglang.md)
+    deterministic_inference: bool = False
 
 
 @dataclass

@@ -1,11 +1,16 @@
 """An in-process stand-in for an SGLang 0.5.23 HTTP server, for contract tests without GPUs.
 
-It serves the routes and JSON formats the pinned version documents (see
-mmrl_megatron/rollout/sglang/protocol.py for the request fields it enforces) and keeps the rules
-that matter to a trainer: weight updates only inside a begin/end session, one serialized payload per
-TP rank, unknown non-stacked names skipped silently (as SGLang's load_weights does), memory release
-only with --enable-memory-saver, no generation while memory is released, and log-probs after
-temperature scaling. Behind it sits a toy bigram language model over the checkpoint's own
+It serves the routes and JSON formats of the pinned version and is as strict as that server where
+its behaviour is known (tests/rollout/sglang_real/ checks the client against sglang's own code):
+unknown request fields ignored but unknown sampling_params keys refused (HTTP 400), a missing
+required field refused (HTTP 422), a request id already in
+flight refused (HTTP 400, "Duplicate request ID detected"), sampling_seed honoured only under
+--enable-deterministic-inference, /get_weights_by_name failing (HTTP 400) as it does for 0.5.23's
+Qwen2.5-VL and Kimi-VL models, weight updates only inside a begin/end session, one serialized payload
+per TP rank, unknown non-stacked names skipped silently (as SGLang's load_weights does), memory
+release only with --enable-memory-saver, no generation while memory is released, and log-probs after
+temperature scaling. Its own additions are for fault injection: crashes after k answers, and a delay
+per answer. Behind it sits a toy bigram language model over the checkpoint's own
 embedding matrix (logits of the next token = lm_head @ embed[last token]), so weight updates change
 what it generates and the tests can recompute every log-prob.
 
@@ -18,6 +23,7 @@ import io
 import json
 import os
 import threading
+import time
 import zlib
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,16 +35,28 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mmrl_megatron.rollout.errors import RolloutError
-from mmrl_megatron.rollout.sglang.protocol import MEMORY_TAGS, PINNED_SGLANG_VERSION, check_request
+from mmrl_megatron.rollout.sglang.protocol import MEMORY_TAGS, PINNED_SGLANG_VERSION, REQUEST_FIELDS
 from mmrl_megatron.rollout.sglang.serialization import deserialize_bucket
 
 EOS_TOKEN_ID = 256  # tiny checkpoint's <|endoftext|>
 VISION_START_TOKEN_ID = 259
+# the /generate JSON contract's SamplingParams keys (sglang/api/v1/api_types.py; unknown keys are a 400
+# there); tests/rollout/sglang_real/test_contract.py checks this list against the wheel
+CONTRACT_SAMPLING_KEYS = frozenset({
+    "beam_width", "choice", "custom_params", "ebnf", "frequency_penalty", "ignore_eos", "json_schema", "logit_bias",
+    "max_new_tokens", "min_new_tokens", "min_p", "n", "no_stop_trim", "presence_penalty", "regex",
+    "repetition_penalty", "sampling_seed", "skip_special_tokens", "spaces_between_special_tokens", "stop",
+    "stop_regex", "stop_token_ids", "stream_interval", "structural_tag", "temperature", "top_k", "top_p", "watermark",
+})
 STACKED_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
 
 
 class BadRequest(Exception):
     pass
+
+
+class MissingField(Exception):
+    """FastAPI's validation error (HTTP 422) for a body without a required field."""
 
 
 def checkpoint_tensors(model_path: str) -> Dict[str, torch.Tensor]:
@@ -95,8 +113,13 @@ class ToyBigramModel:
 
 class FakeSGLangServer:
     def __init__(self, model_path: str, tp_size: int = 1, enable_memory_saver: bool = True,
-                 host: str = "127.0.0.1", port: int = 0, crash_after_generates: Optional[int] = None):
+                 host: str = "127.0.0.1", port: int = 0, crash_after_generates: Optional[int] = None,
+                 deterministic_inference: bool = False, generate_delay_s: float = 0.0):
         self.model_path = model_path
+        self.deterministic_inference = deterministic_inference
+        self.generate_delay_s = generate_delay_s
+        self.rids_in_flight: set = set()
+        self.unseeded = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
         self.tp_size = tp_size
         self.enable_memory_saver = enable_memory_saver
         self.weights = checkpoint_tensors(model_path)
@@ -185,10 +208,14 @@ class FakeSGLangServer:
         if handler is None:
             return 404, {"detail": "Not Found"}
         try:
-            check_request(route, body)
+            missing = sorted(REQUEST_FIELDS[route].required - set(body)) if route in REQUEST_FIELDS else []
+            if missing:
+                raise MissingField(f"missing fields {missing}")
             with self.lock:
                 self.calls.append((route, body))
             answer = handler(body)
+        except MissingField as error:
+            return 422, {"detail": str(error)}
         except (BadRequest, RolloutError) as error:
             # update routes answer {success, message}; others the generic error envelope
             if route.startswith("/update_weights") or route.endswith("_weight_update") or route.endswith("_group"):
@@ -211,10 +238,23 @@ class FakeSGLangServer:
             image = _decode_image(item)
             image_key = zlib.crc32(image.tobytes(), image_key)
         params = body.get("sampling_params") or {}
-        base_seed = zlib.crc32(json.dumps([prompt_ids, image_key, params.get("sampling_seed", 0)]).encode())
+        unknown = sorted(set(params) - CONTRACT_SAMPLING_KEYS)
+        if unknown:
+            raise BadRequest(f"unknown field `{unknown[0]}` in sampling_params")
         with self.lock:
+            if self.deterministic_inference:
+                seed = params.get("sampling_seed", 42)  # SamplingParams' default seed
+                base_seed = zlib.crc32(json.dumps([prompt_ids, image_key, seed]).encode())
+            else:  # SGLang draws from its own generator and ignores sampling_seed
+                base_seed = int(torch.randint(0, 2**31, (1,), generator=self.unseeded))
+            rid = body.get("rid")
+            if rid is not None and rid in self.rids_in_flight:
+                raise BadRequest(f"Duplicate request ID detected: {rid}")
+            if rid is not None:
+                self.rids_in_flight.add(rid)
             self.in_flight += 1
         try:
+            time.sleep(self.generate_delay_s)
             answers = []
             for sample_index in range(int(params.get("n", 1))):
                 tokens, logprobs, finish = self.model.sample(prompt_ids, params, base_seed + sample_index)
@@ -232,6 +272,7 @@ class FakeSGLangServer:
                 })
         finally:
             with self.lock:
+                self.rids_in_flight.discard(rid)
                 self.in_flight -= 1
                 self.generates_served += 1
         return answers[0] if len(answers) == 1 else answers
@@ -337,9 +378,9 @@ class FakeSGLangServer:
         return {"success": True, "message": "destroyed"}
 
     def route_get_weights_by_name(self, body):
-        if body["name"] not in self.weights:
-            raise BadRequest(f"Get parameter by name failed: {body['name']}")
-        return self.weights[body["name"]][: body.get("truncate_size", 100)].tolist()
+        # 0.5.23's Qwen2_5_VLForConditionalGeneration has no get_weights_by_name: the exporter logs the
+        # AttributeError and the route answers this
+        raise BadRequest("Get parameter by name failed")
 
     # ---- cache and memory ----
     def route_flush_cache(self, body):
@@ -403,10 +444,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--enable-deterministic-inference", action="store_true")
     parser.add_argument("--crash-after-generates", type=int, default=None)
     args, ignored = parser.parse_known_args()  # --base-gpu-id, --mem-fraction-static, ... mean nothing here
     server = FakeSGLangServer(args.model_path, args.tp_size, args.enable_memory_saver, args.host, args.port,
-                              crash_after_generates=args.crash_after_generates)
+                              crash_after_generates=args.crash_after_generates,
+                              deterministic_inference=args.enable_deterministic_inference)
     print(f"fake sglang {PINNED_SGLANG_VERSION} serving {args.model_path} at {server.url}; ignored {ignored}; "
           f"SGLANG_RETURN_ORIGINAL_LOGPROB={os.environ.get('SGLANG_RETURN_ORIGINAL_LOGPROB')}", flush=True)
     server.start().thread.join()

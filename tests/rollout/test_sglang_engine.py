@@ -42,7 +42,9 @@ def rollout_config(**sglang_overrides) -> RolloutConfig:
 
 
 def make_engine(hf_dir, tp_size=1, crash_plan=(), **sglang_overrides):
-    launcher = InProcessLauncher(hf_dir, tp_size=tp_size, crash_plan=crash_plan)
+    # the fake runs as the launcher would start it: deterministic only with the flag
+    launcher = InProcessLauncher(hf_dir, tp_size=tp_size, crash_plan=crash_plan,
+                                 deterministic_inference=sglang_overrides.get("deterministic_inference", False))
     engine = SGLangEngine(rollout_config(tensor_parallel=tp_size, **sglang_overrides), hf_dir, launcher=launcher)
     return engine, launcher
 
@@ -63,7 +65,7 @@ def scaled_weights(launcher, factor: float):
 
 def test_generation_with_images_returns_n_samples_and_tempered_logprobs(hf_dir):
     """n samples per image prompt, ordered (request, sample), with log-probs under the sampling temperature."""
-    engine, launcher = make_engine(hf_dir)
+    engine, launcher = make_engine(hf_dir, deterministic_inference=True)
     try:
         requests = [image_request(b"red?", "red"), image_request(b"blue?", "blue")]
         sampling = SamplingParams(n=3, temperature=0.7, max_new_tokens=6, seed=5)
@@ -111,8 +113,6 @@ def test_tensor_weight_update_in_a_session_with_one_payload_per_tp_rank(hf_dir):
         assert body["load_format"] == "flattened_bucket" and body["weight_version"] == "1"
         for name, tensor in new[0]:
             assert torch.equal(launcher.server.weights[name], tensor)
-        fetched = engine.get_weights(["model.norm.weight"])
-        assert torch.allclose(fetched["model.norm.weight"], dict(new[0])["model.norm.weight"])
     finally:
         engine.shutdown()
 
@@ -175,7 +175,7 @@ def test_release_and_resume_memory_around_training(hf_dir):
 
 def test_server_crash_mid_rollout_restarts_resyncs_and_keeps_completed_samples(hf_dir):
     """A crash after 3 answers: restart, re-sync the last weights, resend only the unanswered samples."""
-    engine, launcher = make_engine(hf_dir, crash_plan=[3], max_restarts=1)
+    engine, launcher = make_engine(hf_dir, crash_plan=[3], max_restarts=1, deterministic_inference=True)
     try:
         synced = scaled_weights(launcher, 0.25)
         engine.update_weights(synced)
@@ -188,7 +188,7 @@ def test_server_crash_mid_rollout_restarts_resyncs_and_keeps_completed_samples(h
         for name, tensor in synced[0]:
             assert torch.equal(second.weights[name], tensor)  # re-synced, not the checkpoint's weights
         assert [(r.request_index, r.sample_index) for r in results] == [(i, j) for i in range(4) for j in range(2)]
-        reference, _ = make_engine(hf_dir)
+        reference, _ = make_engine(hf_dir, deterministic_inference=True)
         try:
             reference.update_weights(synced)
             assert reference.generate(requests, sampling) == results  # as if nothing had happened
@@ -261,3 +261,116 @@ def test_two_process_group_shares_one_server(hf_dir):
     assert torch.equal(leader["received_norms"][0], leader["expected_norm"])
     assert torch.equal(leader["received_norms"][1], member["expected_norm"])
     assert leader["name_error"] and leader["name_error"] == member["name_error"]
+
+
+def test_update_group_store_listens_on_the_configured_address_only(hf_dir):
+    """The weight-update group's store serves on update_group_address alone, not on every interface."""
+    import psutil
+
+    engine, launcher = make_engine(hf_dir, weight_sync="distributed", update_group_backend="gloo",
+                                   update_group_address="127.0.0.1")
+    try:
+        engine.update_weights(scaled_weights(launcher, 1.0))
+        port = dict(launcher.server.calls)["/init_weights_update_group"]["master_port"]
+        listening = {conn.laddr.ip for conn in psutil.Process().net_connections("inet")
+                     if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port}
+        assert listening == {"127.0.0.1"}
+    finally:
+        engine.shutdown()
+
+
+def test_groups_sharing_a_server_never_send_the_same_request_id(hf_dir):
+    """Two engines on one user-started server generate the same prompts at once: SGLang refuses an id
+    already in flight, so every request id must be unique per engine and call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.rollout.fake_sglang_server import FakeSGLangServer
+
+    server = FakeSGLangServer(hf_dir, generate_delay_s=0.2).start()
+    engines = [SGLangEngine(rollout_config(urls=[server.url]), hf_dir) for _ in range(2)]
+    try:
+        requests = [RolloutRequest(prompt_ids=[3, 4]), RolloutRequest(prompt_ids=[5, 6])]
+        sampling = SamplingParams(n=2, max_new_tokens=2)
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(lambda engine: engine.generate(requests, sampling), engines))
+        assert all(len(results) == 4 for results in outcomes)
+        again = engines[0].generate(requests, sampling)  # a second call of the same engine: fresh ids too
+        assert len(again) == 4
+        rids = [body["rid"] for route, body in server.calls if route == "/generate"]
+        assert len(rids) == 12 and len(set(rids)) == 12
+    finally:
+        for engine in engines:
+            engine.shutdown()
+        server.stop()
+
+
+def test_a_retried_request_gets_a_fresh_id(hf_dir):
+    """A request that timed out may still run on the server; its retry must not reuse the id."""
+    from tests.rollout.fake_sglang_server import FakeSGLangServer
+
+    server = FakeSGLangServer(hf_dir, generate_delay_s=1.0).start()
+    engine = SGLangEngine(rollout_config(urls=[server.url], request_timeout_s=0.3, max_retries=3), hf_dir)
+    try:
+        sent = []
+        original = server.route_generate
+
+        def faster_after_first(body):
+            sent.append(body["rid"])
+            if len(sent) > 1:
+                server.generate_delay_s = 0.0
+            return original(body)
+
+        server.route_generate = faster_after_first
+        (result,) = engine.generate([RolloutRequest(prompt_ids=[7, 8])], SamplingParams(max_new_tokens=2))
+        assert result.response_ids
+        assert len(sent) >= 2 and len(set(sent)) == len(sent)
+    finally:
+        engine.shutdown()
+        server.stop()
+
+
+def test_seeds_reach_sglang_only_with_deterministic_inference(hf_dir):
+    """SGLang honours sampling_seed only under --enable-deterministic-inference: with the config key the
+    launcher passes the flag and a fixed seed repeats a rollout; without it no seed is sent at all."""
+    from mmrl_megatron.rollout.sglang.launcher import launch_command
+
+    requests = [RolloutRequest(prompt_ids=[11, 12])]
+    sampling = SamplingParams(n=4, temperature=1.0, max_new_tokens=4, seed=9)
+    config = rollout_config(deterministic_inference=True).sglang
+    assert "--enable-deterministic-inference" in launch_command(config, hf_dir, "127.0.0.1", 1, 0)
+    assert "--enable-deterministic-inference" not in launch_command(rollout_config().sglang, hf_dir, "127.0.0.1", 1, 0)
+    engine, launcher = make_engine(hf_dir, deterministic_inference=True)
+    try:
+        assert engine.generate(requests, sampling) == engine.generate(requests, sampling)
+        seeds = [body["sampling_params"]["sampling_seed"] for route, body in launcher.server.calls if route == "/generate"]
+        assert len(seeds) == 8 and len(set(seeds)) == 4
+    finally:
+        engine.shutdown()
+    engine, launcher = make_engine(hf_dir)
+    try:
+        engine.generate(requests, sampling)
+        assert all("sampling_seed" not in body["sampling_params"]
+                   for route, body in launcher.server.calls if route == "/generate")
+    finally:
+        engine.shutdown()
+
+
+def test_the_fake_is_as_lenient_as_the_real_server(hf_dir):
+    """Like 0.5.23 (tests/rollout/sglang_real): unknown body fields ignored, an unknown sampling key a 400,
+    a missing required field a 422, /get_weights_by_name a 400 for this model family."""
+    import requests as http
+
+    from tests.rollout.fake_sglang_server import FakeSGLangServer
+
+    server = FakeSGLangServer(hf_dir).start()
+    try:
+        ok = http.post(server.url + "/generate", json={"input_ids": [1, 2], "no_such_field": 1,
+                                                       "sampling_params": {"max_new_tokens": 1}})
+        assert ok.status_code == 200
+        bad = http.post(server.url + "/generate", json={"input_ids": [1, 2], "sampling_params": {"max_tokens": 1}})
+        assert bad.status_code == 400 and "max_tokens" in bad.text
+        assert http.post(server.url + "/begin_weight_update", json={"selector": "all", "extra": 1}).status_code == 200
+        assert http.post(server.url + "/update_weights_from_tensor", json={}).status_code == 422
+        assert http.post(server.url + "/get_weights_by_name", json={"name": "model.norm.weight"}).status_code == 400
+    finally:
+        server.stop()

@@ -2,7 +2,7 @@
 
 Every payload is checked against the pinned request types (protocol.py) before it is sent. A
 request that times out or cannot connect is retried `max_retries` times with exponential backoff
-(tenacity); if it still fails the server is taken to be down (ServerUnreachable) and the engine
+(tenacity), each retry under a fresh request id; if it still fails the server is taken to be down (ServerUnreachable) and the engine
 decides whether to restart it. An HTTP error status is not retried: it means the request was wrong.
 """
 import time
@@ -18,6 +18,14 @@ from .protocol import DEFAULT_WEIGHT_UPDATE_GROUP, check_request
 
 class ServerUnreachable(RolloutError):
     """The server did not answer (connection refused or reset, or timed out on every retry)."""
+
+
+def _with_attempt_rid(payload: Optional[Mapping], attempt_number: int) -> Optional[Mapping]:
+    """A retry gets its own request id: the timed-out attempt may still be running on the server,
+    which refuses an id already in flight (HTTP 400 "Duplicate request ID")."""
+    if payload is None or "rid" not in payload or attempt_number == 1:
+        return payload
+    return {**payload, "rid": f"{payload['rid']}-retry{attempt_number - 1}"}
 
 
 class SGLangClient:
@@ -46,7 +54,10 @@ class SGLangClient:
             reraise=True,
         )
         try:
-            return retrying(self.session.request, method, self.url + route, json=payload, timeout=timeout_s)
+            for attempt in retrying:
+                with attempt:
+                    body = _with_attempt_rid(payload, attempt.retry_state.attempt_number)
+                    return self.session.request(method, self.url + route, json=body, timeout=timeout_s)
         except (requests.Timeout, requests.ConnectionError) as error:
             raise ServerUnreachable(
                 f"SGLang server {self.url} did not answer {route} after {self.max_retries + 1} attempts: {error}"
@@ -104,9 +115,6 @@ class SGLangClient:
 
     def destroy_weights_update_group(self, group_name: str = DEFAULT_WEIGHT_UPDATE_GROUP) -> None:
         self.post("/destroy_weights_update_group", {"group_name": group_name})
-
-    def get_weights_by_name(self, name: str, truncate_size: int) -> Any:
-        return self.post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
 
     def flush_cache(self, attempts: int = 60, interval_s: float = 1.0) -> None:
         """Flush the prefix cache; SGLang refuses (HTTP 400) while requests run, so retry a while."""

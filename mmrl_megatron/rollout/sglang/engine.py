@@ -7,19 +7,24 @@ inputs and get their results back. Failure handling lives on the leader:
 - a server that stops answering is restarted, re-synced with the last synced weights, and only the
   requests that had not completed are sent again; after rollout.sglang.max_restarts restarts the
   run stops with the tail of the server log in the error.
-Re-syncing needs the weights again, so pass update_weights something that can be iterated again
-(a list, or a zero-argument callable returning the buckets); a one-shot generator is used once and
-a later restart then fails with a message saying so.
+Re-syncing needs the weights again: update_weights takes a list (reused as is) or a WeightStream
+(the bridge's: its again() re-exports the actor's current weights); after a one-shot iterator a
+restart fails with a message saying so.
+
+Request ids are unique per engine, call, pass and sample (and per retry, client.py): SGLang refuses
+an id already in flight, and groups may share one server.
 """
 import dataclasses
+import itertools
 import logging
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 from ...config.schema import RolloutConfig
-from ..engine import NamedTensors, RolloutEngine
+from ..engine import NamedTensors, RolloutEngine, WeightStream
 from ..errors import RolloutError
 from ..sampling import sequence_seeds
 from ..types import RolloutRequest, RolloutResult, SamplingParams
@@ -33,20 +38,24 @@ from .weight_push import DistributedPush, TensorPush, begin_session, end_session
 
 logger = logging.getLogger(__name__)
 
-WeightSource = Union[Iterable[NamedTensors], Callable[[], Iterable[NamedTensors]]]
 ENGINE_MEMORY_TAGS_AFTER_WEIGHTS = ["kv_cache", "cuda_graph"]
 
 
-def _buckets(source: WeightSource) -> Iterable[NamedTensors]:
-    return source() if callable(source) else source
-
-
-def _reusable(source: WeightSource) -> bool:
-    """True for callables and containers; False for iterators, which a second pass would find empty."""
-    return callable(source) or iter(source) is not source
+def _resync_source(buckets: Iterable[NamedTensors]) -> Optional[Callable[[], Iterable[NamedTensors]]]:
+    """How to get these weights again after a restart: a WeightStream's again(), a container itself;
+    None for a one-shot iterator, which a second pass would find empty."""
+    if isinstance(buckets, WeightStream):
+        return buckets.again
+    if iter(buckets) is not buckets:
+        return lambda: buckets
+    return None
 
 
 class SGLangEngine(RolloutEngine):
+    # 0.5.23's Qwen2_5_VLForConditionalGeneration and KimiVLForConditionalGeneration have no
+    # get_weights_by_name (the route answers HTTP 400); names and shapes are checked before sending
+    reads_weights_by_name = False
+
     def __init__(self, rollout_config: RolloutConfig, hf_dir: str, device: Optional[torch.device] = None,
                  log_dir: Optional[str] = None, launcher=None):
         """launcher: an object with start() -> url, alive(), log_tail(), stop(); default: a ServerProcess."""
@@ -62,7 +71,9 @@ class SGLangEngine(RolloutEngine):
         self.launcher = None
         self.client: Optional[SGLangClient] = None
         self.weight_version = 0
-        self.weight_source: Optional[WeightSource] = None
+        self.resync: Optional[Callable[[], Iterable[NamedTensors]]] = None
+        self.request_id_prefix = f"{uuid.uuid4().hex[:12]}-g{self.group.index}"
+        self.generate_calls = itertools.count()
         self.weights_synced = False
         self.released_tags: set = set()
         self.restarts = 0
@@ -119,13 +130,15 @@ class SGLangEngine(RolloutEngine):
         """All requests' samples, ordered by (request, sample); completed samples survive a restart."""
         done: Dict[tuple, RolloutResult] = {}
         keys = [(request, sample) for request in range(len(requests)) for sample in range(sampling.n)]
-        seeds = self._sample_seeds(len(requests), sampling)
-        single = dataclasses.replace(sampling, n=1)
-        while True:
+        # SGLang reads sampling_seed only with --enable-deterministic-inference; without it no seed is sent
+        seeds = self._sample_seeds(len(requests), sampling) if self.config.deterministic_inference else None
+        single = dataclasses.replace(sampling, n=1, seed=None)
+        call = f"{self.request_id_prefix}-c{next(self.generate_calls)}"
+        for attempt in itertools.count():
             pending = [key for key in keys if key not in done]
             if not pending:
                 return [done[key] for key in keys]
-            failure = self._send_all(requests, pending, single, seeds, done)
+            failure = self._send_all(requests, pending, single, seeds, done, f"{call}-p{attempt}")
             if failure is not None:
                 self._recover(failure)
 
@@ -137,14 +150,14 @@ class SGLangEngine(RolloutEngine):
         samples = torch.arange(sampling.n).repeat(num_requests)
         return sequence_seeds(sampling.seed, requests, samples).view(num_requests, sampling.n)
 
-    def _send_all(self, requests, pending, single: SamplingParams, seeds, done) -> Optional[ServerUnreachable]:
+    def _send_all(self, requests, pending, single: SamplingParams, seeds, done, rid_prefix: str) -> Optional[ServerUnreachable]:
         """Send the pending samples concurrently; record answers in `done`; the first outage, if any."""
         failure = None
         with ThreadPoolExecutor(max_workers=max(1, min(len(pending), self.config.max_concurrent_requests))) as pool:
             futures = {}
             for request_index, sample_index in pending:
                 params = single if seeds is None else dataclasses.replace(single, seed=int(seeds[request_index, sample_index]))
-                payload = generate_payload(requests[request_index], params, rid=f"r{request_index}s{sample_index}v{self.weight_version}")
+                payload = generate_payload(requests[request_index], params, rid=f"{rid_prefix}-r{request_index}s{sample_index}")
                 futures[pool.submit(self.client.generate, payload)] = (request_index, sample_index)
             for future in as_completed(futures):
                 request_index, sample_index = futures[future]
@@ -172,31 +185,33 @@ class SGLangEngine(RolloutEngine):
         self.client = self._connect(self.launcher.start())
         self.released_tags.clear()
         if self.weights_synced and self.updates_server:
-            if self.weight_source is None:
+            if self.resync is None:
                 raise RolloutError(
                     "SGLang server restarted but cannot be re-synced: the last update_weights got a one-shot "
-                    "iterator; pass a list or a callable returning the buckets"
+                    "iterator (or a WeightStream without again(): the bridge cannot re-export on this rank alone "
+                    "when the actor's export is tensor, pipeline or expert parallel); restart the run from its "
+                    "last checkpoint"
                 )
-            self._push_on_leader(_buckets(self.weight_source))
+            self._push_on_leader(self.resync())
 
     # ---- weights ----
-    def update_weights(self, buckets: WeightSource) -> None:
+    def update_weights(self, buckets: Iterable[NamedTensors]) -> None:
         """Push buckets of full tensors under HF checkpoint names (collective over the group)."""
         if not self.updates_server:  # another group updates this user-started server
-            for _ in _buckets(buckets):
+            for _ in buckets:
                 pass
             return
         self.weight_version += 1
         if self.config.weight_sync == "tensor" and self.group.size > 1:
-            self._push_tensor_collective(_buckets(buckets))
+            self._push_tensor_collective(buckets)
         elif self.group.is_leader:
-            self._run_on_leader(self._push_on_leader, _buckets(buckets))
+            self._run_on_leader(self._push_on_leader, buckets)
         else:  # the leader broadcasts from its own copy; members still walk the (possibly collective) iteration
-            for _ in _buckets(buckets):
+            for _ in buckets:
                 pass
             self._run_on_leader(None)
         self.weights_synced = True
-        self.weight_source = buckets if _reusable(buckets) else None
+        self.resync = _resync_source(buckets)
 
     def _push_on_leader(self, buckets: Iterable[NamedTensors]) -> None:
         """The whole session from this process alone (its tensors stand for every engine rank)."""
@@ -249,23 +264,10 @@ class SGLangEngine(RolloutEngine):
         return self.group.run_on_leader(action, *args)
 
     def get_weights(self, names: Sequence[str]) -> Dict[str, torch.Tensor]:
-        return self._run_on_leader(self._get_weights_on_leader, list(names))
-
-    def _get_weights_on_leader(self, names: List[str]) -> Dict[str, torch.Tensor]:
-        weights = {}
-        for name in names:
-            shape = self.checkpoint.shapes.get(name)
-            if shape is None:
-                raise RolloutError(f"{name} is not a tensor of {self.hf_dir}")
-            rows = self.client.get_weights_by_name(name, truncate_size=shape[0] if shape else 1)
-            tensor = torch.tensor(rows, dtype=torch.float32)
-            if tuple(tensor.shape) != shape:
-                raise RolloutError(
-                    f"SGLang returned {name} with shape {tuple(tensor.shape)}, checkpoint has {shape}: the server "
-                    "holds it fused or sharded, so it cannot be compared by name"
-                )
-            weights[name] = tensor
-        return weights
+        raise RolloutError(
+            "SGLang 0.5.23 cannot return weights by name for Qwen2.5-VL or Kimi-VL (no get_weights_by_name); "
+            "a sync is verified by comparing log-probs of a probe batch instead (bridge/refit_check.py)"
+        )
 
     # ---- memory ----
     def release_memory(self) -> None:

@@ -41,6 +41,8 @@ def launch_command(config: SGLangConfig, model_path: str, host: str, port: int, 
     ]
     if config.enable_memory_saver:
         command.append("--enable-memory-saver")
+    if config.deterministic_inference:  # the only mode in which SGLang reads sampling_seed
+        command.append("--enable-deterministic-inference")
     return command + list(config.extra_args)
 
 

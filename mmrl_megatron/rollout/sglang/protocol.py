@@ -8,9 +8,11 @@ for which dataclass each route takes; /flush_cache takes no body in 0.5.23 (its 
 parameter). The begin/end weight-update session routes were added by sglang PR #28001; in 0.5.23 the
 two update routes fail outside such a session (`managers/scheduler_components/weight_updater.py`).
 
-Both sides use this table: the client checks every payload before sending it (a typo fails here,
-naming the field, instead of as an HTTP 400), and the contract tests' fake server rejects any field
-not listed, as the pinned server's request parsing does.
+The client checks every payload against this table before sending it, so a typo fails here, naming
+the field (the real server would ignore an unknown field silently: its request structs drop extra
+keys, and only a missing required field is refused, with HTTP 422). The contract tests' fake server
+behaves like the real one. tests/rollout/sglang_real/ checks this table against the pinned wheel's
+own request structs, field for field.
 """
 from typing import Dict, FrozenSet, Mapping, NamedTuple
 
@@ -59,7 +61,7 @@ REQUEST_FIELDS: Dict[str, RequestFields] = {
         required=("names", "dtypes", "shapes"),
         optional=(
             "group_name", "flush_cache", "abort_all_requests", "weight_version", "load_format",
-            "torch_empty_cache",
+            "selector", "torch_empty_cache",
         ),
     ),
     # InitWeightsUpdateGroupReqInput
@@ -75,8 +77,6 @@ REQUEST_FIELDS: Dict[str, RequestFields] = {
     # ReleaseMemoryOccupationReqInput / ResumeMemoryOccupationReqInput
     "/release_memory_occupation": _fields(optional=("tags",)),
     "/resume_memory_occupation": _fields(optional=("tags",)),
-    # GetWeightsByNameReqInput
-    "/get_weights_by_name": _fields(required=("name",), optional=("truncate_size",)),
     # PauseGenerationReqInput / ContinueGenerationReqInput
     "/pause_generation": _fields(optional=("mode",)),
     "/continue_generation": _fields(optional=("torch_empty_cache",)),

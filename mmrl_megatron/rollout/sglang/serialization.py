@@ -20,16 +20,14 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from .optional_sglang import sglang_attribute
+
 NamedTensors = List[Tuple[str, torch.Tensor]]
 
-try:  # production: the pinned sglang's helpers
-    from sglang.srt.utils import MultiprocessingSerializer as _SGLangSerializer
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket as _SGLangBucket
-except ImportError:
-    _SGLangSerializer = None
-    _SGLangBucket = None
-
-USING_SGLANG_HELPERS = _SGLangSerializer is not None
+# production: the pinned sglang's helpers
+_SGLangSerializer = sglang_attribute("sglang.srt.utils", "MultiprocessingSerializer")
+_SGLangBucket = sglang_attribute("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorBucket")
+USING_SGLANG_HELPERS = _SGLangSerializer is not None and _SGLangBucket is not None
 
 
 @dataclass

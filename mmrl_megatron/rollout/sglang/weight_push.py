@@ -18,10 +18,9 @@ import torch
 from ...config.schema import SGLangConfig
 from ..errors import RolloutError
 from .client import SGLangClient
-from .launcher import free_port
 from .payloads import distributed_update_payload, init_group_payload, tensor_update_payload
 from .protocol import DEFAULT_WEIGHT_UPDATE_GROUP
-from .update_group import UpdateGroup, broadcast_tensor, close_update_group, open_update_group
+from .update_group import UpdateGroup, broadcast_tensor, close_update_group, listening_socket, open_update_group
 
 NamedTensors = List[Tuple[str, torch.Tensor]]
 
@@ -68,14 +67,15 @@ class DistributedPush:
 
     def _open(self, client: SGLangClient) -> None:
         address = self.config.update_group_address or self.config.host
-        port = free_port(address)
+        listener = listening_socket(address)
         world_size = 1 + self.config.tensor_parallel  # trainer rank 0, server ranks 1..tp
-        payload = init_group_payload(address, port, 1, world_size, self.config.update_group_backend)
+        payload = init_group_payload(address, listener.getsockname()[1], 1, world_size,
+                                     self.config.update_group_backend)
         with ThreadPoolExecutor(max_workers=1) as pool:
             # the server's join blocks until we join too, so its request runs beside our rendezvous
             answered = pool.submit(client.init_weights_update_group, payload)
             self.group = open_update_group(
-                address, port, world_size, DEFAULT_WEIGHT_UPDATE_GROUP,
+                listener, world_size, DEFAULT_WEIGHT_UPDATE_GROUP,
                 self.config.update_group_backend, self.config.request_timeout_s,
             )
             answered.result()
