@@ -62,6 +62,10 @@ def _gpt(device: torch.device, seed: int = 0, experts: int = 0):
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=64,
                      max_sequence_length=64, pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage(), position_embedding_type="rope")
+    # megatron's local LayerNorm keeps an fp32 weight, which torch's CUDA kernel refuses beside bf16 input
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.to(_dtype(device))
     return model.to(device)
 
 
