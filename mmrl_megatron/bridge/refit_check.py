@@ -26,17 +26,22 @@ class RefitProbe:
     temperature 1, one 1-D tensor per result (a forward pass, collective over the actor's ranks: it
     must score the same samples on every rank of a model-parallel group, so gather the results over
     that group first where its ranks talk to different servers, as trainer/experience.py does).
-    tolerance: mean |engine - actor| per token; bf16 engines differ from the actor by about 1e-2."""
+    tolerance: mean |engine - actor| per token; bf16 engines differ from the actor by about 1e-2.
+    share(results): the results every rank compares (default its own; the trainer gives each
+    model-parallel group its first rank's, so all of them score and judge the same samples)."""
 
     requests: List[RolloutRequest]
     actor_logprobs: ActorLogprobs
     max_new_tokens: int = 8
     tolerance: float = 0.05
+    share: Callable[[List[RolloutResult]], List[RolloutResult]] = list
 
 
 def check_refit(engine: RolloutEngine, probe: RefitProbe) -> float:
     """The mean per-token log-prob difference; BridgeError above the tolerance (collective)."""
-    results = engine.generate(probe.requests, SamplingParams(n=1, temperature=0.0, max_new_tokens=probe.max_new_tokens))
+    # eos ignored: every probe response has max_new_tokens tokens, none is empty
+    results = probe.share(engine.generate(probe.requests, SamplingParams(
+        n=1, temperature=0.0, max_new_tokens=probe.max_new_tokens, ignore_eos=True)))
     actor = probe.actor_logprobs(probe.requests, results)
     engine_logprobs = torch.cat([torch.tensor(result.logprobs, dtype=torch.float64) for result in results])
     actor_logprobs = torch.cat([logprobs.detach().to("cpu", torch.float64).reshape(-1) for logprobs in actor])

@@ -98,7 +98,9 @@ class RolloutConfig:
     stop: List[str] = field(default_factory=list)
     max_batch_size: int = 256  # sequences decoded together by the embedded engine
     release_memory: bool = True  # free KV cache (and weights) during training phases
-    verify_weight_sync: bool = False  # compare engine tensors with the actor's after each sync
+    # after each sync, compare engine tensors with the actor's; for engines that cannot return them (SGLang),
+    # the engine's greedy log-probs of two fixed training prompts with the actor's (trainer/refit_probe.py)
+    verify_weight_sync: bool = False
     sync_bucket_mb: int = 512
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)

@@ -24,6 +24,7 @@ from .tracking import build_tracker, progress
 from .warmup import evaluate, supervised_samples, supervised_warmup
 
 logger = logging.getLogger(__name__)
+REFIT_PROBE_PROMPTS = 2  # prompts the engine decodes after each sync when it cannot return weights by name
 
 
 def start_processes(config: Config) -> torch.device:
@@ -185,7 +186,15 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     reward = build_reward_function(config.reward, config.data, device=str(device))
     sources = ExperienceSources(prompts=iter(dataset), engine=engine, reward=reward,
                                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), positions=positions)
-    bridge = WeightBridge(_unwrapped(actor.chunks), engine, config.rollout.sync_bucket_mb << 20)
+    probe = None
+    if config.rollout.verify_weight_sync and not engine.reads_weights_by_name:
+        from .refit_probe import build_refit_probe
+
+        # the first training prompts, the same on every rank, read apart from the training stream
+        probe_prompts = next(iter(PromptDataset(config.data.train_files, config.data, config.model.hf_path,
+                                                REFIT_PROBE_PROMPTS, 0, 1, train=False)))
+        probe = build_refit_probe(probe_prompts, actor, positions, pack_sequences, config.actor.micro_batch_tokens)
+    bridge = WeightBridge(_unwrapped(actor.chunks), engine, config.rollout.sync_bucket_mb << 20, probe=probe)
     tracker = build_tracker(config.logging, trainer_config.run_dir, dist.get_rank() == 0,
                             resolved_config=asdict(config))
     parts = TrainerParts(config=config, device=device, actor=actor, reference=reference, critic=critic,
