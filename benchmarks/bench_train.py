@@ -295,7 +295,7 @@ def hf_update_step(model, optimizer, batches, loss_fn, clock: PhaseClock) -> flo
     torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / count
+    return float(total / count)  # the statistics are device tensors: one read per step, as on our side
 
 
 def time_hf(hf_config, weights, dtype: torch.dtype, workloads: List[Workload], vocab_size: int, token_limit: int,
