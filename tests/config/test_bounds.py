@@ -3,6 +3,7 @@ import glob
 import os
 
 import pytest
+import yaml
 
 from mmrl_megatron.config import ConfigError, load_config
 
@@ -41,7 +42,12 @@ def test_out_of_range_value_is_named(override, message):
 def test_documented_special_and_edge_values_are_accepted(override):
     """Invariant: values the schema gives a meaning (-1: off or never; null: disabled) and the range's own
     edges still load."""
-    load_config(None, [override])
+    config = load_config(None, [override])
+    key, _, text = override.partition("=")
+    *parents, leaf = key.split(".")
+    for name in parents:
+        config = getattr(config, name)
+    assert getattr(config, leaf) == yaml.safe_load(text)
 
 
 def test_every_problem_is_listed_in_one_message():
