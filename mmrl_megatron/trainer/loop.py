@@ -157,7 +157,8 @@ class Trainer:
         parts = max(1, min(self.config.actor.mini_batches_per_step, len(groups)))
         return [[s for group in groups[k::parts] for s in group] for k in range(parts)]
 
-    def update(self, samples: List[Sample], step: int) -> Dict:
+    def update(self, samples: List[Sample], step: int, on_policy: bool = False) -> Dict:
+        """on_policy (on_policy_update): the old-policy pass was skipped; the update keeps its own log-probs."""
         stats = {}
         temperature = self.config.rollout.temperature or 1.0
         budget = self.config.actor.micro_batch_tokens
@@ -168,8 +169,7 @@ class Trainer:
                 actor_stats, grad_norm, stepped = self.parts.actor.train_step(
                     micro_batches,
                     lambda output, mb: losses.actor_loss(output, mb, self.algorithm, temperature, normaliser),
-                    self.config.actor.optim.grad_clip, keep=() if "old_logprobs" in samples[0].tensors
-                    else ("old_logprobs",))
+                    self.config.actor.optim.grad_clip, keep=("old_logprobs",) if on_policy else ())
                 self.count_nonfinite(stepped, step)
                 add_stats(stats, actor_stats)
                 add_stats(stats, {"actor/grad_norm": (grad_norm, 1.0)} if stepped else {})
@@ -231,7 +231,7 @@ class Trainer:
         advantage_stats = self.compute_advantages(samples)  # step 5
 
         mark = time.perf_counter()
-        train_stats = add_stats(self.update(samples, step), advantage_stats)  # step 6
+        train_stats = add_stats(self.update(samples, step, on_policy), advantage_stats)  # step 6
         times["time/update_s"] = time.perf_counter() - mark
 
         sync_metrics = self.sync_weights()  # step 7

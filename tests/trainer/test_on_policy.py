@@ -28,8 +28,8 @@ def _one_step(root: str):
         kept = {}
         update = trainer.update
 
-        def update_and_keep(samples, step, update=update):
-            stats = update(samples, step)
+        def update_and_keep(samples, step, on_policy, update=update):
+            stats = update(samples, step, on_policy)
             kept["old_logprobs"] = [sample.tensors["old_logprobs"].tolist() for sample in samples]
             return stats
 

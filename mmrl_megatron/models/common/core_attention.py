@@ -20,6 +20,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from .packing import as_packed_segments
+
 VARLEN_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -114,7 +116,7 @@ class TorchCoreAttention(MegatronModule):
         if packed_kernel(query, dropout) == "varlen":
             out = varlen_attention(query, key, value, params, causal, self.softmax_scale)
             return out.reshape(out.shape[0], -1)
-        bounds = getattr(params, "bounds", None) or params.cu_seqlens_q.tolist()
+        bounds = as_packed_segments(params).bounds
         outputs = []
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end == start:

@@ -66,10 +66,8 @@ class Qwen25VLModel(MegatronModule):
         image_tokens = input_ids == self.shape.image_token_id
         if prompt_mask is not None:
             image_tokens = image_tokens & prompt_mask
-        unit = self.shape.vision.spatial_merge_size ** 2
-        merged = 0 if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // unit
         if not input_ids.is_cuda:  # on a GPU, reading the count back would stall the stream in every forward
-            self._check_image_tokens(int(image_tokens.sum()), merged if pixel_values is not None else 0)
+            self._check_image_tokens(int(image_tokens.sum()), image_grid_thw if pixel_values is not None else None)
         if pixel_values is None:
             return embeddings
         image_embeddings = self.vision_model(pixel_values, image_grid_thw)
@@ -77,8 +75,10 @@ class Qwen25VLModel(MegatronModule):
         batch_major = place_image_features(embeddings.transpose(0, 1), image_tokens, image_embeddings)
         return batch_major.transpose(0, 1).contiguous()
 
-    @staticmethod
-    def _check_image_tokens(count: int, merged: int) -> None:
+    def _check_image_tokens(self, count: int, image_grid_thw: Optional[torch.Tensor]) -> None:
+        """One image-pad token per merged patch of the images given (none without pixel_values)."""
+        unit = self.shape.vision.spatial_merge_size ** 2
+        merged = 0 if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // unit
         if count != merged:
             raise ModelError(f"input_ids hold {count} image-pad tokens but pixel_values/image_grid_thw describe "
                              f"{merged} merged patches; expand each <|image_pad|> to "
