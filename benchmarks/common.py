@@ -271,11 +271,19 @@ def scalar_read_sites(call: Callable[[], object], top: int = 5) -> Dict[str, int
     return dict(sites.most_common(top))
 
 
-def profile_summary(call: Callable[[], object], device: torch.device, top: int = 8) -> Dict[str, object]:
+def _top_operators(profiler, top: int) -> Dict[str, float]:
+    """The operators (aten ops and autograd nodes) whose own kernels took most device time: kernel names
+    such as elementwise_kernel do not say which part of the model launched them."""
+    totals = sorted(((event.key, event.self_device_time_total / 1e6) for event in profiler.key_averages()),
+                    key=lambda item: -item[1])
+    return {name[:60]: round(seconds, 4) for name, seconds in totals[:top] if seconds > 0}
+
+
+def profile_summary(call: Callable[[], object], device: torch.device, top: int = 12) -> Dict[str, object]:
     """Run `call` once under torch.profiler and summarise what a hot path is judged by: wall seconds, kernels
     launched, host synchronisations (stream/device/event waits) and scalar reads (`.item()`, `.tolist()`,
-    `float(t)`), the share of the wall time some kernel was running, and the kernels with most device time.
-    A first run says where the scalar reads come from (scalar_read_sites) and warms up the profiled one."""
+    `float(t)`), the share of the wall time some kernel was running, and the kernels and the operators with
+    most device time. A first run says where the scalar reads come from (scalar_read_sites) and warms up the profiled one."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -301,5 +309,6 @@ def profile_summary(call: Callable[[], object], device: torch.device, top: int =
         "gpu_busy_fraction": round(busy / wall, 3) if wall > 0 else 0.0,
         "top_kernels_s": {name[:80]: round(seconds, 4) for name, seconds in
                           sorted(device_time.items(), key=lambda item: -item[1])[:top]},
+        "top_operators_s": _top_operators(profiler, top),
         "scalar_read_sites": sites,
     }

@@ -31,8 +31,10 @@ GIB = 1024 ** 3
 # of megatron-core land between 2 and 4 GiB per process; the allocator's fragmentation adds a share.
 RUNTIME_RESERVE_BYTES = 3 * GIB
 FRAGMENTATION_SHARE = 0.05
-# A micro-batch's logits: the bf16 shard kept for backward and its bf16 gradient, for every token; fp32
-# work (upcast, exponentials, probabilities) exists only for one chunk of rows at a time (logprobs.py).
+# A micro-batch's logits: the bf16 shard kept for backward and its bf16 gradient, counted for every token (an
+# upper bound: only response positions reach the output layer, models/common/output_rows.py, and a micro-batch
+# may be all response); fp32 work (upcast, exponentials, probabilities) exists only for one chunk of rows at a
+# time (logprobs.py).
 LOGIT_BYTES_PER_ENTRY = 2 + 2
 LOGIT_CHUNK_BYTES_PER_ENTRY = 4 + 4 + 4
 # SwiGLU per unit of MLP width: megatron-core's fused SwiGLU keeps only its input (gate + up, 4 B) and the down

@@ -1,8 +1,10 @@
 """One step's experience: samples (prompt + response + what each phase adds), token-budget micro-batches
 packed without padding, and the padded [B, L] response views the algorithm functions take.
 
-Convention: response tensors are left-aligned, right-padded [B, L]; the log-prob of response token j of a
-sequence sits at packed position offset + prompt_length - 1 + j (the position that predicts it).
+Convention: response tensors are left-aligned, right-padded [B, L]; response token j of a sequence is
+predicted at packed position offset + prompt_length - 1 + j. Only those positions reach the output layer
+(`output_rows`, in sample order), so the model's last stage returns one row per response token and
+`labels` and `response_index` refer to those rows.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -77,18 +79,20 @@ class MicroBatch:
 
     samples: List[Sample]
     input_ids: torch.Tensor  # [1, T]
-    labels: torch.Tensor  # [1, T], the next token (0 at each sequence's last position)
+    labels: torch.Tensor  # [1, R], the token each output row predicts
     position_ids: torch.Tensor  # [3, 1, T]
     packed_seq_params: object
     pixel_values: Optional[torch.Tensor]
     image_grid_thw: Optional[torch.Tensor]
-    response_index: torch.Tensor  # [B, L] packed positions of each response token's prediction
+    response_index: torch.Tensor  # [B, L] the output row of each response token's prediction
     mask: torch.Tensor  # [B, L]
     prompt_mask: torch.Tensor  # [1, T] True on prompt tokens (the only ones image placeholders may occupy)
+    output_rows: Optional[torch.Tensor] = None  # [R] packed positions sent to the output layer; None: all T
 
     def to(self, device: torch.device) -> "MicroBatch":
         """Move the model inputs; image_grid_thw stays on the host, where the vision tower reads its shape."""
-        for name in ("input_ids", "labels", "position_ids", "pixel_values", "response_index", "mask", "prompt_mask"):
+        for name in ("input_ids", "labels", "position_ids", "pixel_values", "response_index", "mask", "prompt_mask",
+                     "output_rows"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, to_device(value, device))
@@ -97,7 +101,7 @@ class MicroBatch:
         return self
 
     def response_view(self, packed: torch.Tensor) -> torch.Tensor:
-        """Per-position values [1, T] or [T] of the packed stream -> [B, L] response values, 0 on padding."""
+        """Per-row model output [1, R] or [R] -> [B, L] response values, 0 on padding."""
         return packed.reshape(-1)[self.response_index] * self.mask
 
     def stacked(self, name: str) -> torch.Tensor:
@@ -113,22 +117,24 @@ def build_micro_batch(samples: List[Sample], pack_sequences: Callable) -> MicroB
     """Pack `samples` into one sequence stream (no padding) with their labels, positions and images."""
     sequences = [s.prompt_ids + s.response_ids for s in samples]
     input_ids, cu_seqlens, packed_seq_params = pack_sequences(sequences)
-    labels = torch.zeros_like(input_ids)
     prompt_mask = torch.zeros_like(input_ids, dtype=torch.bool)
     width = max(len(s.response_ids) for s in samples)
     response_index = torch.zeros(len(samples), width, dtype=torch.long)
+    output_rows, row_count = [], 0
     for row, (sample, start) in enumerate(zip(samples, cu_seqlens[:-1].tolist())):
-        length = sample.length
-        labels[0, start:start + length - 1] = input_ids[0, start + 1:start + length]
         prompt_mask[0, start:start + len(sample.prompt_ids)] = True
-        first = start + len(sample.prompt_ids) - 1
-        response_index[row, :len(sample.response_ids)] = torch.arange(first, first + len(sample.response_ids))
+        first, count = start + len(sample.prompt_ids) - 1, len(sample.response_ids)
+        output_rows.append(torch.arange(first, first + count))
+        response_index[row, :count] = torch.arange(row_count, row_count + count)
+        row_count += count
+    output_rows = torch.cat(output_rows)
+    labels = input_ids[:, output_rows + 1]
     position_ids = torch.cat([s.position_ids for s in samples], dim=1).unsqueeze(1)
     with_images = [s for s in samples if s.pixel_values is not None]
     pixel_values = torch.cat([s.pixel_values for s in with_images]) if with_images else None
     image_grid_thw = torch.cat([s.image_grid_thw for s in with_images]) if with_images else None
     return MicroBatch(samples, input_ids, labels, position_ids, packed_seq_params, pixel_values, image_grid_thw,
-                      response_index, response_mask(samples), prompt_mask)
+                      response_index, response_mask(samples), prompt_mask, output_rows)
 
 
 def build_micro_batches(samples: List[Sample], token_budget: int, pack_sequences: Callable) -> List[MicroBatch]:

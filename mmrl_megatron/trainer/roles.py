@@ -23,7 +23,7 @@ ScoreFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
 def _model_forward(model, micro_batch: MicroBatch):
     return model(micro_batch.input_ids, micro_batch.position_ids, micro_batch.packed_seq_params,
                  pixel_values=micro_batch.pixel_values, image_grid_thw=micro_batch.image_grid_thw,
-                 prompt_mask=micro_batch.prompt_mask)
+                 prompt_mask=micro_batch.prompt_mask, output_rows=micro_batch.output_rows)
 
 
 def _micro_batches_to_run(count: int, device: torch.device) -> int:

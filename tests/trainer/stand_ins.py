@@ -23,9 +23,13 @@ def stand_in_model(role: str, seed: int = 0):
 
     class PackedInterfaceGPT(GPTModel):
         def forward(self, input_ids, position_ids, packed_seq_params, pixel_values=None, image_grid_thw=None,
-                    prompt_mask=None):
+                    prompt_mask=None, output_rows=None):
             output = super().forward(input_ids, position_ids[0], attention_mask=None)
-            if role != "critic" or not self.post_process:
+            if not self.post_process:
+                return output
+            if output_rows is not None:  # the models' contract: only those positions come out
+                output = output[:, output_rows]
+            if role != "critic":
                 return output
             total = tensor_parallel.reduce_from_tensor_model_parallel_region(output.sum(dim=-1))
             return total / VOCAB

@@ -12,15 +12,16 @@ def test_split_by_token_budget_keeps_order_and_budget():
 
 
 def test_micro_batch_labels_and_response_index():
-    """Invariant: label at packed position p is the next token of the same sequence, and response token j of a
-    sample is read at position start + prompt_length - 1 + j."""
+    """Invariant: only the positions that predict response tokens (start + prompt_length - 1 + j) reach the
+    output layer, in sample order; each such row's label is the response token it predicts."""
     samples = [Sample([1, 2, 3], [4, 5], group=0), Sample([6, 7], [8, 9, 10], group=0)]
     for sample in samples:
         sample.position_ids = positions(sample.prompt_ids, len(sample.response_ids), None)
         sample.tensors["x"] = torch.arange(len(sample.response_ids), dtype=torch.float32) + 1
     [micro_batch] = build_micro_batches(samples, token_budget=100, pack_sequences=pack_sequences)
     assert micro_batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
-    assert micro_batch.labels.tolist() == [[2, 3, 4, 5, 0, 7, 8, 9, 10, 0]]
+    assert micro_batch.output_rows.tolist() == [2, 3, 6, 7, 8]
+    assert micro_batch.labels.tolist() == [[4, 5, 8, 9, 10]]
     labels_at_responses = micro_batch.response_view(micro_batch.labels.float())
     assert labels_at_responses.tolist() == [[4.0, 5.0, 0.0], [8.0, 9.0, 10.0]]
     assert micro_batch.mask.tolist() == [[1, 1, 0], [1, 1, 1]]

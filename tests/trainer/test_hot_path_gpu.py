@@ -32,9 +32,13 @@ def _micro_batch(config):
 
 
 @pytest.mark.gpu
-def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path):
+def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch):
     """Invariant (issue 15, acceptance 5): no host synchronisation inside the layers, the log-probs or the
-    loss, in a scoring forward or an update micro-batch (bf16, packed, with images)."""
+    loss, in a scoring forward or an update micro-batch (bf16, packed, with images); every layer of the
+    language model and the tower ropes its query and key through the compiled fused RoPE (fused_rope.py)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from mmrl_megatron.models.common import fused_rope
     from mmrl_megatron.config.schema import AlgorithmConfig, ModelConfig
     from mmrl_megatron.convert import load_hf_into_model
     from mmrl_megatron.models import build_model
@@ -54,6 +58,13 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path):
     model_parallel_cuda_manual_seed(0)
     try:
         model = build_model(ModelConfig(hf_path=hf_dir, dtype="bfloat16"), config, "actor").cuda()
+        rope_calls = []
+
+        def counted_rope(t, freqs, **kwargs):
+            rope_calls.append(t.shape)
+            return fused_rope.compiled_rotary_pos_emb(t, freqs, **kwargs)
+
+        monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", counted_rope)
         load_hf_into_model(model, hf_dir)
         micro_batch = _micro_batch(config).to(device)
         micro_batch.pixel_values = micro_batch.pixel_values.to(torch.bfloat16)
@@ -63,7 +74,7 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path):
         def forward():
             return model(micro_batch.input_ids, micro_batch.position_ids, micro_batch.packed_seq_params,
                          pixel_values=micro_batch.pixel_values, image_grid_thw=micro_batch.image_grid_thw,
-                         prompt_mask=micro_batch.prompt_mask)
+                         prompt_mask=micro_batch.prompt_mask, output_rows=micro_batch.output_rows)
 
         def scoring_and_update():
             with torch.no_grad():
@@ -83,5 +94,7 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path):
         assert torch.isfinite(scores).all() and torch.isfinite(loss)
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
         assert stats["actor/entropy"][1].item() == 12.0
+        layers = config["text_config"]["num_hidden_layers"] + config["vision_config"]["depth"]
+        assert len(rope_calls) == 2 * 2 * 2 * layers  # two runs of two forwards, query and key per layer
     finally:
         shutdown()

@@ -10,6 +10,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from ..common.image_placement import place_image_features
+from ..common.output_rows import OutputRows
 from ..common.packing import append_padding_sequence
 from ..errors import ModelError
 from .hf_config import KimiVLConfig, kimi_vl_config_from_dict
@@ -19,8 +20,8 @@ from .vision import MoonViT, MultiModalProjector
 
 class KimiVLModel(MegatronModule):
     """forward(input_ids [1, T], position_ids, packed_seq_params, pixel_values [patches, 3, p, p],
-    image_grid_thw [images, 3] or [images, 2], prompt_mask [1, T]) -> logits [1, T, vocab/TP] on the last
-    stage, else the hidden states for the pipeline schedule. position_ids are not used: MLA applies 1-D
+    image_grid_thw [images, 3] or [images, 2], prompt_mask [1, T], output_rows [R]) -> logits [1, T, vocab/TP]
+    (with output_rows: [1, R, vocab/TP], those positions only; output_rows.py) on the last stage, else the hidden states for the pipeline schedule. position_ids are not used: MLA applies 1-D
     rotary per packed sequence itself, which is Kimi-VL's position scheme (no M-RoPE). prompt_mask (True
     on prompt tokens) limits media placeholders to prompts: a response may sample the placeholder id.
 
@@ -34,6 +35,7 @@ class KimiVLModel(MegatronModule):
         self.media_placeholder_token_id = kimi.media_placeholder_token_id
         self.hf_config = kimi.raw  # the conversion rule table is read from it (convert/kimi_vl.py)
         self.language_model = build_language_model(kimi.text, transformer_config, pre_process, post_process)
+        self.output_rows = OutputRows(self.language_model)
         # megatron's finalize_model_grads reads these to all-reduce a tied embedding's gradient over PP stages
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
         if pre_process:
@@ -95,14 +97,18 @@ class KimiVLModel(MegatronModule):
         return length
 
     def forward(self, input_ids, position_ids=None, packed_seq_params: Optional[PackedSeqParams] = None,
-                pixel_values=None, image_grid_thw=None, prompt_mask: Optional[torch.Tensor] = None):
+                pixel_values=None, image_grid_thw=None, prompt_mask: Optional[torch.Tensor] = None,
+                output_rows: Optional[torch.Tensor] = None):
         length = input_ids.shape[1]
         input_ids, packed_seq_params, prompt_mask = append_padding_sequence(
             input_ids, packed_seq_params, prompt_mask, self._padded_length(length))
         decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, prompt_mask) if self.pre_process else None
-        output = self.language_model(input_ids=input_ids, position_ids=None, attention_mask=None,
-                                     decoder_input=decoder_input, packed_seq_params=packed_seq_params)
-        return output[:, :length] if self.post_process else output
+        with self.output_rows.only(output_rows):
+            output = self.language_model(input_ids=input_ids, position_ids=None, attention_mask=None,
+                                         decoder_input=decoder_input, packed_seq_params=packed_seq_params)
+        if not self.post_process or output_rows is not None:
+            return output
+        return output[:, :length]
 
 
 def build_kimi_vl_model(kimi: KimiVLConfig, layout, params_dtype: torch.dtype = torch.float32,

@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
+from ..common.compile_limits import allow_compiled_variants
+from ..common.fused_rope import fused_rope_available
 from ..common.specs import decoder_spec, layer_spec, resolve_attention_backend
 from ...convert.qwen2_5_vl_shape import Qwen25VLShape, read_shape
 from .model import Qwen25VLModel
@@ -24,12 +26,14 @@ def _common(model_config, fused: bool) -> dict:
     # megatron-core's SwiGLU and bias-dropout-add fusions are torch.compile'd: one kernel each way instead of
     # an eager chain, and the SwiGLU keeps only its input for backward. On GPUs only (Triton compiles them).
     compiled = torch.cuda.is_available()
+    if compiled:
+        allow_compiled_variants()
     return dict(
         tensor_model_parallel_size=tensor, params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not torch.cuda.is_available(),
         bias_activation_fusion=compiled, masked_softmax_fusion=fused, persist_layer_norm=fused,
-        bias_dropout_fusion=compiled, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        bias_dropout_fusion=compiled, apply_rope_fusion=fused_rope_available(), gradient_accumulation_fusion=False,
         recompute_granularity=None if model_config.recompute == "none" else model_config.recompute,
         recompute_method="uniform" if model_config.recompute == "full" else None,
         recompute_num_layers=1 if model_config.recompute == "full" else None,

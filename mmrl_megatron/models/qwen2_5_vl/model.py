@@ -15,6 +15,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from ..common.image_placement import place_image_features
+from ..common.output_rows import OutputRows
 from ..common.packing import as_packed_segments
 from ..common.value_head import ValueHead
 from ..errors import ModelError
@@ -30,7 +31,9 @@ class Qwen25VLModel(MegatronModule):
     b = 1 with `packed_seq_params` (packing.PackedSegments, or megatron's THD PackedSeqParams); padded input is
     any b with packed_seq_params None. image_grid_thw stays on the host (it sizes the vision tower's windows).
     prompt_mask [b, s] (True on prompt tokens) limits image placement to prompts: a sampled response may hold
-    the <|image_pad|> id as an ordinary token, as the rollout engines treat it; None: every pad is an image's."""
+    the <|image_pad|> id as an ordinary token, as the rollout engines treat it; None: every pad is an image's.
+    output_rows [R] (packed input): only these stream positions reach the output layer, and the last stage
+    returns [1, R, ...] in their order (output_rows.py)."""
 
     def __init__(self, language_config, vision_config, shape: Qwen25VLShape, role: str, language_spec,
                  vision_spec, padded_vocab_size: int) -> None:
@@ -48,6 +51,7 @@ class Qwen25VLModel(MegatronModule):
             position_embedding_type="mrope", rotary_base=text.rope_theta)
         if role == "critic" and self.post_process:
             self.language_model.output_layer = ValueHead(language_config)
+        self.output_rows = OutputRows(self.language_model)
         self.vision_model = VisionModel(vision_config, shape.vision, vision_spec) if self.pre_process else None
         self.model_type = ModelType.encoder_or_decoder  # what megatron-core's pipeline schedules look for
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
@@ -97,14 +101,15 @@ class Qwen25VLModel(MegatronModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 packed_seq_params: Optional[PackedSeqParams] = None, pixel_values: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None,
-                prompt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                prompt_mask: Optional[torch.Tensor] = None, output_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         decoder_input = None
         if packed_seq_params is not None:
             packed_seq_params = as_packed_segments(packed_seq_params).as_one_stream()
         if self.pre_process:
             decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, prompt_mask)
-        output = self.language_model(input_ids, position_ids, attention_mask=None, decoder_input=decoder_input,
-                                     packed_seq_params=packed_seq_params)
+        with self.output_rows.only(output_rows):
+            output = self.language_model(input_ids, position_ids, attention_mask=None, decoder_input=decoder_input,
+                                         packed_seq_params=packed_seq_params)
         if not self.post_process:
             return output
         if self.role == "critic":
