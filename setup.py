@@ -27,6 +27,9 @@ setup(
         "wandb>=0.17",
         "tensorboard>=2.15",
         "psutil>=5.9",  # megatron-core dist_checkpointing's writer processes need it (a hang without it)
+        # evaluation metrics (rewards/task_metrics.py): corpus BLEU and ROUGE from their reference implementations
+        "sacrebleu==2.6.0",
+        "rouge-score==0.1.2",
     ],
     extras_require={
         # the contract tests import sglang's own request types, HTTP app and serialisation on CPU; CI
