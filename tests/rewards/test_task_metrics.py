@@ -1,5 +1,7 @@
 """The validation task metrics (rewards/task_metrics.py): the built-ins against their libraries' documented
 behaviour and the VQA evaluation's normalisation, and plug-ins loaded by path with verl's keywords."""
+import pathlib
+import re
 import textwrap
 
 import pytest
@@ -145,3 +147,14 @@ def test_two_metrics_reporting_the_same_key_are_refused(plug_in_file):
     built = build_task_metrics({"src": ["rouge", "bleu"], "other": ["bleu"]}, "evaluation.metrics")
     assert [m.keys for m in built["src"]] == [("rouge1", "rouge2", "rougeL"), ("bleu",)]
 
+
+def test_the_readme_example_metric_loads_and_scores(tmp_path):
+    """Invariant: the plug-in shown in the README's "Evaluation by task" section loads by path and scores a
+    response (the README stays true)."""
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Evaluation by task", 1)[1].split("\n## ", 1)[0]
+    [code] = re.findall(r"```python\n(.*?)```", section, re.S)
+    path = tmp_path / "keywords.py"
+    path.write_text(code)
+    metric = load_metric(f"{path}:keyword_recall", KEY)
+    assert metric.per_sample(data_source="src", solution_str="a red bus", ground_truth="red car", extra_info={}) == 0.5
