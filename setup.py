@@ -27,6 +27,9 @@ setup(
         "wandb>=0.17",
         "tensorboard>=2.15",
         "psutil>=5.9",  # megatron-core dist_checkpointing's writer processes need it (a hang without it)
+        # evaluation metrics (rewards/task_metrics.py): corpus BLEU and ROUGE from their reference implementations
+        "sacrebleu==2.6.0",
+        "rouge-score==0.1.2",
     ],
     extras_require={
         # the contract tests import sglang's own request types, HTTP app and serialisation on CPU; CI
@@ -35,7 +38,9 @@ setup(
                  "msgspec>=0.18", "openai==2.8.0", "fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9",
                  "dill>=0.3",
                  # verl 0.9.1's core_algos, the algorithm tests' oracle (verl itself: --no-deps, see README)
-                 "ray==2.60.0", "tensordict==0.15.3", "codetiming==1.4.0"],
+                 "ray==2.60.0", "tensordict==0.15.3", "codetiming==1.4.0",
+                 # the evaluation sink test reads the offline wandb run back with `wandb leet inspect`
+                 "wandb>=0.31"],
         # Transformer Engine needs a CUDA build matched to torch; apex has no PyPI wheel (the PyPI
         # "apex" is an unrelated package) and is built from NVIDIA/apex source in the Dockerfile.
         "te": ["transformer-engine[pytorch]>=2.4"],

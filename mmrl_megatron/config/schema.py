@@ -4,7 +4,7 @@ Every field is documented where it is declared; YAML files and `key=value` overr
 fields that exist here (see loader.py), so this file is the reference for what can be configured.
 """
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 
 @dataclass
@@ -192,6 +192,14 @@ class TrainerConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    # held-out metrics per data source, reported as val/<data_source>/<key> beside the accuracy, reward and
+    # response length every source reports: {data_source: [metric, ...]}, a metric a built-in (exact_match,
+    # math_accuracy, bleu, rouge) or "path/to/file.py:function" (rewards/task_metrics.py; README "Evaluation by task")
+    metrics: Dict[str, List[str]] = field(default_factory=dict)
+
+
+@dataclass
 class LoggingConfig:
     project: str = "mmrl_megatron"
     run_name: Optional[str] = None
@@ -214,3 +222,4 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

@@ -16,26 +16,31 @@ BUILT_INS = {"boxed_math": "mmrl_megatron.rewards.math_answer:compute_score",
              "geo3k": "mmrl_megatron.rewards.geo3k:compute_score"}
 
 
-def load_function(spec: str) -> Callable:
-    """The callable named by `spec` (a built-in name, "module:function" or "file.py:function")."""
+def load_function(spec: str, key: str = "reward.function") -> Callable:
+    """The callable named by `spec` (a built-in name, "module:function" or "file.py:function"); errors name the
+    config `key` that gave it (evaluation metrics load their plug-ins here too)."""
     target = BUILT_INS.get(spec, spec)
     location, separator, name = target.rpartition(":")
     if not separator or not name:
-        raise RewardError(f"reward.function {spec!r}: expected one of {sorted(BUILT_INS)} or 'path/to/file.py:function_name'")
+        raise RewardError(f"{key} {spec!r}: expected one of {sorted(BUILT_INS)} or 'path/to/file.py:function_name'")
     if location.endswith(".py"):
         if not os.path.isfile(location):
-            raise RewardError(f"reward.function {spec!r}: file {location} does not exist")
+            raise RewardError(f"{key} {spec!r}: file {location} does not exist")
         module_spec = importlib.util.spec_from_file_location(f"user_reward_{abs(hash(location))}", location)
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
         except Exception as error:
-            raise RewardError(f"reward.function {spec!r}: importing {location} failed: {error!r}") from error
+            raise RewardError(f"{key} {spec!r}: importing {location} failed: {error!r}") from error
     else:
-        module = importlib.import_module(location)
+        try:
+            module = importlib.import_module(location)
+        except ImportError as error:
+            raise RewardError(f"{key} {spec!r}: cannot import module {location!r} ({error}); give "
+                              "'path/to/file.py:function_name' for a file") from error
     function = getattr(module, name, None)
     if not callable(function):
-        raise RewardError(f"reward.function {spec!r}: {location} has no function {name!r}")
+        raise RewardError(f"{key} {spec!r}: {location} has no function {name!r}")
     return function
 
 

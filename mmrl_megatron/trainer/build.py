@@ -21,7 +21,8 @@ from .optim import build_optimizer, wrap_for_data_parallel
 from .positions import position_rule
 from .roles import ModelRole
 from .tracking import build_tracker, progress
-from .warmup import evaluate, supervised_samples, supervised_warmup
+from .evaluation import evaluate, task_metrics_from_config
+from .warmup import supervised_samples, supervised_warmup
 
 logger = logging.getLogger(__name__)
 REFIT_PROBE_PROMPTS = 2  # prompts the engine decodes after each sync when it cannot return weights by name
@@ -206,8 +207,9 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
         validation = PromptDataset(config.data.val_files, config.data, config.model.hf_path,
                                    max(config.data.prompts_per_step // data_parallel, 1), dp_rank, data_parallel,
                                    train=False)
+        task_metrics = task_metrics_from_config(config)  # evaluation.metrics: val/<data_source>/<key>
         parts.evaluate = lambda: evaluate(validation, sources, config.rollout.max_new_tokens,
-                                          config.rollout.temperature, config.rollout.n)
+                                          config.rollout.temperature, config.rollout.n, task_metrics)
     if trainer_config.warmup_sft_steps:
         end_ids = [dataset.processor.end_of_turn_token_id]  # the family's, as its chat template closes a turn
 

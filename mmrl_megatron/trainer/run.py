@@ -18,9 +18,11 @@ logger = logging.getLogger(__name__)
 
 def check_before_start(config: Config, world_size: int, plan: Optional[DemoPlan]) -> None:
     """The layout against the world size and the model's shape (read from config.json, or the demo model's when
-    it is about to be built), a named resume checkpoint, and every data file not about to be built (exists, is
-    parquet, has the required columns). Raises ConfigError or DataError naming the key or file."""
+    it is about to be built), a named resume checkpoint, every data file not about to be built (exists, is
+    parquet, has the required columns) and evaluation.metrics (they load, their data sources exist). Raises
+    ConfigError or DataError naming the key or file."""
     from ..data.source import open_parquet
+    from .evaluation import check_evaluation_config
 
     shape = DEMO_SHAPE if plan is not None and plan.build_model else read_model_shape(config.model.hf_path)
     validate_layout(config, world_size, shape)
@@ -35,6 +37,7 @@ def check_before_start(config: Config, world_size: int, plan: Optional[DemoPlan]
     for path in [*config.data.train_files, *config.data.val_files]:
         if path not in planned:
             open_parquet(path).close()
+    check_evaluation_config(config, planned)
 
 
 def run_training(config_path: Optional[str], overrides: Iterable[str] = ()) -> Dict[str, float]:

@@ -1,14 +1,10 @@
-"""Before and around RL: the supervised warm-up on ground-truth answers, and held-out evaluation."""
+"""Before RL: the supervised warm-up on ground-truth answers (held-out evaluation: evaluation.py)."""
 import logging
 from typing import Callable, Dict, Iterable, Iterator, List
 
-import torch.distributed as dist
-
-from ..rollout import SamplingParams
 from .batch import Sample, build_micro_batches
-from .experience import ExperienceSources, generate_and_score
 from .losses import Normaliser, supervised_loss
-from .metrics import add_stats, reduce_across_ranks
+from .metrics import reduce_across_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +39,3 @@ def supervised_warmup(actor, prompts: Iterator, steps: int, lr: float, grad_clip
     actor.restore_scheduled_lr()
     return {"warmup/sft_loss": last.get("loss/sft", float("nan"))}
 
-
-def evaluate(batches: Iterable, sources: ExperienceSources, max_new_tokens: int, temperature: float,
-             samples_per_prompt: int) -> Dict[str, float]:
-    """Held-out reward and accuracy, greedy (one answer per prompt) and sampled as training samples
-    (`samples_per_prompt` answers at the rollout temperature, fixed seed); every data-parallel rank its share."""
-    modes = {"greedy": SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0),
-             "sampled": SamplingParams(n=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
-                                       seed=0)}
-    stats = {}
-    for prompts in batches:
-        for mode, sampling in modes.items():
-            samples = generate_and_score(prompts, sources, sampling, 0, 0.0)
-            add_stats(stats, {f"eval/reward_{mode}": (sum(s.score for s in samples), float(len(samples))),
-                              f"eval/accuracy_{mode}": (sum(s.accuracy for s in samples), float(len(samples)))})
-    metrics = reduce_across_ranks(stats, {})
-    dist.barrier()
-    return metrics
