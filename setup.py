@@ -2,6 +2,7 @@
 from setuptools import find_packages, setup
 
 SGLANG_VERSION = "0.5.23"
+PYAV = "av==18.1.0"  # decodes encoded video clips (FFmpeg bundled; abi3 wheel for Python 3.11 and 3.12, 35 MB)
 
 setup(
     name="mmrl_megatron",
@@ -35,12 +36,16 @@ setup(
                  "msgspec>=0.18", "openai==2.8.0", "fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9",
                  "dill>=0.3",
                  # verl 0.9.1's core_algos, the algorithm tests' oracle (verl itself: --no-deps, see README)
-                 "ray==2.60.0", "tensordict==0.15.3", "codetiming==1.4.0"],
+                 "ray==2.60.0", "tensordict==0.15.3", "codetiming==1.4.0",
+                 # the video tests encode their clips with PyAV and compare frame sampling with qwen-vl-utils'
+                 PYAV, "qwen-vl-utils==0.0.14"],
+        # encoded video clips in the `videos` column (frame lists need nothing more)
+        "video": [PYAV],
         # Transformer Engine needs a CUDA build matched to torch; apex has no PyPI wheel (the PyPI
         # "apex" is an unrelated package) and is built from NVIDIA/apex source in the Dockerfile.
         "te": ["transformer-engine[pytorch]>=2.4"],
         "sglang": [f"sglang[srt]=={SGLANG_VERSION}"],
         "mpi": ["mpi4py>=3.1"],
-        "all": [f"sglang[srt]=={SGLANG_VERSION}", "transformer-engine[pytorch]>=2.4", "mpi4py>=3.1"],
+        "all": [f"sglang[srt]=={SGLANG_VERSION}", "transformer-engine[pytorch]>=2.4", "mpi4py>=3.1", PYAV],
     },
 )
