@@ -2,6 +2,7 @@
 from setuptools import find_packages, setup
 
 SGLANG_VERSION = "0.5.23"
+PYAV = "av==18.1.0"  # decodes encoded video clips (FFmpeg bundled; abi3 wheel for Python 3.11 and 3.12, 35 MB)
 
 setup(
     name="mmrl_megatron",
@@ -40,12 +41,16 @@ setup(
                  # verl 0.9.1's core_algos, the algorithm tests' oracle (verl itself: --no-deps, see README)
                  "ray==2.60.0", "tensordict==0.15.3", "codetiming==1.4.0",
                  # the evaluation sink test reads the offline wandb run back with `wandb leet inspect`
-                 "wandb>=0.31"],
+                 "wandb>=0.31",
+                 # the video tests encode their clips with PyAV and compare frame sampling with qwen-vl-utils'
+                 PYAV, "qwen-vl-utils==0.0.14"],
+        # encoded video clips in the `videos` column (frame lists need nothing more)
+        "video": [PYAV],
         # Transformer Engine needs a CUDA build matched to torch; apex has no PyPI wheel (the PyPI
         # "apex" is an unrelated package) and is built from NVIDIA/apex source in the Dockerfile.
         "te": ["transformer-engine[pytorch]>=2.4"],
         "sglang": [f"sglang[srt]=={SGLANG_VERSION}"],
         "mpi": ["mpi4py>=3.1"],
-        "all": [f"sglang[srt]=={SGLANG_VERSION}", "transformer-engine[pytorch]>=2.4", "mpi4py>=3.1"],
+        "all": [f"sglang[srt]=={SGLANG_VERSION}", "transformer-engine[pytorch]>=2.4", "mpi4py>=3.1", PYAV],
     },
 )

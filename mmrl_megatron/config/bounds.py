@@ -52,6 +52,8 @@ BOUNDS = {
     schema.AugmentConfig: {"rotation_degrees": Bound(0, 180), "crop_fraction": BELOW_1},
     schema.DataConfig: {key: AT_LEAST_1 for key in ("prompts_per_step", "max_prompt_length", "min_pixels",
                                                      "max_pixels")},
+    schema.VideoConfig: {"fps": POSITIVE, **{key: AT_LEAST_1 for key in ("min_frames", "max_frames", "min_pixels",
+                                                                         "max_pixels", "total_pixels")}},
     schema.SGLangConfig: {"tensor_parallel": AT_LEAST_1, "mem_fraction_static": Bound(0, 1, low_open=True),
                           "start_timeout_s": POSITIVE, "request_timeout_s": POSITIVE, "max_retries": NOT_NEGATIVE,
                           "max_restarts": NOT_NEGATIVE, "retry_backoff_s": NOT_NEGATIVE,
@@ -102,6 +104,11 @@ def _relations(config: "schema.Config") -> List[str]:
     if config.data.min_pixels > config.data.max_pixels:
         problems.append(f"data.min_pixels={config.data.min_pixels} must not exceed "
                         f"data.max_pixels={config.data.max_pixels}")
+    video = config.data.video
+    for low, high in (("min_frames", "max_frames"), ("min_pixels", "max_pixels")):
+        if getattr(video, low) > getattr(video, high):
+            problems.append(f"data.video.{low}={getattr(video, low)} must not exceed "
+                            f"data.video.{high}={getattr(video, high)}")
     return problems
 
 

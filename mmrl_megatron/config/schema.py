@@ -42,6 +42,18 @@ class AugmentConfig:
 
 
 @dataclass
+class VideoConfig:
+    """How a `videos` entry becomes frames (defaults: qwen-vl-utils', which verl uses); a row's own video keys
+    (fps, nframes, min_frames, max_frames, min_pixels, max_pixels, total_pixels, sample_fps) override them."""
+    fps: float = 2.0  # frames sampled per second of an encoded clip; a frame list is taken at its sample_fps (this)
+    min_frames: int = 4  # sampled frames of an encoded clip at least (fps rule), at most max_frames
+    max_frames: int = 768  # also caps a frame list (sampled down evenly beyond it)
+    min_pixels: int = 100352  # per frame (128 tokens of 28x28); frames are resized to one size per video
+    max_pixels: int = 602112  # per frame (768 tokens of 28x28)
+    total_pixels: int = 90316800  # the whole video (0.9 x 128000 tokens of 28x28): more frames, smaller frames
+
+
+@dataclass
 class DataConfig:
     train_files: List[str] = field(default_factory=list)
     val_files: List[str] = field(default_factory=list)
@@ -53,6 +65,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)  # the `videos` column (Qwen2.5-VL)
 
 
 @dataclass

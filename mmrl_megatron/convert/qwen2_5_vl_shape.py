@@ -5,7 +5,7 @@ Published checkpoints carry the flat transformers-4.x layout (language keys at t
 `text_config` with `rope_parameters`. Everything downstream reads this one normalised view.
 """
 from dataclasses import dataclass
-from typing import List, Mapping
+from typing import List, Mapping, Optional
 
 from .errors import CheckpointError
 
@@ -52,6 +52,7 @@ class Qwen25VLShape:
     vision: VisionShape
     image_token_id: int
     vision_start_token_id: int
+    video_token_id: Optional[int] = None  # videos' pads take vision features as images' do
 
 
 def _required(section: Mapping, key: str, where: str):
@@ -98,4 +99,5 @@ def read_shape(config: Mapping) -> Qwen25VLShape:
         rope_theta=float(vision_rope.get("rope_theta", 10000.0)))
     return Qwen25VLShape(text=text_shape, vision=vision_shape,
                          image_token_id=_required(config, "image_token_id", "the top level"),
-                         vision_start_token_id=_required(config, "vision_start_token_id", "the top level"))
+                         vision_start_token_id=_required(config, "vision_start_token_id", "the top level"),
+                         video_token_id=config.get("video_token_id"))

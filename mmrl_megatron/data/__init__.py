@@ -1,4 +1,4 @@
-"""verl-format parquet prompts for vision-language RL: parsing, image processing, M-RoPE positions."""
+"""verl-format parquet prompts for vision-language RL: parsing, image and video processing, M-RoPE positions."""
 from mmrl_megatron.data.dataset import PromptDataset
 from mmrl_megatron.data.errors import DataError
 from mmrl_megatron.data.processor import PromptProcessor

@@ -1,5 +1,6 @@
-"""Validate data files before a long job: parse every row, decode every image and, given a model directory,
-apply its processor and the prompt-length limit. Prints each skipped row with its reason and the usable count.
+"""Validate data files before a long job: parse every row, decode every image and the sampled frames of every
+video and, given a model directory, apply its processor and the prompt-length limit. Prints each skipped row
+with its reason and the usable count.
 
     python -m mmrl_megatron.data.check data/train.parquet [more.parquet] [--model DIR] [--max-prompt-length N]
 
@@ -16,9 +17,19 @@ from mmrl_megatron.data.format import parse_row
 from mmrl_megatron.data.images import decode_images
 from mmrl_megatron.data.processor import PromptProcessor
 from mmrl_megatron.data.source import ParquetSource
+from mmrl_megatron.data.videos import load_video
+
+# without a model: Qwen2.5-VL's 28-pixel frame factor and 2-frame temporal patch
+UNSPECIFIED_FRAME_FACTOR, UNSPECIFIED_TEMPORAL_PATCH = 28, 2
 
 
-def check_file(path: str, processor: Optional[PromptProcessor], max_pixels: int) -> int:
+def _decode_media(parsed, data_config: DataConfig) -> None:
+    decode_images(parsed.images, data_config.max_pixels)
+    for number, entry in enumerate(parsed.videos):
+        load_video(entry, data_config.video, UNSPECIFIED_FRAME_FACTOR, UNSPECIFIED_TEMPORAL_PATCH, f"video {number}")
+
+
+def check_file(path: str, processor: Optional[PromptProcessor], data_config: DataConfig) -> int:
     """Print the problems of one file and return its number of usable rows."""
     try:
         source = ParquetSource([path])
@@ -30,7 +41,7 @@ def check_file(path: str, processor: Optional[PromptProcessor], max_pixels: int)
         try:
             parsed = parse_row(row)
             if processor is None:
-                decode_images(parsed.images, max_pixels)
+                _decode_media(parsed, data_config)
             else:
                 processor.process(parsed, index=row_number)
             usable += 1
@@ -49,15 +60,16 @@ def main(argv=None) -> int:
     parser.add_argument("--min-pixels", type=int, default=defaults.min_pixels)
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels)
     args = parser.parse_args(argv)
+    data_config = DataConfig(max_prompt_length=args.max_prompt_length, min_pixels=args.min_pixels,
+                             max_pixels=args.max_pixels)
     processor = None
     if args.model:
         try:
-            processor = PromptProcessor(args.model, DataConfig(max_prompt_length=args.max_prompt_length,
-                                                               min_pixels=args.min_pixels, max_pixels=args.max_pixels))
+            processor = PromptProcessor(args.model, data_config)
         except DataError as error:
             print(f"--model: {error}", file=sys.stderr)
             return 2
-    usable = sum(check_file(path, processor, args.max_pixels) for path in args.files)
+    usable = sum(check_file(path, processor, data_config) for path in args.files)
     print(f"total: {usable} usable rows")
     return 0 if usable > 0 else 1
 

@@ -21,9 +21,11 @@ def pixel_limit(max_pixels: int) -> int:
     return max(PIXELS_PER_MAX_PIXEL * max_pixels, ALWAYS_DECODED_PIXELS)
 
 
-def decode_images(encoded: List[bytes], max_pixels: int = DataConfig.max_pixels) -> List[Image.Image]:
+def decode_images(encoded: List[bytes], max_pixels: int = DataConfig.max_pixels, label: str = "image",
+                  setting: str = "data.max_pixels") -> List[Image.Image]:
     """RGB images, fully decoded now so that truncated files fail here rather than inside the processor; an image
-    whose header gives more than pixel_limit(max_pixels) pixels is skipped without being decoded."""
+    whose header gives more than pixel_limit(max_pixels) pixels is skipped without being decoded. Errors name
+    the image as f"{label} {number}" and max_pixels as `setting`."""
     images = []
     limit = pixel_limit(max_pixels)
     for number, data in enumerate(encoded):
@@ -31,13 +33,13 @@ def decode_images(encoded: List[bytes], max_pixels: int = DataConfig.max_pixels)
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 width, height = image.size
                 if width * height > limit:
-                    raise SkippedRow("oversized_image", f"image {number} is {width}x{height} pixels, over the "
-                                     f"{limit} allowed for data.max_pixels={max_pixels} "
+                    raise SkippedRow("oversized_image", f"{label} {number} is {width}x{height} pixels, over the "
+                                     f"{limit} allowed for {setting}={max_pixels} "
                                      f"(max({PIXELS_PER_MAX_PIXEL} x max_pixels, {ALWAYS_DECODED_PIXELS})); "
                                      "downscale it in the data")
                 images.append(image.convert("RGB"))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            raise SkippedRow("undecodable_image", f"image {number} cannot be decoded: {error}") from error
+            raise SkippedRow("undecodable_image", f"{label} {number} cannot be decoded: {error}") from error
     return images
 
 

@@ -1,19 +1,22 @@
-"""Turn a parsed row into a PromptSample: chat template, image processing, pad expansion, length limit.
+"""Turn a parsed row into a PromptSample: chat template, image and video processing, pad expansion, length limit.
 
-The same steps for every model family; what differs (the image pad and span tokens, the image processor,
-how many pads an image stands for) is the family's entry in data/vision_families.py, chosen by the
-checkpoint's config.json model_type. Each image pad is expanded as the family's own processor does:
-tokens_per_image copies per image, in order.
+The same steps for every model family; what differs (the image and video pads and span tokens, the image and
+video processors, how many pads an image or video stands for) is the family's entry in
+data/vision_families.py, chosen by the checkpoint's config.json model_type. Each pad is expanded as the
+family's own processor does: its image's or video's token count, in prompt order; the patches of images and
+videos are concatenated in that same order.
 """
 import os
 import random
 import re
 from typing import List, Optional
 
+import torch
+
 from mmrl_megatron.data.errors import DataError, SkippedRow
 from mmrl_megatron.data.format import ParsedRow
 from mmrl_megatron.data.images import augment_image, decode_images, encode_png
-from mmrl_megatron.data.types import PromptSample
+from mmrl_megatron.data.types import ProcessedImages, ProcessedVideo, PromptSample
 from mmrl_megatron.data.vision_families import vision_family
 
 # transformers builds an empty tokenizer from config.json alone, so the directory is checked for these first
@@ -58,8 +61,9 @@ def load_tokenizer(model_dir: str):
 class PromptProcessor:
     """Processes rows for one model directory under one data config (min/max pixels, length limit, augmentation).
 
-    Token ids (image_token_id: the expanded pad; vision_start/end_token_id: the image span's ends;
-    end_of_turn_token_id) and merge_size (patches merged per image token, per side) are the checkpoint's."""
+    Token ids (image_token_id / video_token_id: the expanded pads, video None for a family without videos;
+    vision_start/end_token_id: the image span's ends; end_of_turn_token_id) and merge_size (patches merged per
+    image token, per side) are the checkpoint's."""
 
     def __init__(self, model_dir: str, data_config):
         self.config = data_config
@@ -68,16 +72,20 @@ class PromptProcessor:
         self.tokenizer = load_tokenizer(model_dir)
         try:
             self.image_processor = self.family.load_image_processor(model_dir, data_config)
+            loader = self.family.load_video_processor
+            self.video_processor = loader(model_dir, data_config) if loader else None
         except (OSError, ValueError) as error:  # transformers' message is a paragraph; its first sentence names it
             raise DataError(f"{model_dir}: its image processor cannot be loaded "
                             f"({str(error).split('. ')[0]}); it needs preprocessor_config.json") from error
         family = self.family
-        tokens = (family.image_pad, family.vision_start, family.vision_end, family.end_of_turn)
+        pads = tuple(pad for pad in (family.image_pad, family.video_pad) if pad)
+        tokens = (*pads, family.vision_start, family.vision_end, family.end_of_turn)
         token_ids = {token: self.tokenizer.convert_tokens_to_ids(token) for token in tokens}
         if any(value is None or value == self.tokenizer.unk_token_id for value in token_ids.values()):
             raise DataError(f"{model_dir}: the tokenizer lacks the {self.family_name} tokens {list(token_ids)}")
-        self.image_tokens = (family.image_pad, family.vision_start, family.vision_end)
+        self.image_tokens = (*pads, family.vision_start, family.vision_end)
         self.image_token_id = token_ids[family.image_pad]
+        self.video_token_id = token_ids.get(family.video_pad)
         self.vision_start_token_id, self.vision_end_token_id = (token_ids[family.vision_start],
                                                                 token_ids[family.vision_end])
         self.end_of_turn_token_id = token_ids[family.end_of_turn]
@@ -102,35 +110,59 @@ class PromptProcessor:
         images = [augment_image(image, rng, augment.rotation_degrees, augment.crop_fraction) for image in images]
         return images, [encode_png(image) for image in images]
 
+    def _videos(self, parsed: ParsedRow) -> List[ProcessedVideo]:
+        if parsed.videos and self.video_processor is None:
+            raise SkippedRow("video_unsupported", f"the row has {len(parsed.videos)} video(s) but {self.family_name} "
+                             "takes no videos; use a model that does (Qwen2.5-VL) or drop the videos column")
+        return [self.video_processor(entry, f"video {number}") for number, entry in enumerate(parsed.videos)]
+
+    def _check_rendered_pads(self, text: str, images: int, videos: int) -> None:
+        for pad, count in ((self.family.image_pad, images), (self.family.video_pad, videos)):
+            if pad and text.count(pad) != count:
+                raise DataError(f"{self.model_dir}: the chat template rendered {text.count(pad)} pads {pad} for "
+                                f"{count} images/videos; use the model's own {self.family_name} chat template")
+
     def process(self, parsed: ParsedRow, index: int, augment_seed: Optional[int] = None) -> PromptSample:
         """The sample for one row; raises SkippedRow (with its counter reason) for rows that cannot be used.
-        `augment_seed` enables data.augment for this sample (training); None leaves images untouched."""
+        `augment_seed` enables data.augment for this sample's images (training); None leaves them untouched."""
         self._refuse_image_tokens_in_text(parsed)
         images, encoded = self._images(parsed, augment_seed)
+        videos = self._videos(parsed)
         text = self.tokenizer.apply_chat_template(parsed.messages, tokenize=False, add_generation_prompt=True)
-        pad = self.family.image_pad
-        if text.count(pad) != len(images):
-            raise DataError(f"{self.model_dir}: the chat template rendered {text.count(pad)} image pads {pad} for "
-                            f"{len(images)} images; use the model's own {self.family_name} chat template")
-        pixel_values = grid = None
-        token_counts = []
-        if images:
-            processed = self.image_processor(images)
-            pixel_values, grid, token_counts = (processed.pixel_values, processed.image_grid_thw,
-                                                processed.tokens_per_image)
-        ids = self._expand_image_pads(self.tokenizer.encode(text, add_special_tokens=False), token_counts)
-        fitted_ids, text = self._fit_length(ids, text)
+        self._check_rendered_pads(text, len(images), len(videos))
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        pixel_values, grid, token_counts = self._visual_inputs(ids, self.image_processor(images) if images else None,
+                                                               videos)
+        expanded = self._expand_pads(ids, token_counts)
+        fitted_ids, text = self._fit_length(expanded, text)
         return PromptSample(index=index, prompt_ids=fitted_ids, pixel_values=pixel_values, image_grid_thw=grid,
                             images=encoded, prompt_text=text, ground_truth=parsed.ground_truth,
                             data_source=parsed.data_source, extra_info=parsed.extra_info,
                             messages=parsed.messages, ability=parsed.ability,
-                            truncated=len(fitted_ids) < len(ids))
+                            truncated=len(fitted_ids) < len(expanded),
+                            second_per_grid_ts=[video.second_per_grid_t for video in videos])
 
-    def _expand_image_pads(self, ids: List[int], token_counts: List[int]) -> List[int]:
+    def _visual_inputs(self, ids: List[int], images: Optional[ProcessedImages], videos: List[ProcessedVideo]):
+        """(patches, grid rows, token counts) of every image and video in the order their pads take in `ids`;
+        (None, None, []) without either."""
+        if images is None and not videos:
+            return None, None, []
+        image_items = iter(())
+        if images is not None:
+            rows = images.pixel_values.split(images.image_grid_thw.prod(-1).tolist())
+            image_items = iter(zip(rows, images.image_grid_thw.split(1), images.tokens_per_image))
+        video_items = iter((video.pixel_values, video.grid_thw, video.tokens) for video in videos)
+        items = [next(image_items if token == self.image_token_id else video_items)
+                 for token in ids if token in (self.image_token_id, self.video_token_id)]
+        pixels, grids, counts = zip(*items)
+        return torch.cat(pixels), torch.cat(grids), list(counts)
+
+    def _expand_pads(self, ids: List[int], token_counts: List[int]) -> List[int]:
         counts = iter(token_counts)
         expanded = []
         for token in ids:
-            expanded.extend([token] * next(counts) if token == self.image_token_id else [token])
+            pad = token in (self.image_token_id, self.video_token_id)
+            expanded.extend([token] * next(counts) if pad else [token])
         return expanded
 
     def _fit_length(self, ids: List[int], text: str):
@@ -144,5 +176,6 @@ class PromptProcessor:
         if truncated is None:
             raise SkippedRow("overlong_prompt", f"image tokens alone exceed the limit of {limit} tokens")
         text = self.tokenizer.decode(truncated, skip_special_tokens=False)
-        pad = self.family.image_pad
-        return truncated, re.sub(f"(?:{re.escape(pad)})+", pad, text)
+        for pad in (self.family.image_pad, self.family.video_pad):
+            text = re.sub(f"(?:{re.escape(pad)})+", pad, text) if pad else text
+        return truncated, text

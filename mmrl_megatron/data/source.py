@@ -15,7 +15,7 @@ from mmrl_megatron.data.format import REQUIRED_COLUMNS
 
 logger = logging.getLogger(__name__)
 LARGE_ROW_GROUP = 8192  # rows; a row group is the unit held in memory, so huge ones defeat streaming
-COLUMNS = ("prompt", "images", "reward_model", "data_source", "ability", "extra_info")
+COLUMNS = ("prompt", "images", "videos", "reward_model", "data_source", "ability", "extra_info")
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,31 @@ class ProcessedImages:
 
 
 @dataclass
+class ProcessedVideo:
+    """One video as a family's video processor returns it (data/qwen2_5_vl_video.py).
+
+    pixel_values: its patches, temporal patch after temporal patch, in the layout the vision tower takes.
+    grid_thw: [1, 3] LongTensor (t, h, w) in patches; t counts temporal patches (frames / temporal_patch_size).
+    tokens: how many copies of the video pad token stand for it in the prompt.
+    second_per_grid_t: seconds of video per temporal patch (temporal_patch_size / sampled fps), which spaces
+        its temporal M-RoPE positions.
+    """
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    tokens: int
+    second_per_grid_t: float
+
+
+@dataclass
 class PromptSample:
     """One processed prompt, ready for the rollout engine and the trainer.
 
     prompt_ids: chat-templated token ids with each image's pad token expanded to its patch count.
-    pixel_values: float32 patches (None without images): Qwen2.5-VL [num_patches, channels * temporal_patch *
-        patch * patch], Kimi-VL [num_patches, channels, patch, patch].
-    image_grid_thw: [num_images, 3] LongTensor (t, h, w) in patches, t = 1 for Kimi-VL (None without images).
+    pixel_values: float32 patches of every image and video, in prompt order (None without either): Qwen2.5-VL
+        [num_patches, channels * temporal_patch * patch * patch], Kimi-VL [num_patches, channels, patch, patch].
+    image_grid_thw: [num_images + num_videos, 3] LongTensor (t, h, w) in patches, one row per image or video in
+        prompt order (the pad token before it says which); t = 1 for images (None without either).
+    second_per_grid_ts: seconds per temporal patch of each video, in prompt order (empty without videos).
     images: the encoded images as the model sees them (after augmentation), for engines that take bytes.
     prompt_text: the templated prompt with one pad token per image (the form a processor or SGLang takes).
     messages: the chat as parsed (content parts {"type": "image"} / {"type": "text", "text": ...}).
@@ -42,3 +60,4 @@ class PromptSample:
     messages: List[Dict[str, Any]] = field(default_factory=list)
     ability: str = ""
     truncated: bool = False  # data.overlong_prompt=truncate removed text tokens from this prompt
+    second_per_grid_ts: List[float] = field(default_factory=list)

@@ -37,6 +37,9 @@ class RewardModelJudge:
         if item.messages is None:
             raise RewardError("the reward model needs each RewardItem's messages (and images); pass them from "
                               "the PromptSample")
+        if any(part.get("type") == "video" for message in item.messages for part in message["content"]):
+            raise RewardError("reward.reward_model judges prompts with images, not videos; a video prompt reached it: "
+                              "score video data with a rule reward (reward.function) only")
         messages = list(item.messages) + [
             {"role": "assistant", "content": [{"type": "text", "text": item.response_text}]},
             {"role": "user", "content": [{"type": "text", "text": JUDGE_QUESTION}]}]

@@ -23,10 +23,11 @@ class RolloutRequest:
     """One prompt. `prompt_ids` has the chat template applied and image pads already expanded."""
 
     prompt_ids: List[int]
-    pixel_values: Optional[torch.Tensor] = None  # [patches, channels * temporal * patch * patch]
-    image_grid_thw: Optional[torch.Tensor] = None  # [images, 3]
+    pixel_values: Optional[torch.Tensor] = None  # [patches, channels * temporal * patch * patch], images and videos
+    image_grid_thw: Optional[torch.Tensor] = None  # [images + videos, 3], in prompt order
     images: List[bytes] = field(default_factory=list)  # the encoded images, for engines that process them
     prompt_text: Optional[str] = None  # templated text with one pad per image, for engines that take text
+    second_per_grid_ts: List[float] = field(default_factory=list)  # per video, in prompt order (M-RoPE time)
 
 
 @dataclass

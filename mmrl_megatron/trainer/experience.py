@@ -6,7 +6,7 @@ generates and scores a contiguous share of the prompts with its own engine and t
 all-gathered, so every GPU generates and every rank ends with the same samples in the same order.
 """
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,8 +25,9 @@ class ExperienceSources:
     engine: object  # rollout.RolloutEngine
     reward: object  # rewards.RewardFunction (score_batch)
     decode: Callable[[List[int]], str]
-    # (prompt ids, response length, image_grid_thw) -> [3, P + R] positions (trainer.build.position_rule)
-    positions: Callable[[List[int], int, Optional[torch.Tensor]], torch.Tensor]
+    # (prompt ids, response length, image_grid_thw, second_per_grid_ts) -> [3, P + R] positions
+    # (trainer.build.position_rule)
+    positions: Callable[..., torch.Tensor]
 
 
 def model_parallel_share(count: int) -> range:
@@ -57,7 +58,8 @@ def generate_and_score(prompts: Sequence, sources: ExperienceSources, sampling: 
     share = model_parallel_share(len(prompts))
     mine = [prompts[i] for i in share]
     requests = [RolloutRequest(prompt_ids=p.prompt_ids, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
-                               images=p.images, prompt_text=p.prompt_text) for p in mine]
+                               images=p.images, prompt_text=p.prompt_text, second_per_grid_ts=p.second_per_grid_ts)
+                for p in mine]
     results = sources.engine.generate(requests, sampling) if requests else []
     texts = [sources.decode(r.response_ids) for r in results]
     # the prompt's chat and images travel with each response: a reward model judges them together
@@ -75,7 +77,8 @@ def generate_and_score(prompts: Sequence, sources: ExperienceSources, sampling: 
                         group=group_offset + prompt_index, rollout_logprobs=logprobs,
                         pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
                         finish_reason=finish_reason, score=float(score), accuracy=float(accuracy))
-        sample.position_ids = sources.positions(sample.prompt_ids, len(response_ids), prompt.image_grid_thw)
+        sample.position_ids = sources.positions(sample.prompt_ids, len(response_ids), prompt.image_grid_thw,
+                                                prompt.second_per_grid_ts)
         samples.append(sample)
     if overlong_buffer > 0:
         lengths = torch.tensor([len(s.response_ids) for s in samples])

@@ -1,27 +1,34 @@
 """Position ids of a prompt + response sequence as the model scores it, per model family.
 
-A rule is (prompt ids, response length, image_grid_thw) -> [3, P + R]: the prompt's positions as the
-family's HF implementation computes them, the response's as generation places them.
+A rule is (prompt ids, response length, image_grid_thw, second_per_grid_ts=()) -> [3, P + R]: the prompt's
+positions as the family's HF implementation computes them, the response's as generation places them.
+image_grid_thw has a row per image or video in prompt order, second_per_grid_ts an entry per video.
 """
-from typing import Callable, List, Mapping
+from typing import Callable, List, Mapping, Sequence
 
 import torch
 
 from ..models import family_of
 from ..models.errors import ModelError
 
-PositionRule = Callable[[List[int], int, object], torch.Tensor]
+PositionRule = Callable[..., torch.Tensor]
+QWEN_TOKENS_PER_SECOND = 4  # transformers' Qwen2_5_VLVisionConfig default, for a config.json without the key
 
 
 def _qwen2_5_vl(hf_config: Mapping) -> PositionRule:
     """M-RoPE: transformers' get_rope_index for the prompt (data.rope_positions)."""
     from ..data.rope import rope_positions, with_response_positions
 
-    merge = hf_config.get("vision_config", {}).get("spatial_merge_size", 2)
+    vision = hf_config.get("vision_config", {})
+    merge = vision.get("spatial_merge_size", 2)
+    tokens_per_second = vision.get("tokens_per_second", QWEN_TOKENS_PER_SECOND)
     image_token, vision_start = hf_config["image_token_id"], hf_config["vision_start_token_id"]
+    video_token = hf_config.get("video_token_id")
 
-    def positions(prompt_ids: List[int], response_length: int, image_grid_thw) -> torch.Tensor:
-        prompt = rope_positions(torch.tensor(prompt_ids), image_grid_thw, merge, image_token, vision_start)
+    def positions(prompt_ids: List[int], response_length: int, image_grid_thw,
+                  second_per_grid_ts: Sequence[float] = ()) -> torch.Tensor:
+        prompt = rope_positions(torch.tensor(prompt_ids), image_grid_thw, merge, image_token, vision_start,
+                                video_token, second_per_grid_ts, tokens_per_second)
         return with_response_positions(prompt, response_length)
 
     return positions
@@ -31,7 +38,8 @@ def _kimi_vl(hf_config: Mapping) -> PositionRule:
     """1-D positions 0..P+R-1 (image tokens count one each), in M-RoPE's [3, L] shape; KimiVLModel
     ignores them because megatron's MLA numbers each packed sequence from 0 itself, as generation does."""
 
-    def positions(prompt_ids: List[int], response_length: int, image_grid_thw) -> torch.Tensor:
+    def positions(prompt_ids: List[int], response_length: int, image_grid_thw,
+                  second_per_grid_ts: Sequence[float] = ()) -> torch.Tensor:
         return torch.arange(len(prompt_ids) + response_length).expand(3, -1).clone()
 
     return positions

@@ -30,7 +30,8 @@ def _model_parallel_first_ranks_results(results: list) -> list:
 def build_refit_probe(prompts: Sequence, actor, positions, pack_sequences, token_budget: int) -> RefitProbe:
     """A RefitProbe over `prompts` (data.PromptSample, the same on every rank) scored by the actor role."""
     requests = [RolloutRequest(prompt_ids=list(p.prompt_ids), pixel_values=p.pixel_values,
-                               image_grid_thw=p.image_grid_thw, images=p.images, prompt_text=p.prompt_text)
+                               image_grid_thw=p.image_grid_thw, images=p.images, prompt_text=p.prompt_text,
+                               second_per_grid_ts=p.second_per_grid_ts)
                 for p in prompts]
 
     def actor_logprobs(requests: Sequence[RolloutRequest], results: Sequence) -> List:
@@ -41,7 +42,7 @@ def build_refit_probe(prompts: Sequence, actor, positions, pack_sequences, token
                                   group=result.request_index, pixel_values=request.pixel_values,
                                   image_grid_thw=request.image_grid_thw,
                                   position_ids=positions(request.prompt_ids, len(result.response_ids),
-                                                         request.image_grid_thw)))
+                                                         request.image_grid_thw, request.second_per_grid_ts)))
         micro_batches = build_micro_batches(samples, token_budget, pack_sequences)
         actor.score(micro_batches, lambda output, mb: losses.response_logprobs(output, mb, 1.0), PROBE_NAME)
         return [sample.tensors[PROBE_NAME] for sample in samples]

@@ -17,7 +17,8 @@ def supervised_samples(prompts, encode: Callable[[str], List[int]], template: st
         response = encode(template.format(answer=prompt.ground_truth)) + list(end_ids)
         sample = Sample(prompt_ids=list(prompt.prompt_ids), response_ids=response, group=index,
                         pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
-        sample.position_ids = positions(sample.prompt_ids, len(response), prompt.image_grid_thw)
+        sample.position_ids = positions(sample.prompt_ids, len(response), prompt.image_grid_thw,
+                                        prompt.second_per_grid_ts)
         samples.append(sample)
     return samples
 

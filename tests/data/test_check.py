@@ -59,3 +59,18 @@ def test_model_without_tokenizer_is_one_line(tmp_path, tiny_model_dir, capsys):
                                          "tokenizer_config.json); point at a complete Hugging Face model directory, "
                                          "or copy the tokenizer files into it"]
     assert captured.out == ""
+
+
+def test_check_decodes_videos_without_a_model(tmp_path, capsys):
+    """Invariant: without a model, the check still decodes each video's sampled frames: a truncated clip is
+    reported with file, row and reason, and good frame lists and clips count as usable."""
+    from tests.data.videos import encoded_clip, frame_arrays, png_frames
+
+    clip = encoded_clip(frame_arrays(8, 56, 84), 4)
+    entries = [{"video": png_frames(frame_arrays(4, 56, 84)), "bytes": None}, {"video": None, "bytes": clip[:200]},
+               {"video": None, "bytes": clip}]
+    path = tmp_path / "videos.parquet"
+    write_rows(str(path), [make_row("What moves?", [], "1", "unit", videos=[entry]) for entry in entries])
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path} row 1: undecodable_video: video 0: " in out and f"{path}: 2 usable of 3 rows" in out

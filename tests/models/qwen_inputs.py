@@ -1,6 +1,7 @@
 """A fixed multimodal batch for Qwen2.5-VL tests: one sample with two images of different sizes
-(one with ragged attention windows), one text-only sample; with M-RoPE positions, packed and padded."""
-from dataclasses import dataclass
+(one with ragged attention windows), one text-only sample, and one with a video of several temporal patches
+followed by an image; with M-RoPE positions, packed and padded."""
+from dataclasses import dataclass, field
 from typing import List
 
 import torch
@@ -9,14 +10,19 @@ from mmrl_megatron.data import rope_positions
 
 # (t, h, w) in patches: 3x5 merged patches cut into 2x2-merged windows leaves ragged edge windows
 IMAGE_GRIDS = [(1, 6, 10), (1, 4, 4)]
+# 8 frames of 56 x 84 pixels: 4 temporal patches of 4 x 6 patches; 3 frames per second of video, so the temporal
+# positions are spaced by tokens_per_second x 2/3 s, a fraction that get_rope_index truncates
+VIDEO_GRID, VIDEO_SECOND_PER_GRID_T = (4, 4, 6), 2 / 3
 
 
 @dataclass
 class Sample:
     ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [3, T]
-    pixel_values: torch.Tensor  # [patches, C*T*P*P] or None
-    grid_thw: torch.Tensor  # [images, 3] or None
+    pixel_values: torch.Tensor  # [patches, C*T*P*P] or None, images and videos in prompt order
+    grid_thw: torch.Tensor  # [images + videos, 3] or None
+    kinds: List[str] = field(default_factory=list)  # "image" / "video" per grid row
+    second_per_grid_ts: List[float] = field(default_factory=list)  # per video
 
 
 def make_samples(hf_config: dict, seed: int = 3) -> List[Sample]:
@@ -24,22 +30,30 @@ def make_samples(hf_config: dict, seed: int = 3) -> List[Sample]:
     vision = hf_config["vision_config"]
     merge = vision["spatial_merge_size"]
     row = vision.get("in_channels", 3) * vision["temporal_patch_size"] * vision["patch_size"] ** 2
-    image, start, end = hf_config["image_token_id"], hf_config["vision_start_token_id"], hf_config["vision_end_token_id"]
+    start, end = hf_config["vision_start_token_id"], hf_config["vision_end_token_id"]
+    pads = {"image": hf_config["image_token_id"], "video": hf_config["video_token_id"]}
 
     def text(n):
         return torch.randint(0, 256, (n,), generator=generator).tolist()
 
-    ids: List[int] = text(5)
-    for t, h, w in IMAGE_GRIDS:
-        ids += [start] + [image] * (t * h * w // merge ** 2) + [end] + text(3)
-    ids += text(6)
-    grids = torch.tensor(IMAGE_GRIDS)
-    pixels = torch.randn(int(grids.prod(-1).sum()), row, generator=generator)
+    def vision_sample(items, text_lengths):
+        """text, then each (kind, grid) item's span followed by text."""
+        ids: List[int] = text(text_lengths[0])
+        for (kind, (t, h, w)), length in zip(items, text_lengths[1:]):
+            ids += [start] + [pads[kind]] * (t * h * w // merge ** 2) + [end] + text(length)
+        grids = torch.tensor([grid for _, grid in items])
+        pixels = torch.randn(int(grids.prod(-1).sum()), row, generator=generator)
+        kinds = [kind for kind, _ in items]
+        return ids, grids, pixels, kinds, [VIDEO_SECOND_PER_GRID_T] * kinds.count("video")
+
+    images = vision_sample([("image", grid) for grid in IMAGE_GRIDS], [5, 3, 9])
+    video = vision_sample([("video", VIDEO_GRID), ("image", IMAGE_GRIDS[1])], [4, 2, 3])
     samples = []
-    for sample_ids, sample_grids, sample_pixels in [(ids, grids, pixels), (text(11), None, None)]:
+    for sample_ids, grids, pixels, kinds, seconds in [images, (text(11), None, None, [], []), video]:
         tensor = torch.tensor(sample_ids)
-        positions = rope_positions(tensor, sample_grids, merge, image, start)
-        samples.append(Sample(tensor, positions, sample_pixels, sample_grids))
+        positions = rope_positions(tensor, grids, merge, pads["image"], start, pads["video"], seconds,
+                                   vision["tokens_per_second"])
+        samples.append(Sample(tensor, positions, pixels, grids, kinds, seconds))
     return samples
 
 
@@ -77,6 +91,24 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[:-1].float(), dim=-1).gather(-1, ids[1:, None]).squeeze(-1)
 
 
+def hf_inputs(sample: Sample, device: str, dtype) -> dict:
+    """transformers' keyword inputs for a sample's images and videos (none for text), with mm_token_type_ids:
+    transformers 5.x computes M-RoPE positions (get_rope_index) only when given it."""
+    if sample.pixel_values is None:
+        return {}
+    is_video = torch.tensor([kind == "video" for kind in sample.kinds])
+    patches = sample.pixel_values.split(sample.grid_thw.prod(-1).tolist())
+    inputs = {}
+    for name, rows in (("image", ~is_video), ("video", is_video)):
+        if rows.any():
+            chosen = [piece for piece, keep in zip(patches, rows.tolist()) if keep]
+            inputs["pixel_values" if name == "image" else "pixel_values_videos"] = torch.cat(chosen).to(device, dtype)
+            inputs[f"{name}_grid_thw"] = sample.grid_thw[rows].to(device)
+    if sample.second_per_grid_ts:
+        inputs["second_per_grid_ts"] = torch.tensor(sample.second_per_grid_ts, device=device)
+    return inputs
+
+
 def hf_logprobs(hf_dir: str, samples: List[Sample], dtype=torch.float32, device: str = "cpu") -> List[torch.Tensor]:
     """The oracle: transformers' Qwen2_5_VLForConditionalGeneration, one sample at a time, positions its own.
 
@@ -92,12 +124,11 @@ def hf_logprobs(hf_dir: str, samples: List[Sample], dtype=torch.float32, device:
     results = []
     with torch.no_grad():
         for sample in samples:
-            # transformers 5.x computes M-RoPE positions (get_rope_index) only when given mm_token_type_ids
             ids = sample.ids.to(device)
-            image_tokens = (ids == model.config.image_token_id).int()[None]
-            extra = {} if sample.pixel_values is None else dict(
-                pixel_values=sample.pixel_values.to(device, dtype), image_grid_thw=sample.grid_thw.to(device),
-                mm_token_type_ids=image_tokens)
+            extra = hf_inputs(sample, device, dtype)
+            if extra:
+                extra["mm_token_type_ids"] = ((ids == model.config.image_token_id).int()
+                                              + 2 * (ids == model.config.video_token_id).int())[None]
             logits = model(input_ids=ids[None], **extra).logits[0]
             results.append(token_logprobs(logits, ids).cpu())
     return results

@@ -3,7 +3,9 @@
 One 4-rank CPU run builds the model at (TP, PP) = (2,2), (2,1), (1,2), (1,1) (data-parallel replicas
 fill the rest), loads the same tiny HF checkpoint (untied embeddings, vocabulary padded for TP), and
 computes per-token log-probs through megatron-core's pipeline schedule for a batch with two images of
-different sizes in one sample and a text-only sample, packed (THD) and right-padded."""
+different sizes in one sample, a text-only sample, and a video of 4 temporal patches (8 frames) followed by
+an image in one sample (transformers gets it as pixel_values_videos with second_per_grid_ts), packed (THD)
+and right-padded."""
 import json
 import os
 
@@ -97,7 +99,8 @@ def parity(tmp_path_factory):
 
 
 def test_logprobs_match_transformers_under_every_layout(parity):
-    """Invariant: TP and PP change how the work is split, never the log-probs (1e-4 of HF in fp32)."""
+    """Invariant: TP and PP change how the work is split, never the log-probs (1e-4 of HF in fp32), for images
+    and for a video's temporal patches alike."""
     reference, per_rank = parity
     seen = set()
     for results in per_rank:

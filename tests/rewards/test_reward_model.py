@@ -32,8 +32,8 @@ def test_batched_judge_equals_one_at_a_time(tiny_model_dir):
 
 def test_reward_model_in_reward_function(tiny_model_dir):
     """Invariant: reward_model_weight scales the judge's score into the total; items without the prompt's
-    messages are refused with RewardError rather than judged blind; an item whose image cannot be read scores
-    0 with its error counted while the rest of the batch is judged."""
+    messages, or whose prompt holds a video, are refused with RewardError rather than judged blind; an item whose
+    image cannot be read scores 0 with its error counted while the rest of the batch is judged."""
     reward = build_reward_function(RewardConfig(function="none", reward_model=tiny_model_dir, reward_model_weight=2.0),
                                    DataConfig(max_prompt_length=4096))
     results = reward.score_batch(_items()[:2])
@@ -41,6 +41,10 @@ def test_reward_model_in_reward_function(tiny_model_dir):
         assert result.score == pytest.approx(2.0 * result.components["reward_model"]) and result.accuracy == 0.0
     with pytest.raises(RewardError, match="messages"):
         reward.score_batch([("s", "\\boxed{1}", "1", {})])
+    video = _items()[0]
+    video = video._replace(messages=[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}])
+    with pytest.raises(RewardError, match="not videos"):
+        reward.score_batch([video])
     unreadable = _items()[0]._replace(images=[b"broken"])
     result, good = reward.score_batch([unreadable, _items()[0]])
     assert result.score == 0.0 and result.error.startswith("reward model: undecodable_image")

@@ -25,14 +25,51 @@ def make_requests(config, grids: Sequence[Optional[List[int]]], text_len: int = 
     return requests
 
 
+def make_video_request(config, video_grid: List[int], image_grid: List[int], second_per_grid_t: float,
+                       seed: int = 0) -> RolloutRequest:
+    """A prompt holding a video then an image (expanded pads, random patches) with its second_per_grid_ts."""
+    generator = torch.Generator().manual_seed(seed)
+    merge = config.vision_config.spatial_merge_size
+    ids = [10, 20, 30]
+    for pad, (t, h, w) in ((config.video_token_id, video_grid), (config.image_token_id, image_grid)):
+        ids += [config.vision_start_token_id] + [pad] * (t * h * w // merge ** 2) + [config.vision_end_token_id, 40]
+    grid = torch.tensor([video_grid, image_grid])
+    row = 3 * config.vision_config.temporal_patch_size * config.vision_config.patch_size ** 2
+    pixel_values = torch.randn(int(grid.prod(-1).sum()), row, generator=generator)
+    return RolloutRequest(ids, pixel_values, grid, second_per_grid_ts=[second_per_grid_t])
+
+
+def _hf_vision_inputs(model, request: RolloutRequest) -> dict:
+    """transformers' image and video inputs for a request whose rows are images or videos in prompt order
+    (told apart by the pad after each vision start)."""
+    if request.pixel_values is None:
+        return {}
+    ids = torch.tensor(request.prompt_ids)
+    pads = ids[1:][ids[:-1] == model.config.vision_start_token_id]
+    is_video = pads == model.config.video_token_id
+    patches = request.pixel_values.split(request.image_grid_thw.prod(-1).tolist())
+    inputs = {}
+    for name, rows in (("image", ~is_video), ("video", is_video)):
+        if rows.any():
+            chosen = [piece for piece, keep in zip(patches, rows.tolist()) if keep]
+            inputs["pixel_values" if name == "image" else "pixel_values_videos"] = torch.cat(chosen)
+            inputs[f"{name}_grid_thw"] = request.image_grid_thw[rows]
+    if request.second_per_grid_ts:
+        inputs["second_per_grid_ts"] = torch.tensor(request.second_per_grid_ts)
+    return inputs
+
+
 def hf_logits(model, request: RolloutRequest, response_ids: List[int]) -> torch.Tensor:
     """HF's own forward over prompt + response: fp32 logits predicting each response token [R, vocab]."""
     input_ids = torch.tensor([list(request.prompt_ids) + list(response_ids)], device=model.device)
-    inputs = {} if request.pixel_values is None else dict(pixel_values=request.pixel_values,
-                                                          image_grid_thw=request.image_grid_thw)
+    inputs = _hf_vision_inputs(model, request)
     # transformers >= 5.2x derives M-RoPE positions from mm_token_type_ids; earlier releases from the ids.
+    # Only the prompt's pads are images' or videos': generated tokens are text whatever their ids.
     if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
-        inputs["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
+        prompt = torch.zeros_like(input_ids, dtype=torch.bool)
+        prompt[:, :len(request.prompt_ids)] = True
+        inputs["mm_token_type_ids"] = ((input_ids == model.config.image_token_id).int()
+                                       + 2 * (input_ids == model.config.video_token_id).int()) * prompt
     with torch.no_grad():
         logits = model(input_ids=input_ids, **inputs).logits[0].float()
     prompt_len = len(request.prompt_ids)

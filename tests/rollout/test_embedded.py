@@ -13,7 +13,7 @@ from mmrl_megatron.rollout.embedded.graphs import batch_bucket, kv_bucket
 from mmrl_megatron.rollout.embedded.vision import use_length_grouped_vision_attention
 from mmrl_megatron.rollout.embedded.weights import iter_checkpoint_buckets
 
-from .embedded_helpers import hf_logits, hf_logprobs, make_requests
+from .embedded_helpers import hf_logits, hf_logprobs, make_requests, make_video_request
 
 GRIDS = [[1, 4, 4], None, [1, 4, 6]]  # two image sizes and a text-only prompt
 
@@ -55,6 +55,21 @@ def test_logprobs_equal_a_separate_hf_forward(engine, hf_model, requests):
     for result in results:
         assert len(result.response_ids) == len(result.logprobs) == 10 and result.finish_reason == "length"
         expected = hf_logprobs(hf_model, requests[result.request_index], result, sampling.temperature)
+        torch.testing.assert_close(torch.tensor(result.logprobs), expected, rtol=0, atol=1e-5)
+
+
+def test_video_prompt_logprobs_equal_a_separate_hf_forward(engine, hf_model, requests):
+    """A prompt with a video of 4 temporal patches (then an image) decodes with log-probs equal to HF's forward
+    given pixel_values_videos and second_per_grid_ts (1e-5, fp32), batched with image and text prompts."""
+    video = make_video_request(hf_model.config, [4, 4, 4], [1, 4, 4], second_per_grid_t=2 / 3, seed=5)
+    batch = [requests[0], video, requests[1]]
+    sampling = _sampling(seed=4)
+    results = engine.generate(batch, sampling)
+    assert sorted({r.request_index for r in results}) == [0, 1, 2]
+    pads = {hf_model.config.image_token_id, hf_model.config.video_token_id}
+    assert not any(pads & set(r.response_ids) for r in results), "HF's forward would take a sampled pad for a patch"
+    for result in results:
+        expected = hf_logprobs(hf_model, batch[result.request_index], result, sampling.temperature)
         torch.testing.assert_close(torch.tensor(result.logprobs), expected, rtol=0, atol=1e-5)
 
 
@@ -220,7 +235,8 @@ def test_release_and_resume_memory_keep_results(engine, requests):
 def test_image_pad_count_mismatch_is_reported(engine, requests):
     """A request whose image pads do not match its image_grid_thw raises RolloutError naming the request."""
     broken = RolloutRequest(requests[0].prompt_ids, requests[0].pixel_values, torch.tensor([[1, 4, 8]]))
-    with pytest.raises(RolloutError, match=re.escape("request 1 has 4 <|image_pad|> tokens but its image_grid_thw implies 8")):
+    with pytest.raises(RolloutError, match=re.escape("request 1 has 4 <|image_pad|>/<|video_pad|> tokens but its "
+                                                     "image_grid_thw implies 8")):
         engine.generate([requests[1], broken], _sampling())
 
 

@@ -34,6 +34,13 @@ def test_generate_payload_fields_and_types():
     assert "image_data" not in generate_payload(RolloutRequest(prompt_ids=[1]), sampling, rid="r1")
 
 
+def test_video_prompts_are_refused_not_sent_without_their_videos():
+    """A video prompt (second_per_grid_ts set) raises RolloutError naming the embedded backend: SGLang would
+    otherwise get the video pads without the frames the trainer scored."""
+    with pytest.raises(RolloutError, match="rollout.backend=embedded"):
+        generate_payload(RolloutRequest(prompt_ids=[1, 2], second_per_grid_ts=[1.0]), SamplingParams(), rid="r0")
+
+
 def test_weight_update_payload_fields_and_types():
     """Update routes: required fields present, nothing SGLang 0.5.23 does not define, dtype names as torch spells them."""
     tensors = [("a.weight", torch.zeros(2, 3, dtype=torch.bfloat16)), ("b.bias", torch.zeros(4))]

@@ -134,7 +134,8 @@ class StandInDataset:
         generator = torch.Generator().manual_seed(index)
         ids = torch.randint(0, VOCAB, (PROMPT_LENGTH,), generator=generator).tolist()
         return SimpleNamespace(index=index, prompt_ids=ids, pixel_values=None, image_grid_thw=None, images=[],
-                               prompt_text="", ground_truth="", data_source="stand_in", extra_info={}, messages=[])
+                               prompt_text="", ground_truth="", data_source="stand_in", extra_info={}, messages=[],
+                               second_per_grid_ts=[])
 
     def __iter__(self):
         while True:
@@ -154,7 +155,7 @@ class StandInDataset:
         return {"data/skipped_total": float(self.skipped)}
 
 
-def positions(prompt_ids, response_length, image_grid_thw):
+def positions(prompt_ids, response_length, image_grid_thw, second_per_grid_ts=()):
     return torch.arange(len(prompt_ids) + response_length).unsqueeze(0).expand(3, -1).clone()
 
 

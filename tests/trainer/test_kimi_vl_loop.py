@@ -31,7 +31,8 @@ class ImagePrompts(StandInDataset):
         pixel_values = torch.randn(rows * cols, 3, 14, 14, generator=generator)
         return SimpleNamespace(index=index, prompt_ids=prompt_ids, pixel_values=pixel_values,
                                image_grid_thw=torch.tensor([[1, rows, cols]]), images=[], prompt_text="",
-                               ground_truth="", data_source="synthetic", extra_info={}, messages=[])
+                               ground_truth="", data_source="synthetic", extra_info={}, messages=[],
+                               second_per_grid_ts=[])
 
 
 class RecordingTracker:

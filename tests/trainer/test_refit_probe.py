@@ -35,7 +35,7 @@ def _probe_differences(hf_dir: str):
     actor = build_role("actor", load_model(config, hf_config, "actor", device), config, device, config.actor.optim)
     engine = build_engine(config, hf_dir, device)
     prompts = [SimpleNamespace(prompt_ids=r.prompt_ids, pixel_values=r.pixel_values, image_grid_thw=r.image_grid_thw,
-                               images=[], prompt_text="")
+                               images=[], prompt_text="", second_per_grid_ts=[])
                for r in make_requests(AutoConfig.from_pretrained(hf_dir), [[1, 4, 4], None])]
     probe = build_refit_probe(prompts, actor, position_rule(hf_config, config.model), pack_sequences, 4096)
     bridge = WeightBridge(_unwrapped(actor.chunks), engine, 1 << 20, probe=probe)

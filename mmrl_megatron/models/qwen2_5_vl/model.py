@@ -1,8 +1,9 @@
 """Qwen2.5-VL as one pipeline stage of megatron-core modules.
 
 The language model is megatron-core's GPTModel with multimodal RoPE (3-axis position ids); the first
-stage also holds the vision tower, whose merged-patch embeddings replace the <|image_pad|> token
-embeddings before the decoder. Actor/reference stages end in the (TP-sharded) vocabulary projection,
+stage also holds the vision tower, whose merged-patch embeddings replace the <|image_pad|> and <|video_pad|>
+token embeddings before the decoder (a video's frames are patches of the same tower, temporal_patch_size
+frames to a patch). Actor/reference stages end in the (TP-sharded) vocabulary projection,
 critic stages in a scalar value head.
 """
 from typing import Optional
@@ -29,7 +30,8 @@ class Qwen25VLModel(MegatronModule):
     Last stage: logits [b, s, padded_vocab / TP] with the padding columns at -inf ("actor"), or values
     [b, s] ("critic"); other stages: hidden states [s, b, h] for the pipeline schedule. Packed input is
     b = 1 with `packed_seq_params` (packing.PackedSegments, or megatron's THD PackedSeqParams); padded input is
-    any b with packed_seq_params None. image_grid_thw stays on the host (it sizes the vision tower's windows).
+    any b with packed_seq_params None. pixel_values and image_grid_thw hold every image and video, in the order
+    of their pads in input_ids; image_grid_thw stays on the host (it sizes the vision tower's windows).
     prompt_mask [b, s] (True on prompt tokens) limits image placement to prompts: a sampled response may hold
     the <|image_pad|> id as an ordinary token, as the rollout engines treat it; None: every pad is an image's.
     output_rows [R] (packed input): only these stream positions reach the output layer, and the last stage
@@ -65,27 +67,29 @@ class Qwen25VLModel(MegatronModule):
         self.language_model.set_input_tensor(input_tensor)
 
     def _embed(self, input_ids, pixel_values, image_grid_thw, prompt_mask) -> torch.Tensor:
-        """[s, b, h] token embeddings with the vision tower's outputs in place of the image-pad tokens."""
+        """[s, b, h] token embeddings with the vision tower's outputs in place of the image- and video-pad tokens."""
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
-        image_tokens = input_ids == self.shape.image_token_id
+        vision_pads = input_ids == self.shape.image_token_id
+        if self.shape.video_token_id is not None:
+            vision_pads = vision_pads | (input_ids == self.shape.video_token_id)
         if prompt_mask is not None:
-            image_tokens = image_tokens & prompt_mask
+            vision_pads = vision_pads & prompt_mask
         if not input_ids.is_cuda:  # on a GPU, reading the count back would stall the stream in every forward
-            self._check_image_tokens(int(image_tokens.sum()), image_grid_thw if pixel_values is not None else None)
+            self._check_image_tokens(int(vision_pads.sum()), image_grid_thw if pixel_values is not None else None)
         if pixel_values is None:
             return embeddings
         image_embeddings = self.vision_model(pixel_values, image_grid_thw)
         # features are in batch order, so place them in [b, s, h]
-        batch_major = place_image_features(embeddings.transpose(0, 1), image_tokens, image_embeddings)
+        batch_major = place_image_features(embeddings.transpose(0, 1), vision_pads, image_embeddings)
         return batch_major.transpose(0, 1).contiguous()
 
     def _check_image_tokens(self, count: int, image_grid_thw: Optional[torch.Tensor]) -> None:
-        """One image-pad token per merged patch of the images given (none without pixel_values)."""
+        """One image- or video-pad token per merged patch of the images and videos given (none without pixel_values)."""
         unit = self.shape.vision.spatial_merge_size ** 2
         merged = 0 if image_grid_thw is None else int(image_grid_thw.prod(-1).sum()) // unit
         if count != merged:
-            raise ModelError(f"input_ids hold {count} image-pad tokens but pixel_values/image_grid_thw describe "
-                             f"{merged} merged patches; expand each <|image_pad|> to "
+            raise ModelError(f"input_ids hold {count} image/video-pad tokens but pixel_values/image_grid_thw describe "
+                             f"{merged} merged patches; expand each <|image_pad|> or <|video_pad|> to "
                              "grid_t*grid_h*grid_w/merge_size**2 copies (and pass pixel_values with them)")
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ SPECIAL_TOKENS = ["<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|vision_start
                   "<|image_pad|>", "<|video_pad|>"]
 
 # Qwen2.5-VL's template, reduced to what RL prompts use: system/user/assistant turns whose content is
-# a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
+# a string or a list of {"type": "image"} / {"type": "video"} / {"type": "text", "text": ...} parts.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -24,6 +24,7 @@ CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}"

@@ -56,7 +56,8 @@ def frame_bounds(grid_thw: torch.Tensor) -> List[int]:
     """Boundaries (in patches) of every frame: full attention never crosses a frame."""
     bounds = [0]
     for frames, height, width in grid_thw.tolist():
-        bounds.extend(bounds[-1] + height * width * (k + 1) for k in range(frames))
+        start = bounds[-1]
+        bounds.extend(start + height * width * (k + 1) for k in range(frames))
     return bounds
 
 

@@ -118,11 +118,13 @@ class QwenVLDecoder(CachedDecoder):
         self.num_heads = text.num_attention_heads
         self.num_kv_heads = text.num_key_value_heads
         self.key_dim = self.value_dim = text.hidden_size // text.num_attention_heads
-        self.image_token_id = model.config.image_token_id
+        self.vision_pad_ids = torch.tensor([model.config.image_token_id, model.config.video_token_id])
 
     def embed_prompts(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
                       image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
-        """Token embeddings [B, T, H] with the vision tower's features written over the image pads (row-major order)."""
+        """Token embeddings [B, T, H] with the vision tower's features written over the image and video pads
+        (row-major order; pixel_values holds images and videos in that order, and the tower treats a video's
+        temporal patches as it does an image's, so one get_image_features call serves both)."""
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
@@ -130,8 +132,8 @@ class QwenVLDecoder(CachedDecoder):
         # transformers >= 5.2x wraps the per-image features in an output object; earlier 5.x returns them.
         features = getattr(features, "pooler_output", features)
         features = torch.cat(list(features), dim=0).to(embeds.dtype)
-        image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
-        return embeds.masked_scatter(image_mask, features)
+        vision_mask = torch.isin(input_ids, self.vision_pad_ids.to(input_ids.device)).unsqueeze(-1)
+        return embeds.masked_scatter(vision_mask, features)
 
     def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         """HF's Qwen2_5_VLDecoderLayer.forward, with the attention core replaced by `attend`."""

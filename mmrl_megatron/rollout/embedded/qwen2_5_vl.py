@@ -42,7 +42,7 @@ def build_empty_model(hf_dir: str, device: torch.device, dtype: torch.dtype) -> 
 
 
 def prepare_prompt(config, request: RolloutRequest, request_index: int) -> PreparedPrompt:
-    """Check that the image pads match the images and compute M-RoPE positions.
+    """Check that the image and video pads match the images and videos and compute M-RoPE positions.
 
     Positions come from data.rope_positions, the function the trainer scores with (equal to HF's
     get_rope_index, whose signature differs between transformers 5 releases).
@@ -51,10 +51,13 @@ def prepare_prompt(config, request: RolloutRequest, request_index: int) -> Prepa
     merge = config.vision_config.spatial_merge_size
     grid = request.image_grid_thw
     expected = 0 if grid is None else int((grid.prod(-1) // merge ** 2).sum())
-    check_image_placeholders(request, request_index, int((input_ids == config.image_token_id).sum()), expected,
-                             "<|image_pad|>", "expand each image pad to grid_t*grid_h*grid_w/merge_size**2 copies")
+    pads = int(torch.isin(input_ids, torch.tensor([config.image_token_id, config.video_token_id])).sum())
+    check_image_placeholders(request, request_index, pads, expected, "<|image_pad|>/<|video_pad|>",
+                             "expand each image or video pad to grid_t*grid_h*grid_w/merge_size**2 copies")
     try:
-        positions = rope_positions(input_ids, grid, merge, config.image_token_id, config.vision_start_token_id)
+        positions = rope_positions(input_ids, grid, merge, config.image_token_id, config.vision_start_token_id,
+                                   config.video_token_id, request.second_per_grid_ts,
+                                   config.vision_config.tokens_per_second)
     except ValueError as error:
         raise RolloutError(f"request {request_index}: {error}") from error
     rope_delta = int(positions.max()) + 1 - input_ids.numel()

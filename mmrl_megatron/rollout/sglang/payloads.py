@@ -51,6 +51,9 @@ def sampling_params_payload(sampling: SamplingParams) -> dict:
 
 def generate_payload(request: RolloutRequest, sampling: SamplingParams, rid: str) -> dict:
     """The /generate body for one prompt and its n samples."""
+    if request.second_per_grid_ts:  # SGLang would sample and size the frames itself, unlike the trainer
+        raise RolloutError("video prompts run on the embedded engine only (rollout.backend=embedded): the SGLang "
+                           "backend does not send videos")
     payload = {
         "rid": rid,
         "input_ids": list(request.prompt_ids),
