@@ -21,7 +21,8 @@ from .vision import MoonViT, MultiModalProjector
 class KimiVLModel(MegatronModule):
     """forward(input_ids [1, T], position_ids, packed_seq_params, pixel_values [patches, 3, p, p],
     image_grid_thw [images, 3] or [images, 2], prompt_mask [1, T], output_rows [R]) -> logits [1, T, vocab/TP]
-    (with output_rows: [1, R, vocab/TP], those positions only; output_rows.py) on the last stage, else the hidden states for the pipeline schedule. position_ids are not used: MLA applies 1-D
+    (with output_rows: [1, R, vocab/TP], those positions only; output_rows.py) on the last stage, else the
+    hidden states for the pipeline schedule. position_ids are not used: MLA applies 1-D
     rotary per packed sequence itself, which is Kimi-VL's position scheme (no M-RoPE). prompt_mask (True
     on prompt tokens) limits media placeholders to prompts: a response may sample the placeholder id.
 
