@@ -118,7 +118,7 @@ class PromptProcessor:
             processed = self.image_processor(images)
             pixel_values, grid, token_counts = (processed.pixel_values, processed.image_grid_thw,
                                                 processed.tokens_per_image)
-        ids = self._expand_image_pads(self.tokenizer.encode(text, add_special_tokens=False), token_counts)
+        ids = self.expand_image_pads(self.tokenizer.encode(text, add_special_tokens=False), token_counts)
         fitted_ids, text = self._fit_length(ids, text)
         return PromptSample(index=index, prompt_ids=fitted_ids, pixel_values=pixel_values, image_grid_thw=grid,
                             images=encoded, prompt_text=text, ground_truth=parsed.ground_truth,
@@ -126,7 +126,8 @@ class PromptProcessor:
                             messages=parsed.messages, ability=parsed.ability,
                             truncated=len(fitted_ids) < len(ids))
 
-    def _expand_image_pads(self, ids: List[int], token_counts: List[int]) -> List[int]:
+    def expand_image_pads(self, ids: List[int], token_counts: List[int]) -> List[int]:
+        """ids with each image pad repeated token_counts[i] times for image i, in order."""
         counts = iter(token_counts)
         expanded = []
         for token in ids:
