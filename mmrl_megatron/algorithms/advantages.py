@@ -97,9 +97,11 @@ def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: torc
 
 
 def outcome_to_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Place each response's scalar score on its last response token; [B] + [B, L] -> [B, L]."""
+    """Place each response's scalar score on its last unmasked token (the last one the policy generated, also when
+    a multi-turn mask has holes); [B] + [B, L] -> [B, L]."""
     token_rewards = torch.zeros_like(mask, dtype=torch.float32)
-    lengths = mask.long().sum(dim=1)
-    rows = torch.nonzero(lengths > 0).squeeze(1)
-    token_rewards[rows, lengths[rows] - 1] = scores.float()[rows]
+    present = mask > 0
+    last = (present * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(dim=1)
+    rows = torch.nonzero(present.any(dim=1)).squeeze(1)
+    token_rewards[rows, last[rows]] = scores.float()[rows]
     return token_rewards

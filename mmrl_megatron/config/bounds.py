@@ -59,6 +59,7 @@ BOUNDS = {
                           "max_restarts": NOT_NEGATIVE, "retry_backoff_s": NOT_NEGATIVE,
                           "max_concurrent_requests": AT_LEAST_1},
     schema.EmbeddedEngineConfig: {"prefill_tokens": AT_LEAST_1, "cache_tokens": NOT_NEGATIVE},
+    schema.MultiTurnConfig: {"max_turns": AT_LEAST_1, "max_total_tokens": AT_LEAST_1},
     schema.RolloutConfig: {"n": AT_LEAST_1, "temperature": NOT_NEGATIVE, "top_p": Bound(0, 1, low_open=True),
                            "top_k": Bound(1, special=(-1,)), "max_new_tokens": AT_LEAST_1,
                            "max_batch_size": AT_LEAST_1, "sync_bucket_mb": AT_LEAST_1},

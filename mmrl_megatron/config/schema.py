@@ -101,6 +101,15 @@ class EmbeddedEngineConfig:
 
 
 @dataclass
+class MultiTurnConfig:
+    # the environment answering each assistant turn (rollout/environments/): "zoom" (crop the sample's image),
+    # "scripted" (replies from extra_info["scripted_replies"]) or "path/to/file.py:ClassName"; empty: single-turn
+    environment: str = ""
+    max_turns: int = 2  # assistant turns per trajectory; the environment answers between them
+    max_total_tokens: int = 4096  # prompt + every turn of a trajectory (must exceed data.max_prompt_length)
+
+
+@dataclass
 class RolloutConfig:
     backend: Literal["embedded", "sglang"] = "embedded"
     n: int = 4  # samples per prompt
@@ -117,6 +126,7 @@ class RolloutConfig:
     sync_bucket_mb: int = 512
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
+    multi_turn: MultiTurnConfig = field(default_factory=MultiTurnConfig)  # each assistant turn <= max_new_tokens
 
 
 @dataclass

@@ -133,7 +133,7 @@ class PromptProcessor:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         pixel_values, grid, token_counts = self._visual_inputs(ids, self.image_processor(images) if images else None,
                                                                videos)
-        expanded = self._expand_pads(ids, token_counts)
+        expanded = self.expand_pads(ids, token_counts)
         fitted_ids, text = self._fit_length(expanded, text)
         return PromptSample(index=index, prompt_ids=fitted_ids, pixel_values=pixel_values, image_grid_thw=grid,
                             images=encoded, prompt_text=text, ground_truth=parsed.ground_truth,
@@ -157,7 +157,8 @@ class PromptProcessor:
         pixels, grids, counts = zip(*items)
         return torch.cat(pixels), torch.cat(grids), list(counts)
 
-    def _expand_pads(self, ids: List[int], token_counts: List[int]) -> List[int]:
+    def expand_pads(self, ids: List[int], token_counts: List[int]) -> List[int]:
+        """ids with the i-th image or video pad repeated token_counts[i] times."""
         counts = iter(token_counts)
         expanded = []
         for token in ids:

@@ -229,7 +229,9 @@ def _engine_bytes(dims: ModelDims, config: Config, data_parallel: int, gpu_bytes
     weight_bytes = dims.total_params() * (4 if config.model.dtype == "float32" else 2)
     per_rank_sequences = config.data.prompts_per_step // data_parallel * rollout.n
     slots = min(rollout.max_batch_size, per_rank_sequences)
-    max_len = rollout.embedded.cache_tokens or config.data.max_prompt_length + rollout.max_new_tokens
+    longest = (rollout.multi_turn.max_total_tokens if rollout.multi_turn.environment  # a whole conversation
+               else config.data.max_prompt_length + rollout.max_new_tokens)
+    max_len = rollout.embedded.cache_tokens or longest
     kv = slots * max_len * dims.language.kv_bytes_per_token()
     weights_released = rollout.release_memory and rollout.embedded.offload_weights
     training = {"engine weights": 0.0 if weights_released else weight_bytes,

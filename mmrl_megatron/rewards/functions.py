@@ -2,14 +2,13 @@
 with verl's signature compute_score(data_source, solution_str, ground_truth, extra_info) -> float | dict with
 "score", called with keyword arguments; an async function is run to completion."""
 import asyncio
-import importlib
-import importlib.util
 import inspect
 import math
 import numbers
-import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from mmrl_megatron.config.errors import ConfigError
+from mmrl_megatron.config.plugins import load_plugin
 from mmrl_megatron.rewards.errors import RewardError
 
 BUILT_INS = {"boxed_math": "mmrl_megatron.rewards.math_answer:compute_score",
@@ -19,28 +18,12 @@ BUILT_INS = {"boxed_math": "mmrl_megatron.rewards.math_answer:compute_score",
 def load_function(spec: str, key: str = "reward.function") -> Callable:
     """The callable named by `spec` (a built-in name, "module:function" or "file.py:function"); errors name the
     config `key` that gave it (evaluation metrics load their plug-ins here too)."""
-    target = BUILT_INS.get(spec, spec)
-    location, separator, name = target.rpartition(":")
-    if not separator or not name:
-        raise RewardError(f"{key} {spec!r}: expected one of {sorted(BUILT_INS)} or 'path/to/file.py:function_name'")
-    if location.endswith(".py"):
-        if not os.path.isfile(location):
-            raise RewardError(f"{key} {spec!r}: file {location} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"user_reward_{abs(hash(location))}", location)
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as error:
-            raise RewardError(f"{key} {spec!r}: importing {location} failed: {error!r}") from error
-    else:
-        try:
-            module = importlib.import_module(location)
-        except ImportError as error:
-            raise RewardError(f"{key} {spec!r}: cannot import module {location!r} ({error}); give "
-                              "'path/to/file.py:function_name' for a file") from error
-    function = getattr(module, name, None)
+    try:
+        function = load_plugin(spec, key, BUILT_INS)
+    except ConfigError as error:
+        raise RewardError(str(error)) from error
     if not callable(function):
-        raise RewardError(f"{key} {spec!r}: {location} has no function {name!r}")
+        raise RewardError(f"{key} {spec!r}: {spec.rpartition(':')[2]!r} is not a function")
     return function
 
 

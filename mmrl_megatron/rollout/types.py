@@ -1,6 +1,6 @@
 """What goes into and comes out of any rollout engine (embedded or SGLang)."""
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 
@@ -37,3 +37,6 @@ class RolloutResult:
     response_ids: List[int]
     logprobs: List[float]  # per response token, under the sampling temperature
     finish_reason: str  # "stop" | "length" | "abort"
+    # None from an engine (one assistant turn); a multi-turn rollout's TurnRecord (multi_turn.py) says which
+    # response tokens the environment wrote (their log-probs are 0) and carries its images
+    turns: Optional[Any] = None

@@ -4,7 +4,9 @@ packed without padding, and the padded [B, L] response views the algorithm funct
 Convention: response tensors are left-aligned, right-padded [B, L]; response token j of a sequence is
 predicted at packed position offset + prompt_length - 1 + j. Only those positions reach the output layer
 (`output_rows`, in sample order), so the model's last stage returns one row per response token and
-`labels` and `response_index` refer to those rows.
+`labels` and `response_index` refer to those rows. A multi-turn response also holds the environment's turns;
+its loss_mask keeps them out of the loss, the KL and the advantages (they are 0 in the response mask) and
+lets their image pads take images.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -32,10 +34,23 @@ class Sample:
     score: float = 0.0
     accuracy: float = 0.0
     tensors: ResponseTensors = field(default_factory=dict)
+    # multi-turn: per response token 1 if the policy generated it, 0 if the environment wrote it; None: all 1
+    loss_mask: Optional[List[int]] = None
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        """Response tokens the policy generated: the ones the loss counts."""
+        return len(self.response_ids) if self.loss_mask is None else sum(self.loss_mask)
+
+    @property
+    def assistant_turns(self) -> int:
+        """Runs of generated tokens in the response (1 for a single-turn response)."""
+        mask = self.loss_mask or [1]
+        return sum(1 for index, value in enumerate(mask) if value and (index == 0 or not mask[index - 1]))
 
 
 def split_by_token_budget(lengths: Sequence[int], budget: int) -> List[List[int]]:
@@ -66,10 +81,11 @@ def pad_responses(values: Sequence[torch.Tensor], width: Optional[int] = None) -
 
 
 def response_mask(samples: Sequence[Sample]) -> torch.Tensor:
+    """[B, L]: 1 on the response tokens the policy generated, 0 on environment turns and padding."""
     width = max(len(s.response_ids) for s in samples)
     mask = torch.zeros(len(samples), width)
     for row, sample in enumerate(samples):
-        mask[row, :len(sample.response_ids)] = 1.0
+        mask[row, :len(sample.response_ids)] = 1.0 if sample.loss_mask is None else torch.tensor(sample.loss_mask)
     return mask
 
 
@@ -86,7 +102,8 @@ class MicroBatch:
     image_grid_thw: Optional[torch.Tensor]
     response_index: torch.Tensor  # [B, L] the output row of each response token's prediction
     mask: torch.Tensor  # [B, L]
-    prompt_mask: torch.Tensor  # [1, T] True on prompt tokens (the only ones image placeholders may occupy)
+    # [1, T] True on the tokens the model was given (prompt, environment turns): the only ones images may occupy
+    prompt_mask: torch.Tensor
     output_rows: Optional[torch.Tensor] = None  # [R] packed positions sent to the output layer; None: all T
 
     def to(self, device: torch.device) -> "MicroBatch":
@@ -123,6 +140,8 @@ def build_micro_batch(samples: List[Sample], pack_sequences: Callable) -> MicroB
     output_rows, row_count = [], 0
     for row, (sample, start) in enumerate(zip(samples, cu_seqlens[:-1].tolist())):
         prompt_mask[0, start:start + len(sample.prompt_ids)] = True
+        if sample.loss_mask is not None:
+            prompt_mask[0, start + len(sample.prompt_ids):start + sample.length] = torch.tensor(sample.loss_mask) == 0
         first, count = start + len(sample.prompt_ids) - 1, len(sample.response_ids)
         output_rows.append(torch.arange(first, first + count))
         response_index[row, :count] = torch.arange(row_count, row_count + count)

@@ -145,6 +145,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     from ..models.common.packing import pack_sequences
     from ..rewards import build_reward_function
     from ..rollout import build_engine
+    from ..rollout.multi_turn import build_multi_turn
 
     config = with_model_files(config)
     trainer_config, algorithm = config.trainer, config.algorithm
@@ -185,8 +186,12 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     positions = position_rule(hf_config, config.model)
     engine = build_engine(config, config.model.hf_path, device)
     reward = build_reward_function(config.reward, config.data, device=str(device))
-    sources = ExperienceSources(prompts=iter(dataset), engine=engine, reward=reward,
-                                decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), positions=positions)
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    sources = ExperienceSources(prompts=iter(dataset), engine=engine, reward=reward, decode=decode, positions=positions,
+                                multi_turn=build_multi_turn(config, engine, dataset.processor, decode))
     probe = None
     if config.rollout.verify_weight_sync and not engine.reads_weights_by_name:
         from .refit_probe import build_refit_probe

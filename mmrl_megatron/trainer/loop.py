@@ -141,10 +141,10 @@ class Trainer:
 
     # -- step 6 --------------------------------------------------------------------------------------
     def normaliser(self, samples: List[Sample]) -> losses.Normaliser:
-        """Global response tokens and sequences divided by the data-parallel size (DDP averages gradients)."""
+        """Global trained response tokens and sequences divided by the data-parallel size (DDP averages gradients)."""
         from megatron.core import parallel_state
 
-        totals = torch.tensor([float(sum(len(s.response_ids) for s in samples)), float(len(samples))],
+        totals = torch.tensor([float(sum(s.trained_tokens for s in samples)), float(len(samples))],
                               device=self.parts.device)
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         data_parallel = parallel_state.get_data_parallel_world_size()
@@ -244,7 +244,7 @@ class Trainer:
         stats, maxima = rollout_stats(samples, all_scores, self.config.rollout.max_new_tokens)
         add_stats(stats, train_stats)
         tokens = float(sum(s.length for s in samples))
-        generated = float(sum(len(s.response_ids) for s in samples))
+        generated = float(sum(s.trained_tokens for s in samples))
         metrics = reduce_across_ranks(stats, maxima)
         totals = torch.tensor([tokens, generated], device=self.parts.device)
         from megatron.core import parallel_state

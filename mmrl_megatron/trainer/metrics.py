@@ -47,6 +47,12 @@ def summed_counters(counters: Dict[str, float], group=None, largest: Tuple[str, 
     return total
 
 
+def _generated(sample: Sample, values: torch.Tensor) -> torch.Tensor:
+    """The entries of a response-aligned tensor at tokens the policy generated (environment turns have no
+    engine log-probs)."""
+    return values if sample.loss_mask is None else values[torch.tensor(sample.loss_mask, dtype=torch.bool)]
+
+
 def rollout_stats(samples: List[Sample], all_scores: List[float], max_new_tokens: int) -> Tuple[Stats, Dict[str, float]]:
     """Reward, accuracy, response length and clip ratio, and rollout-vs-trainer log-prob difference."""
     lengths = [len(s.response_ids) for s in samples]
@@ -56,10 +62,15 @@ def rollout_stats(samples: List[Sample], all_scores: List[float], max_new_tokens
         "reward/sq": (sum(x * x for x in all_scores), float(len(all_scores))),
         "reward/accuracy": (sum(s.accuracy for s in samples), count),
         "response/length_mean": (float(sum(lengths)), count),
-        "response/clip_ratio": (float(sum(s.finish_reason == "length" or n >= max_new_tokens
+        # a multi-turn response is longer than one turn's max_new_tokens: its finish reason alone tells
+        "response/clip_ratio": (float(sum(s.finish_reason == "length" or (s.loss_mask is None and n >= max_new_tokens)
                                           for s, n in zip(samples, lengths))), count),
     }
-    diffs = [(torch.tensor(s.rollout_logprobs) - s.tensors["old_logprobs"]).abs()
+    if any(s.loss_mask is not None for s in samples):
+        stats["rollout/assistant_turns_mean"] = (float(sum(s.assistant_turns for s in samples)), count)
+        stats["rollout/environment_tokens_mean"] = (float(sum(n - s.trained_tokens for s, n in zip(samples, lengths))),
+                                                    count)
+    diffs = [_generated(s, (torch.tensor(s.rollout_logprobs) - s.tensors["old_logprobs"]).abs())
              for s in samples if s.rollout_logprobs and "old_logprobs" in s.tensors]
     if diffs:
         flat = torch.cat(diffs)

@@ -53,6 +53,10 @@ def test_outcome_reward_sits_on_last_response_token():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.float32)
     token_rewards = outcome_to_token_rewards(torch.tensor([2.0, -1.0]), mask)
     assert torch.equal(token_rewards, torch.tensor([[0.0, 0.0, 2.0], [-1.0, 0.0, 0.0]]))
+    # a multi-turn mask with an environment turn inside: the last generated token, not the count's position
+    holes = torch.tensor([[1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    token_rewards = outcome_to_token_rewards(torch.tensor([3.0, 4.0, 5.0]), holes)
+    assert torch.equal(token_rewards, torch.tensor([[0.0, 0, 0, 0, 3, 0], [0, 4, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]))
 
 
 def test_reinforce_plus_plus_whitens_discounted_returns():

@@ -127,8 +127,8 @@ def test_plug_in_returning_a_non_number_names_the_function(plug_in_file):
 @pytest.mark.parametrize("spec, message", [
     ("bleuu", r"evaluation.metrics.src: unknown metric 'bleuu' \(did you mean 'bleu'\?\)"),
     ("missing.py:f", r"evaluation.metrics.src 'missing.py:f': file missing.py does not exist"),
-    ("{file}:absent", r"has no function 'absent'"),
-    ("no_such_module_xyz:f", r"cannot import module 'no_such_module_xyz'"),
+    ("{file}:absent", r"has no 'absent'"),
+    ("no_such_module_xyz:f", r"module no_such_module_xyz cannot be imported"),
 ])
 def test_bad_metric_names_are_refused_with_the_key(plug_in_file, spec, message):
     """Invariant: an unknown built-in (with the closest name), a missing file, function or module is one

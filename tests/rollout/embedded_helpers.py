@@ -39,12 +39,13 @@ def make_video_request(config, video_grid: List[int], image_grid: List[int], sec
     return RolloutRequest(ids, pixel_values, grid, second_per_grid_ts=[second_per_grid_t])
 
 
-def _hf_vision_inputs(model, request: RolloutRequest) -> dict:
-    """transformers' image and video inputs for a request whose rows are images or videos in prompt order
-    (told apart by the pad after each vision start)."""
+def _hf_vision_inputs(model, request: RolloutRequest, sequence: List[int]) -> dict:
+    """transformers' image and video inputs for a request whose rows are images or videos in the order of
+    their spans in `sequence` (the prompt, or a whole multi-turn conversation whose environment turns bring
+    images), told apart by the pad after each vision start."""
     if request.pixel_values is None:
         return {}
-    ids = torch.tensor(request.prompt_ids)
+    ids = torch.tensor(sequence)
     pads = ids[1:][ids[:-1] == model.config.vision_start_token_id]
     is_video = pads == model.config.video_token_id
     patches = request.pixel_values.split(request.image_grid_thw.prod(-1).tolist())
@@ -59,25 +60,28 @@ def _hf_vision_inputs(model, request: RolloutRequest) -> dict:
     return inputs
 
 
-def hf_logits(model, request: RolloutRequest, response_ids: List[int]) -> torch.Tensor:
-    """HF's own forward over prompt + response: fp32 logits predicting each response token [R, vocab]."""
+def hf_logits(model, request: RolloutRequest, response_ids: List[int],
+              given: Optional[List[bool]] = None) -> torch.Tensor:
+    """HF's own forward over prompt + response: fp32 logits predicting each response token [R, vocab].
+    `given` marks response tokens the model was given (a multi-turn conversation's environment turns)."""
     input_ids = torch.tensor([list(request.prompt_ids) + list(response_ids)], device=model.device)
-    inputs = _hf_vision_inputs(model, request)
+    inputs = _hf_vision_inputs(model, request, input_ids[0].tolist())
     # transformers >= 5.2x derives M-RoPE positions from mm_token_type_ids; earlier releases from the ids.
-    # Only the prompt's pads are images' or videos': generated tokens are text whatever their ids.
+    # Only pads the model was given are images' or videos': generated tokens are text whatever their ids.
     if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
-        prompt = torch.zeros_like(input_ids, dtype=torch.bool)
-        prompt[:, :len(request.prompt_ids)] = True
+        given_tokens = torch.tensor([True] * len(request.prompt_ids) + list(given or [False] * len(response_ids)),
+                                    device=model.device)[None]
         inputs["mm_token_type_ids"] = ((input_ids == model.config.image_token_id).int()
-                                       + 2 * (input_ids == model.config.video_token_id).int()) * prompt
+                                       + 2 * (input_ids == model.config.video_token_id).int()) * given_tokens
     with torch.no_grad():
         logits = model(input_ids=input_ids, **inputs).logits[0].float()
     prompt_len = len(request.prompt_ids)
     return logits[prompt_len - 1:-1]
 
 
-def hf_logprobs(model, request: RolloutRequest, result: RolloutResult, temperature: float) -> torch.Tensor:
-    logits = hf_logits(model, request, result.response_ids)
+def hf_logprobs(model, request: RolloutRequest, result: RolloutResult, temperature: float,
+                given: Optional[List[bool]] = None) -> torch.Tensor:
+    logits = hf_logits(model, request, result.response_ids, given)
     scaled = logits / (temperature if temperature > 0 else 1.0)
     tokens = torch.tensor(result.response_ids, device=logits.device)[:, None]
     return torch.log_softmax(scaled, -1).gather(-1, tokens)[:, 0]

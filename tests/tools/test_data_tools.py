@@ -75,6 +75,23 @@ def test_geo3k_from_parquet_and_save_to_disk(tmp_path, tiny_model_dir):
     assert pq.read_table(tmp_path / "out_broken" / "train.parquet").num_rows == 1
 
 
+def test_geo3k_zoom_tool_prompts_tell_the_model_how_to_zoom(tmp_path):
+    """Invariant: --zoom-tool puts the zoom environment's instruction before the think-then-box one, and changes
+    nothing else in the row."""
+    from mmrl_megatron.rollout.environments.zoom import INSTRUCTION as ZOOM_INSTRUCTION
+
+    pq.write_table(_geo3k_table(2), tmp_path / "train-00000-of-00001.parquet")
+    tool = _tool("preprocess_geo3k")
+    rows = {}
+    for name, flags in (("plain", []), ("zoom", ["--zoom-tool"])):
+        tool.main([str(tmp_path / "train-00000-of-00001.parquet"), "--out-dir", str(tmp_path / name), *flags])
+        rows[name] = pq.read_table(tmp_path / name / "train.parquet").to_pylist()
+    plain, zoom = rows["plain"][1], rows["zoom"][1]
+    assert zoom["prompt"][0]["content"] == plain["prompt"][0]["content"].replace(
+        "You FIRST", f"{ZOOM_INSTRUCTION} You FIRST")
+    assert {k: v for k, v in zoom.items() if k != "prompt"} == {k: v for k, v in plain.items() if k != "prompt"}
+
+
 def test_synthetic_task_is_deterministic_and_correct(tmp_path, tiny_model_dir):
     """Invariant: the same seed writes identical files; each image holds as many red squares as its ground
     truth says; the ground truth checks as correct when boxed; images are 56x56 (a 4x4 patch grid)."""

@@ -6,8 +6,10 @@ so the `datasets` package is not needed). Columns used: `images` (list of {bytes
 "<image>" placeholders), `answer`.
 
     python tools/data/preprocess_geo3k.py ~/geometry3k --out-dir data/geo3k
+    python tools/data/preprocess_geo3k.py ~/geometry3k --out-dir data/geo3k_zoom --zoom-tool   # multi-turn
 
-Writes <out-dir>/<split>.parquet for each split found (train, validation, test).
+Writes <out-dir>/<split>.parquet for each split found (train, validation, test). --zoom-tool adds the zoom
+tool's instruction (rollout/environments/zoom.py) to every prompt, for rollout.multi_turn.environment=zoom.
 """
 import argparse
 import glob
@@ -19,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmrl_megatron.data.format import IMAGE_PLACEHOLDER, write_rows
+from mmrl_megatron.rollout.environments.zoom import INSTRUCTION as ZOOM_INSTRUCTION
 
 DATA_SOURCE = "hiyouga/geometry3k"
 INSTRUCTION = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
@@ -72,8 +75,9 @@ def _image_bytes(image, source_dir: str) -> bytes:
     raise ValueError(f"image has neither bytes nor a readable path ({image_path!r})")
 
 
-def convert_rows(tables: List[pa.Table], split: str, source_dir: str) -> Iterator[Dict]:
-    """verl-format rows; an example whose image cannot be read is reported and left out."""
+def convert_rows(tables: List[pa.Table], split: str, source_dir: str, instruction: str = INSTRUCTION) -> Iterator[Dict]:
+    """verl-format rows, `instruction` after each problem; an example whose image cannot be read is reported and
+    left out."""
     index = 0
     for table in tables:
         for number, example in enumerate(table.select(["images", "problem", "answer"]).to_pylist()):
@@ -85,7 +89,7 @@ def convert_rows(tables: List[pa.Table], split: str, source_dir: str) -> Iterato
             problem = example["problem"]
             if IMAGE_PLACEHOLDER not in problem:
                 problem = IMAGE_PLACEHOLDER * len(images) + problem
-            yield {"data_source": DATA_SOURCE, "prompt": [{"role": "user", "content": f"{problem} {INSTRUCTION}"}],
+            yield {"data_source": DATA_SOURCE, "prompt": [{"role": "user", "content": f"{problem} {instruction}"}],
                    "images": [{"bytes": data} for data in images], "ability": "math",
                    "reward_model": {"style": "rule", "ground_truth": example["answer"]},
                    "extra_info": {"split": split, "index": index, "answer": example["answer"],
@@ -98,11 +102,13 @@ def main(argv=None) -> None:
     parser.add_argument("source", help="geometry3k parquet file, directory of parquet files, or save_to_disk directory")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--row-group-size", type=int, default=256)
+    parser.add_argument("--zoom-tool", action="store_true", help="tell the model about the zoom tool (multi-turn)")
     args = parser.parse_args(argv)
+    instruction = f"{ZOOM_INSTRUCTION} {INSTRUCTION}" if args.zoom_tool else INSTRUCTION
     os.makedirs(args.out_dir, exist_ok=True)
     source_dir = args.source if os.path.isdir(args.source) else os.path.dirname(args.source)
     for split, tables in sorted(find_split_tables(args.source).items()):
-        rows = list(convert_rows(tables, split, source_dir))
+        rows = list(convert_rows(tables, split, source_dir, instruction))
         path = os.path.join(args.out_dir, f"{split}.parquet")
         write_rows(path, rows, args.row_group_size)
         print(f"{path}: {len(rows)} rows")

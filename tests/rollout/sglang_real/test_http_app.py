@@ -68,3 +68,22 @@ def test_a_duplicate_request_id_is_refused_by_sglangs_route(hf_dir, app):
             client.generate(generate_payload(RolloutRequest(prompt_ids=[1, 2]), SamplingParams(max_new_tokens=2), "taken"))
     finally:
         client.close()
+
+
+def test_multi_turn_requests_parse_as_sglangs_own_generate_requests(hf_dir, app):
+    """Invariant: through sglang's own route and request parsing, each later turn of a multi-turn rollout arrives
+    as a GenerateReqInput holding the whole conversation's input_ids and all of its images, in order."""
+    from tests.rollout.test_sglang_multi_turn import expected_turn_requests, run_multi_turn
+
+    server, url = app
+    engine = SGLangEngine(rollout_config(urls=[url], deterministic_inference=True), hf_dir)
+    try:
+        requests, results = run_multi_turn(engine, hf_dir)
+        parsed = [(obj.input_ids, obj.image_data) for obj in server.tokenizer_manager.requests
+                  if hasattr(obj, "input_ids")]
+        expected = expected_turn_requests(requests, results)
+        assert max(len(images) for _, images in expected) == 3
+        for item in expected:
+            assert item in parsed
+    finally:
+        engine.shutdown()
