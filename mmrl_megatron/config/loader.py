@@ -11,6 +11,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from .bounds import check_bounds
 from .errors import ConfigError
 from .schema import Config
+from .validate import check_algorithm
 
 
 def all_keys(schema=Config, prefix: str = "") -> List[str]:
@@ -67,7 +68,8 @@ def _read_yaml(path: str) -> DictConfig:
 
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
-    """Schema defaults, then the YAML file, then `key=value` overrides (later wins); values range-checked."""
+    """Schema defaults, then the YAML file, then `key=value` overrides (later wins); values range-checked, the
+    algorithms' names checked against their registries."""
     merged = OmegaConf.structured(Config)
     if path is not None:
         try:
@@ -84,6 +86,7 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
     except OmegaConfBaseException as error:
         raise _explain(error, "command-line overrides") from None
     check_bounds(config)
+    check_algorithm(config)
     return config
 
 

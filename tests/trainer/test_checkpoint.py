@@ -22,7 +22,7 @@ def _run(run_dir, overrides):
     trainer = stand_in_trainer(stand_in_config(run_dir, overrides))
     trainer.run()
     trainer.parts.tracker.close()
-    return trainer.parts.state["step"]
+    return trainer.state.step
 
 
 def _metrics_by_step(run_dir):
@@ -136,8 +136,8 @@ def _resume_after_faults(run_dir):
         dist.barrier()
         del warnings[:]
         try:
-            resumed = checkpointer.resume("auto")
-            outcomes.append((resumed[1]["step"], None, list(warnings)))
+            checkpointer.resume("auto")
+            outcomes.append((checkpointer.trainer_state.step, None, list(warnings)))
         except CheckpointError as error:
             outcomes.append((None, str(error), list(warnings)))
     outcomes.append(os.path.exists(os.path.join(run_dir, "executed")))
