@@ -1,14 +1,17 @@
 """Advantage estimators: GRPO, RLOO, REINFORCE++ (outcome rewards) and GAE (with a critic).
 
 Sequence-level estimators take one scalar reward per response and a group size n (responses of one
-prompt are contiguous: rows g*n .. g*n+n-1) and return one advantage per response; the trainer
-broadcasts it over the response tokens. Token-level estimators take [B, L] tensors and a response mask.
+prompt are contiguous: rows g*n .. g*n+n-1) and return one advantage per response. Token-level estimators
+take [B, L] tensors and a response mask. The end of the file registers each under its algorithm.advantage
+name (registry.py), with the signature the trainer calls.
 """
 from typing import Tuple
 
 import torch
 
 from .aggregation import masked_mean
+from .kl import kl_penalised_rewards
+from .registry import AdvantageInputs, Advantages, register_advantage_estimator
 
 
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -105,3 +108,37 @@ def outcome_to_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.
     rows = torch.nonzero(present.any(dim=1)).squeeze(1)
     token_rewards[rows, last[rows]] = scores.float()[rows]
     return token_rewards
+
+
+def token_rewards(inputs: AdvantageInputs) -> torch.Tensor:
+    """[B, L]: each score on its response's last token, minus kl_coef * KL on every token when the trainer
+    handed over the log-probs for it (algorithm.kl_in_reward, AdvantageEstimator.tensors_needed)."""
+    rewards = outcome_to_token_rewards(inputs.scores, inputs.mask)
+    if "ref_logprobs" not in inputs.tensors:
+        return rewards
+    config = inputs.config
+    return kl_penalised_rewards(rewards, inputs.tensors["old_logprobs"], inputs.tensors["ref_logprobs"], inputs.mask,
+                                config.kl_coef, config.kl_estimator)
+
+
+@register_advantage_estimator("grpo")
+def _grpo(inputs: AdvantageInputs) -> Advantages:
+    per_response = grpo_advantages(inputs.scores, inputs.group_size, inputs.config.norm_adv_by_std)
+    return Advantages(per_response.unsqueeze(1) * inputs.mask)
+
+
+@register_advantage_estimator("rloo")
+def _rloo(inputs: AdvantageInputs) -> Advantages:
+    return Advantages(rloo_advantages(inputs.scores, inputs.group_size).unsqueeze(1) * inputs.mask)
+
+
+@register_advantage_estimator("reinforce_plus_plus", token_rewards=True)
+def _reinforce_plus_plus(inputs: AdvantageInputs) -> Advantages:
+    return Advantages(reinforce_plus_plus_advantages(token_rewards(inputs), inputs.mask, inputs.config.gamma))
+
+
+@register_advantage_estimator("gae", needs=("old_values",), token_rewards=True, token_level=True)
+def _gae(inputs: AdvantageInputs) -> Advantages:
+    config = inputs.config
+    return Advantages(*gae_advantages(token_rewards(inputs), inputs.tensors["old_values"], inputs.mask, config.gamma,
+                                      config.lam))

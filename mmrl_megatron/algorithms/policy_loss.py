@@ -2,7 +2,8 @@
 
 PPO clip with asymmetric bounds (DAPO clip-higher: clip_high > clip_low) and dual clip (for negative
 advantages the loss is capped at dual_clip * |A|), and GSPO, whose ratio is a per-sequence geometric
-mean. Both return the per-token loss (aggregate it with aggregation.aggregate_loss) and statistics.
+mean. Both return the per-token loss (aggregate it with aggregation.aggregate_loss) and statistics, and are
+registered (registry.py) under their algorithm.policy_loss names, the clip bounds read from the config.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -10,6 +11,7 @@ from typing import Optional
 import torch
 
 from .aggregation import masked_mean
+from .registry import register_policy_loss
 
 LOG_RATIO_LIMIT = 20.0  # exp(20) ~ 5e8: beyond this the ratio is clipped anyway; keeps exp finite
 
@@ -58,6 +60,18 @@ def gspo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     loss, clip_fraction = _clipped_objective(ratio, advantages, mask, clip_low, clip_high, dual_clip)
     return PolicyLossOutput(loss, clip_fraction.detach(), masked_mean(-log_ratio, mask).detach(),
                             masked_mean(ratio, mask).detach())
+
+
+def _with_configured_clip(loss_fn):
+    """loss_fn under the registry's signature: clip_low, clip_high and dual_clip come from the algorithm config."""
+    def registered(logprobs, old_logprobs, advantages, mask, config) -> PolicyLossOutput:
+        return loss_fn(logprobs, old_logprobs, advantages, mask, config.clip_low, config.clip_high, config.dual_clip)
+
+    return registered
+
+
+register_policy_loss("ppo")(_with_configured_clip(ppo_clip_loss))
+register_policy_loss("gspo", sequence_level=True)(_with_configured_clip(gspo_loss))
 
 
 def truncated_importance_weights(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,

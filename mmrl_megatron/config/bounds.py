@@ -77,7 +77,7 @@ BOUNDS = {
                           "reward_model_batch_size": AT_LEAST_1, "num_workers": AT_LEAST_1},
     schema.TrainerConfig: {"steps": NOT_NEGATIVE, "warmup_sft_steps": NOT_NEGATIVE, "warmup_sft_lr": POSITIVE,
                            "save_every": Bound(0, special=(-1,)), "eval_every": NOT_NEGATIVE,
-                           "max_nonfinite_skips": NOT_NEGATIVE},
+                           "max_nonfinite_skips": NOT_NEGATIVE, "keep_last": NOT_NEGATIVE},
 }
 
 

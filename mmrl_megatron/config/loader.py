@@ -67,7 +67,8 @@ def _read_yaml(path: str) -> DictConfig:
 
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
-    """Schema defaults, then the YAML file, then `key=value` overrides (later wins); values range-checked."""
+    """Schema defaults, then the YAML file, then `key=value` overrides (later wins); values range-checked (the
+    algorithm names against their registries: algorithms.check_algorithm_config, before training starts)."""
     merged = OmegaConf.structured(Config)
     if path is not None:
         try:

@@ -131,11 +131,16 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: Literal["grpo", "gae", "rloo", "reinforce_plus_plus"] = "grpo"
+    # a registered advantage estimator (algorithms/registry.py): grpo, rloo, reinforce_plus_plus, gae (with a
+    # critic), or one a file in `plugins` registers
+    advantage: str = "grpo"
     norm_adv_by_std: bool = True
     gamma: float = 1.0
     lam: float = 1.0
-    policy_loss: Literal["ppo", "gspo"] = "ppo"
+    policy_loss: str = "ppo"  # a registered policy loss: ppo, gspo, or one a file in `plugins` registers
+    # "path/to/file.py" or "package.module" imported before the names above are checked: their
+    # register_advantage_estimator / register_policy_loss decorators add algorithms (README "Your own algorithm")
+    plugins: List[str] = field(default_factory=list)
     clip_low: float = 0.2
     clip_high: float = 0.2  # DAPO clip-higher uses 0.28
     dual_clip: Optional[float] = None  # e.g. 3.0; None disables
@@ -207,6 +212,7 @@ class TrainerConfig:
     run_dir: str = "runs/default"
     save_every: int = 0  # steps between checkpoints; 0: only at the end; -1: never (benchmarks)
     resume: str = "auto"  # auto | never | a checkpoint directory
+    keep_last: int = 0  # checkpoints kept, the newest (older ones removed after each save); 0: all; 2+ keeps a fallback
     export_hf: bool = False
     seed: int = 1234
     eval_every: int = 0

@@ -97,7 +97,5 @@ def validate_layout(config: Config, world_size: int, shape: Optional[ModelShape]
         data_parallel = _check_layout(config, world_size, shape)
     except ConfigError as error:
         raise ConfigError(f"{describe_layout(config, world_size)}: {error}") from None
-    if config.algorithm.advantage == "gae" and config.algorithm.policy_loss == "gspo":
-        raise ConfigError("algorithm.policy_loss=gspo uses sequence-level ratios and cannot take the "
-                          "token-level advantages of algorithm.advantage=gae; use policy_loss=ppo")
     return data_parallel
+

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..algorithms import advantage_estimator
 from ..config.schema import Config
 from ..parallel import init_distributed, init_model_parallel, layout_from_config, pick_device
 from .checkpoint import Checkpointer, export_hf
@@ -20,6 +21,7 @@ from .loop import Trainer, TrainerParts
 from .optim import build_optimizer, wrap_for_data_parallel
 from .positions import position_rule
 from .roles import ModelRole
+from .state import TrainerState
 from .tracking import build_tracker, progress
 from .evaluation import evaluate, task_metrics_from_config
 from .warmup import supervised_samples, supervised_warmup
@@ -56,7 +58,8 @@ def with_model_files(config: Config) -> Config:
     if not is_mcore_checkpoint(checkpoint):
         raise ConfigError(f"model.mcore_checkpoint: {checkpoint} is not a megatron-core distributed checkpoint; "
                           "write one with tools/checkpoint_convert/hf_to_mcore.py")
-    if config.algorithm.advantage == "gae" and not (config.critic.hf_path or config.model.hf_path):
+    needs_critic = advantage_estimator(config.algorithm.advantage).needs_critic
+    if needs_critic and not (config.critic.hf_path or config.model.hf_path):
         raise ConfigError("model.mcore_checkpoint holds the actor only (no value head) and model.hf_path is empty: "
                           "set critic.hf_path (or model.hf_path) to an HF directory to start the critic from")
     if not config.model.hf_path and config.rollout.backend == "sglang" and not config.rollout.sglang.urls \
@@ -163,24 +166,19 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
         reference = build_role("reference", load_model(config, hf_config, "actor", device), config, device,
                                offload=config.actor.offload_reference)
     critic = None
-    if algorithm.advantage == "gae":
+    if advantage_estimator(algorithm.advantage).needs_critic:
         critic = build_role("critic", load_model(config, hf_config, "critic", device, config.critic.hf_path), config,
                             device, config.critic.optim)
-    trainable = {"actor": actor, **({"critic": critic} if critic else {})}
-    checkpointer = Checkpointer(os.path.join(trainer_config.run_dir, "checkpoints"), trainable, config.model.hf_path)
-
     data_parallel = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     dataset = PromptDataset(config.data.train_files, config.data, config.model.hf_path,
                             config.data.prompts_per_step // data_parallel, dp_rank, data_parallel, train=True)
-    state = {"step": 0, "nonfinite_skips": 0, "consecutive_nonfinite": 0, "warmup_done": False}
+    trainable = {"actor": actor, **({"critic": critic} if critic else {})}
+    checkpointer = Checkpointer(os.path.join(trainer_config.run_dir, "checkpoints"), trainable, TrainerState(),
+                                dataset, config.model.hf_path, trainer_config.keep_last)
     resumed = checkpointer.resume(trainer_config.resume)
     if resumed:
-        resume_path, common, data_state = resumed
-        state.update({key: common[key] for key in state if key in common})
-        if data_state is not None:
-            dataset.load_state_dict(data_state)
-        logger.info("resumed from %s at step %d", resume_path, state["step"])
+        logger.info("resumed from %s at step %d", resumed, checkpointer.trainer_state.step)
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
     positions = position_rule(hf_config, config.model)
@@ -206,7 +204,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     parts = TrainerParts(config=config, device=device, actor=actor, reference=reference, critic=critic,
                          sources=sources, bridge=bridge, pack_sequences=pack_sequences, tracker=tracker,
                          checkpointer=checkpointer, dataset=dataset,
-                         parameter_count=_parameter_count(actor.chunks, device), state=state)
+                         parameter_count=_parameter_count(actor.chunks, device))
     trainer = Trainer(parts)
     if config.data.val_files:
         validation = PromptDataset(config.data.val_files, config.data, config.model.hf_path,

@@ -4,20 +4,24 @@ Layout under <run_dir>/checkpoints: step_<N>/ (written as step_<N>.tmp/ and rena
 finished) and `latest`, a one-line file naming the newest complete step, replaced atomically last. So a
 crash mid-save leaves `latest` pointing at the previous, complete checkpoint.
 
-A checkpoint holds the trainable roles' model and optimizer shards (resharded on load when TP/PP change),
-the common state (step, LR schedules, counters), each data-parallel rank's data position, and each
+The Checkpointer holds the run's Stateful parts (state_dict / load_state_dict) and saves and restores them
+together: the trainable roles' model and optimizer shards (resharded on load when TP/PP change) and LR
+schedules, the TrainerState (step and counters, in the common state under its field names, as checkpoints
+held them before it was a class), each data-parallel rank's data position (the dataset's state), and each
 rank's RNG states (restored only when the layout is unchanged; otherwise reseeded from the step), and
 hf/, the starting model's config, tokenizer and processor files, so that
 tools/checkpoint_convert/mcore_to_hf.py exports the actor from the checkpoint alone. Last, manifest.json
 records every file's size (and the checksum of the small ones), so a file truncated, deleted or
 overwritten later is named before anything is read; `resume` then falls back to the previous checkpoint.
+With keep_last = k > 0 only the k newest checkpoints stay (the older ones are removed after each save), so
+k >= 2 keeps a fallback for a newest one found damaged.
 The RNG and data states hold tensors and plain values only, and load with torch.load(weights_only=True).
 """
 import logging
 import os
 import re
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -108,15 +112,31 @@ def _agree(problem: Optional[str]) -> Optional[str]:
     return next((found for found in problems if found is not None), None)
 
 
-class Checkpointer:
-    """Saves and loads the trainable roles (name -> ModelRole) plus loop state."""
+def stale_checkpoints(root: str, newest_step: int, keep_last: int) -> List[str]:
+    """The complete step_<N> directories up to newest_step beyond the keep_last newest ([] for keep_last 0)."""
+    if keep_last <= 0:
+        return []
+    complete = [os.path.join(root, name) for name in os.listdir(root)
+                if _STEP_DIR.fullmatch(name) and os.path.isdir(os.path.join(root, name))]
+    older_first = sorted((path for path in complete if _step_number(path) <= newest_step), key=_step_number)
+    return older_first[:-keep_last]
 
-    def __init__(self, root: str, roles: Dict[str, object], hf_dir: Optional[str] = None):
+
+class Checkpointer:
+    """Saves and loads the run's Stateful parts: the trainable roles (name -> ModelRole: model chunks, optimizer,
+    scheduler), the TrainerState and the dataset (state_dict / load_state_dict; None: no data position)."""
+
+    def __init__(self, root: str, roles: Dict[str, object], trainer_state, dataset=None,
+                 hf_dir: Optional[str] = None, keep_last: int = 0):
         """`hf_dir`: the model directory the run started from; its config, tokenizer and processor files are
-        kept in every checkpoint's hf/, so tools/checkpoint_convert/mcore_to_hf.py exports a checkpoint alone."""
+        kept in every checkpoint's hf/, so tools/checkpoint_convert/mcore_to_hf.py exports a checkpoint alone.
+        `keep_last`: checkpoints kept, the newest (0: all)."""
         self.root = root
         self.roles = roles
+        self.trainer_state = trainer_state
+        self.dataset = dataset
         self.hf_dir = hf_dir
+        self.keep_last = keep_last
 
     def _sharded_state(self, is_loading: bool) -> Dict:
         """Each role's model chunks and optimizer; keys carry the role name so roles never collide."""
@@ -130,10 +150,13 @@ class Checkpointer:
                                                                            metadata=OPTIMIZER_FORMAT)
         return state
 
-    def save(self, step: int, common: Dict, data_state: Optional[Dict]) -> str:
-        """Collective: every rank calls it. Returns the final directory."""
+    def save(self) -> str:
+        """Every part at the trainer state's step; collective: every rank calls it. Returns the final directory."""
         from megatron.core import dist_checkpointing, parallel_state
 
+        step = self.trainer_state.step
+        # every model-parallel rank of a data-parallel rank reads the same rows: the first one's position is kept
+        writes_data = self.dataset is not None and parallel_state.get_model_parallel_group().rank() == 0
         final = os.path.join(self.root, f"step_{step:08d}")
         temporary = final + ".tmp"
         if dist.get_rank() == 0:
@@ -146,13 +169,15 @@ class Checkpointer:
         dist.barrier()
         state = self._sharded_state(is_loading=False)
         # rank 0's common state is the one stored; data_parallel says which data_dp files it comes with
-        data_parallel = parallel_state.get_data_parallel_world_size() if data_state is not None else 0
-        state["common"] = dict(common, step=step, schedulers={n: r.scheduler.state_dict() for n, r in self.roles.items()},
+        data_parallel = parallel_state.get_data_parallel_world_size() if self.dataset is not None else 0
+        state["common"] = dict(self.trainer_state.state_dict(),
+                               schedulers={n: r.scheduler.state_dict() for n, r in self.roles.items()},
                                layout=_layout_signature(), data_parallel=data_parallel)
         dist_checkpointing.save(state, temporary)
         torch.save(_rng_state(), os.path.join(temporary, f"rng_rank{dist.get_rank():05d}.pt"))
-        if data_state is not None and parallel_state.get_model_parallel_group().rank() == 0:
-            torch.save(data_state, os.path.join(temporary, f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt"))
+        if writes_data:
+            torch.save(self.dataset.state_dict(),
+                       os.path.join(temporary, f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt"))
         dist.barrier()
         if dist.get_rank() == 0:
             write_manifest(temporary)
@@ -162,14 +187,17 @@ class Checkpointer:
             with open(pointer + ".tmp", "w") as handle:
                 handle.write(os.path.basename(final))
             os.replace(pointer + ".tmp", pointer)
+            for stale in stale_checkpoints(self.root, step, self.keep_last):  # only once `latest` moved past them
+                shutil.rmtree(stale)
         dist.barrier()
         return final
 
-    def load(self, path: str) -> Tuple[Dict, Optional[Dict]]:
-        """Restore the roles in place; returns (common state, this data-parallel rank's data state or None).
+    def load(self, path: str) -> None:
+        """Restore every part in place from the checkpoint at `path`.
 
         Collective. A damaged or incomplete checkpoint raises CheckpointError naming the bad file, the same
-        message on every rank; the roles may then hold some of its tensors, which a later load replaces."""
+        message on every rank; the roles may then hold some of its tensors, which a later load replaces, while
+        the trainer state and the dataset are untouched."""
         from megatron.core import dist_checkpointing, parallel_state
 
         problem = _agree(damaged_file(path) if dist.get_rank() == 0 else None)
@@ -191,7 +219,8 @@ class Checkpointer:
         data_path = os.path.join(path, f"data_dp{data_rank:05d}.pt")
         saved_ranks = common.get("data_parallel")
         # checkpoints from before data_parallel was recorded: the file is read when it is there
-        if (data_rank < saved_ranks) if saved_ranks is not None else os.path.exists(data_path):
+        saved_here = (data_rank < saved_ranks) if saved_ranks is not None else os.path.exists(data_path)
+        if self.dataset is not None and saved_here:
             data_state, data_problem = _read_state_file(data_path)
             problem = problem or data_problem
         problem = _agree(problem)
@@ -204,10 +233,12 @@ class Checkpointer:
             role.scheduler.load_state_dict(common["schedulers"][name])
         if rng is not None:
             _set_rng_state(rng)
-        return common, data_state
+        self.trainer_state.load_state_dict(common)
+        if data_state is not None:
+            self.dataset.load_state_dict(data_state)
 
-    def resume(self, resume: str = "auto") -> Optional[Tuple[str, Dict, Optional[Dict]]]:
-        """Load what trainer.resume asks for: (checkpoint path, common state, data state), or None to start fresh.
+    def resume(self, resume: str = "auto") -> Optional[str]:
+        """Load what trainer.resume asks for into the parts: returns the checkpoint's path, or None to start fresh.
 
         "never": None. A directory: that checkpoint, or CheckpointError. "auto": the newest usable checkpoint
         (resume_candidates): a damaged one is skipped with a warning naming the bad file; CheckpointError,
@@ -215,13 +246,15 @@ class Checkpointer:
         if resume == "never":
             return None
         if resume != "auto":
-            return (resume, *self.load(resume))
+            self.load(resume)
+            return resume
         failures = []
         for path in resume_candidates(self.root):
             try:
                 if not os.path.isdir(path):
                     raise CheckpointError(f"{path}, which {os.path.join(self.root, LATEST)} names, does not exist")
-                return (path, *self.load(path))
+                self.load(path)
+                return path
             except CheckpointError as error:
                 failures.append(str(error))
                 if dist.get_rank() == 0:

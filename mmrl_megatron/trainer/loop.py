@@ -7,7 +7,7 @@ Steps 1-3 live in experience.py; the parts are built by build.py and handed in a
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -43,14 +43,12 @@ class TrainerParts:
     bridge: object  # bridge.WeightBridge
     pack_sequences: Callable
     tracker: object
-    checkpointer: object
+    checkpointer: object  # checkpoint.Checkpointer: owns the TrainerState the loop advances
     dataset: object  # data.PromptDataset (state_dict, metrics)
     parameter_count: float
     evaluate: Optional[Callable[[], Dict[str, float]]] = None
     warmup: Optional[Callable[[], Dict[str, float]]] = None
     export: Optional[Callable[[], None]] = None
-    state: Dict = field(default_factory=lambda: {"step": 0, "nonfinite_skips": 0, "consecutive_nonfinite": 0,
-                                                 "warmup_done": False})
 
 
 class Trainer:
@@ -58,6 +56,8 @@ class Trainer:
         self.parts = parts
         self.config = parts.config
         self.algorithm = parts.config.algorithm
+        self.estimator = algorithms.advantage_estimator(self.algorithm.advantage)
+        self.state = parts.checkpointer.trainer_state  # saved and restored by the checkpointer
         self.offload = rollout_offload_for(parts)
 
     # -- steps 1-3 -----------------------------------------------------------------------------------
@@ -81,10 +81,10 @@ class Trainer:
     # -- step 4 --------------------------------------------------------------------------------------
     def on_policy_update(self, samples: List[Sample]) -> bool:
         """Whether the update's one optimizer step sees the weights that generated: one epoch, one
-        mini-batch, and no KL-shaped reward (which needs the old log-probs before the update). Then the old
-        log-probs equal the update's own (detached), and the old-policy scoring pass is skipped."""
+        mini-batch, and an estimator that reads no old log-probs (a KL-shaped reward does, before the update).
+        Then the old log-probs equal the update's own (detached), and the old-policy scoring pass is skipped."""
         return (self.config.actor.ppo_epochs == 1 and len(self.mini_batches(samples)) == 1
-                and not self.algorithm.kl_in_reward)
+                and "old_logprobs" not in self.estimator.tensors_needed(self.algorithm))
 
     def score_with_models(self, micro_batches: List[MicroBatch], on_policy: bool) -> None:
         temperature = self.config.rollout.temperature or 1.0
@@ -101,35 +101,23 @@ class Trainer:
 
     # -- step 5 --------------------------------------------------------------------------------------
     def compute_advantages(self, samples: List[Sample]) -> Dict:
-        """Fill each sample's advantages (and returns for GAE); returns statistics (explained variance)."""
-        algorithm, n = self.algorithm, self.config.rollout.n
+        """Fill each sample's advantages (and returns, for an estimator with a critic) with the registered
+        estimator algorithm.advantage names; returns statistics (the critic's explained variance)."""
         mask = response_mask(samples)
-        scores = torch.tensor([s.score for s in samples])
 
         def stacked(name):
             return torch.stack([torch.nn.functional.pad(s.tensors[name], (0, mask.shape[1] - len(s.response_ids)))
                                 for s in samples])
 
-        returns, stats = None, {}
-        if algorithm.advantage in ("grpo", "rloo"):
-            if algorithm.advantage == "grpo":
-                per_sample = algorithms.grpo_advantages(scores, n, algorithm.norm_adv_by_std)
-            else:
-                per_sample = algorithms.rloo_advantages(scores, n)
-            advantages = per_sample.unsqueeze(1) * mask
-        else:
-            token_rewards = algorithms.outcome_to_token_rewards(scores, mask)
-            if algorithm.kl_in_reward and self.parts.reference is not None:
-                token_rewards = algorithms.kl_penalised_rewards(token_rewards, stacked("old_logprobs"),
-                                                                stacked("ref_logprobs"), mask, algorithm.kl_coef,
-                                                                algorithm.kl_estimator)
-            if algorithm.advantage == "reinforce_plus_plus":
-                advantages = algorithms.reinforce_plus_plus_advantages(token_rewards, mask, algorithm.gamma)
-            else:
-                advantages, returns = algorithms.gae_advantages(token_rewards, stacked("old_values"), mask,
-                                                                algorithm.gamma, algorithm.lam)
-                variance = algorithms.explained_variance(stacked("old_values"), returns, mask)
-                stats["critic/explained_variance"] = (float(variance), 1.0)
+        needed = self.estimator.tensors_needed(self.algorithm)
+        inputs = algorithms.AdvantageInputs(scores=torch.tensor([s.score for s in samples]), mask=mask,
+                                            group_size=self.config.rollout.n, config=self.algorithm,
+                                            tensors={name: stacked(name) for name in needed})
+        result = self.estimator.compute(inputs)
+        advantages, returns, stats = result.advantages, result.returns, {}
+        if returns is not None and "old_values" in inputs.tensors:
+            variance = algorithms.explained_variance(inputs.tensors["old_values"], returns, mask)
+            stats["critic/explained_variance"] = (float(variance), 1.0)
         for row, sample in enumerate(samples):
             length = len(sample.response_ids)
             sample.tensors["advantages"] = advantages[row, :length].clone()
@@ -185,17 +173,17 @@ class Trainer:
         return stats
 
     def count_nonfinite(self, stepped: bool, step: int) -> None:
-        state = self.parts.state
+        state = self.state
         if stepped:
-            state["consecutive_nonfinite"] = 0
+            state.consecutive_nonfinite = 0
             return
-        state["nonfinite_skips"] += 1
-        state["consecutive_nonfinite"] += 1
+        state.nonfinite_skips += 1
+        state.consecutive_nonfinite += 1
         limit = self.config.trainer.max_nonfinite_skips
         logger.warning("step %d: non-finite loss or gradient norm; update skipped (%d in a row, limit %d)",
-                       step, state["consecutive_nonfinite"], limit)
-        if state["consecutive_nonfinite"] >= limit:
-            raise TrainingError(f"step {step}: {state['consecutive_nonfinite']} updates in a row had a non-finite loss "
+                       step, state.consecutive_nonfinite, limit)
+        if state.consecutive_nonfinite >= limit:
+            raise TrainingError(f"step {step}: {state.consecutive_nonfinite} updates in a row had a non-finite loss "
                                 f"or gradient norm (trainer.max_nonfinite_skips={limit}); lower actor.optim.lr, "
                                 "check the rewards for NaN, or resume from an earlier checkpoint")
 
@@ -261,23 +249,23 @@ class Trainer:
         # every model-parallel rank of a data-parallel rank reads the same rows; each rank scores its own share
         metrics.update(summed_counters(self.parts.dataset.metrics(), parallel_state.get_data_parallel_group()))
         metrics.update(summed_counters(self.parts.sources.reward.metrics()))
-        metrics["train/nonfinite_skips"] = float(self.parts.state["nonfinite_skips"])
+        metrics["train/nonfinite_skips"] = float(self.state.nonfinite_skips)
         return metrics
 
     # -- the run ---------------------------------------------------------------------------------------
     def run(self) -> Dict[str, float]:
         """Warm-up (once), then RL steps from the resumed step to trainer.steps; returns the last metrics."""
-        state, trainer = self.parts.state, self.config.trainer
-        if not state["warmup_done"] and self.parts.warmup is not None:
+        state, trainer = self.state, self.config.trainer
+        if not state.warmup_done and self.parts.warmup is not None:
             self.parts.warmup()
-        state["warmup_done"] = True
+        state.warmup_done = True
         self.sync_weights()
-        if state["step"] == 0 and self.parts.evaluate is not None:
+        if state.step == 0 and self.parts.evaluate is not None:
             self.parts.tracker.log(0, self.parts.evaluate())
         metrics = {}
-        for step in range(state["step"] + 1, trainer.steps + 1):
+        for step in range(state.step + 1, trainer.steps + 1):
             metrics = self.train_step(step)
-            state["step"] = step
+            state.step = step
             if self.parts.evaluate is not None and trainer.eval_every and (step % trainer.eval_every == 0
                                                                             or step == trainer.steps):
                 metrics.update(self.parts.evaluate())
@@ -285,7 +273,7 @@ class Trainer:
             stop = self.stop_requested()
             periodic = trainer.save_every > 0 and step % trainer.save_every == 0
             if stop or (trainer.save_every >= 0 and (periodic or step == trainer.steps)):
-                self.save_checkpoint(step)
+                self.save_checkpoint()
             if stop:
                 self.clear_stop_request()
                 logger.warning("step %d: %s found; checkpoint saved, stopping", step, STOP_FILE)
@@ -310,10 +298,6 @@ class Trainer:
             except FileNotFoundError:  # removed by hand meanwhile: nothing left to do
                 pass
 
-    def save_checkpoint(self, step: int) -> None:
-        from megatron.core import parallel_state
-
-        common = {key: value for key, value in self.parts.state.items() if key != "step"}
-        data_state = self.parts.dataset.state_dict() if parallel_state.get_model_parallel_group().rank() == 0 else None
+    def save_checkpoint(self) -> None:
         with self.offload.onloaded():
-            self.parts.checkpointer.save(step, common, data_state)
+            self.parts.checkpointer.save()

@@ -58,8 +58,7 @@ def actor_loss(logits: torch.Tensor, micro_batch: MicroBatch, config: AlgorithmC
     on_policy = "old_logprobs" not in micro_batch.samples[0].tensors  # the trainer skipped that pass (loop.py)
     old_logprobs = logprobs.detach() if on_policy else micro_batch.stacked("old_logprobs")
     advantages = micro_batch.stacked("advantages")
-    loss_fn = algorithms.gspo_loss if config.policy_loss == "gspo" else algorithms.ppo_clip_loss
-    policy = loss_fn(logprobs, old_logprobs, advantages, mask, config.clip_low, config.clip_high, config.dual_clip)
+    policy = algorithms.policy_loss(config.policy_loss).compute(logprobs, old_logprobs, advantages, mask, config)
     per_token = policy.per_token_loss
     if config.tis_cap is not None:
         per_token = per_token * algorithms.truncated_importance_weights(

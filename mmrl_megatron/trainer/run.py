@@ -19,10 +19,14 @@ logger = logging.getLogger(__name__)
 def check_before_start(config: Config, world_size: int, plan: Optional[DemoPlan]) -> None:
     """The layout against the world size and the model's shape (read from config.json, or the demo model's when
     it is about to be built), a named resume checkpoint, every data file not about to be built (exists, is
-    parquet, has the required columns) and evaluation.metrics (they load, their data sources exist). Raises
-    ConfigError or DataError naming the key or file."""
+    parquet, has the required columns), the algorithm names (registered, plug-ins imported) and
+    evaluation.metrics (they load, their data sources exist). Raises ConfigError or DataError naming the key or
+    file."""
+    from ..algorithms.config_check import check_algorithm_config
     from ..data.source import open_parquet
     from .evaluation import check_evaluation_config
+
+    check_algorithm_config(config)
 
     shape = DEMO_SHAPE if plan is not None and plan.build_model else read_model_shape(config.model.hf_path)
     validate_layout(config, world_size, shape)

@@ -42,7 +42,7 @@ def test_misspelled_key_in_yaml_names_file_and_key(tmp_path):
 
 @pytest.mark.parametrize("override, fragment", [
     ("trainer.steps=many", "trainer.steps"),
-    ("algorithm.advantage=ppo", "algorithm.advantage"),
+    ("trainer.device=tpu", "trainer.device"),
     ("override_without_equals", "key=value"),
 ])
 def test_wrong_type_or_choice_is_named(override, fragment):

@@ -65,9 +65,9 @@ def launch(assets, monkeypatch, capsys):
     ("rollout.n=0", "config error: rollout.n=0 must be >= 1"),
     ("rollout.top_p=1.5", "config error: rollout.top_p=1.5 must be in (0, 1]"),
     ("actor.micro_batch_tokens=-8", "config error: actor.micro_batch_tokens=-8 must be >= 1"),
-    ("algorithm.advantage=ppo", "config error: bad value for config key 'algorithm.advantage' in command-line "
-                                "overrides: Invalid value 'ppo', expected one of ['grpo', 'gae', 'rloo', "
-                                "'reinforce_plus_plus']"),
+    ("algorithm.advantage=ppo", "config error: algorithm.advantage='ppo' is not a registered advantage estimator; "
+                                "registered: grpo, rloo, reinforce_plus_plus, gae (add one with "
+                                "algorithms.register_advantage_estimator in a file named in algorithm.plugins)"),
 ])
 def test_invalid_value_is_one_line_before_anything_starts(launch, override, message):
     """Invariant: an out-of-range or unknown value stops the run with one line naming the key, exit 2, before

@@ -167,12 +167,14 @@ def stand_in_trainer(config, resume: bool = True):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from mmrl_megatron.algorithms import advantage_estimator
     from mmrl_megatron.bridge import WeightBridge
     from mmrl_megatron.parallel import init_model_parallel, layout_from_config
     from mmrl_megatron.trainer.build import build_role
     from mmrl_megatron.trainer.checkpoint import Checkpointer
     from mmrl_megatron.trainer.experience import ExperienceSources
     from mmrl_megatron.trainer.loop import Trainer, TrainerParts
+    from mmrl_megatron.trainer.state import TrainerState
     from mmrl_megatron.trainer.tracking import build_tracker
 
     use_stand_in_logprobs()
@@ -182,17 +184,13 @@ def stand_in_trainer(config, resume: bool = True):
     actor = build_role("actor", stand_in_model("actor"), config, device, config.actor.optim)
     reference = build_role("reference", stand_in_model("actor"), config, device) if config.algorithm.kl_coef else None
     critic = (build_role("critic", stand_in_model("critic", seed=1), config, device, config.critic.optim)
-              if config.algorithm.advantage == "gae" else None)
+              if advantage_estimator(config.algorithm.advantage).needs_critic else None)
     roles = {"actor": actor, **({"critic": critic} if critic else {})}
-    checkpointer = Checkpointer(os.path.join(config.trainer.run_dir, "checkpoints"), roles)
     data_parallel = parallel_state.get_data_parallel_world_size()
     dataset = StandInDataset(config.data.prompts_per_step // data_parallel, parallel_state.get_data_parallel_rank())
-    state = {"step": 0, "nonfinite_skips": 0, "consecutive_nonfinite": 0, "warmup_done": False}
-    resumed = checkpointer.resume("auto" if resume else "never")
-    if resumed:
-        _, common, data_state = resumed
-        state.update({key: common[key] for key in state if key in common})
-        dataset.load_state_dict(data_state)
+    checkpointer = Checkpointer(os.path.join(config.trainer.run_dir, "checkpoints"), roles, TrainerState(), dataset,
+                                keep_last=config.trainer.keep_last)
+    checkpointer.resume("auto" if resume else "never")
     engine = StandInEngine()
 
     def export(chunks):
@@ -205,7 +203,7 @@ def stand_in_trainer(config, resume: bool = True):
     tracker = build_tracker(config.logging, config.trainer.run_dir, dist.get_rank() == 0)
     parts = TrainerParts(config=config, device=device, actor=actor, reference=reference, critic=critic,
                          sources=sources, bridge=bridge, pack_sequences=pack_sequences, tracker=tracker,
-                         checkpointer=checkpointer, dataset=dataset, parameter_count=1.0, state=state)
+                         checkpointer=checkpointer, dataset=dataset, parameter_count=1.0)
     return Trainer(parts)
 
 

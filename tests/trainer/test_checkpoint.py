@@ -1,7 +1,8 @@
 """Checkpoints: a run resumed from its step-2 checkpoint in fresh processes reproduces the uninterrupted
 run's metrics for steps 3-4 exactly (CPU); the TP=2 checkpoint also resumes at TP=1; a crash mid-save
 never moves `latest`; damaged checkpoints are named and skipped; SAVE_AND_EXIT is cleared once honoured;
-resumed steps are logged once."""
+resumed steps are logged once; a checkpoint written before the TrainerState class resumes; keep_last retains
+the newest checkpoints with their fallback."""
 import fnmatch
 import json
 import math
@@ -22,7 +23,7 @@ def _run(run_dir, overrides):
     trainer = stand_in_trainer(stand_in_config(run_dir, overrides))
     trainer.run()
     trainer.parts.tracker.close()
-    return trainer.parts.state["step"]
+    return trainer.state.step
 
 
 def _metrics_by_step(run_dir):
@@ -136,8 +137,8 @@ def _resume_after_faults(run_dir):
         dist.barrier()
         del warnings[:]
         try:
-            resumed = checkpointer.resume("auto")
-            outcomes.append((resumed[1]["step"], None, list(warnings)))
+            checkpointer.resume("auto")
+            outcomes.append((checkpointer.trainer_state.step, None, list(warnings)))
         except CheckpointError as error:
             outcomes.append((None, str(error), list(warnings)))
     outcomes.append(os.path.exists(os.path.join(run_dir, "executed")))
@@ -220,3 +221,62 @@ def test_launch_reports_a_checkpoint_error_in_one_line(monkeypatch, capsys):
     assert entry.main(["--config", "unused.yaml"]) == 2
     assert capsys.readouterr().err == ("checkpoint error: no usable checkpoint in runs/x/checkpoints: "
                                        "runs/x/checkpoints/step_1/a.distcp is missing\n")
+
+
+LEGACY_RUN = os.path.join(os.path.dirname(__file__), "data", "legacy_run")
+LEGACY_OVERRIDES = ["trainer.steps=3", "trainer.save_every=2", "algorithm.kl_coef=0"]
+
+
+def _resume_legacy(run_dir):
+    from tests.trainer.stand_ins import stand_in_config, stand_in_trainer
+
+    trainer = stand_in_trainer(stand_in_config(run_dir, LEGACY_OVERRIDES))
+    resumed_state = trainer.state.state_dict()
+    trainer.run()
+    trainer.parts.tracker.close()
+    return resumed_state, trainer.state.state_dict()
+
+
+def test_a_checkpoint_from_before_the_trainer_state_class_resumes(tmp_path):
+    """Invariant (backward compatibility): the step-2 checkpoint the pre-issue-18 code wrote (tests/trainer/data/
+    legacy_run) restores the trainer state, data position, model, optimizer and RNG, so step 3 reproduces that
+    run's own step-3 metrics."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(LEGACY_RUN, "checkpoints"), os.path.join(run_dir, "checkpoints"))
+    [(resumed, final)] = run_on_cpu_ranks(1, _resume_legacy, run_dir)
+    assert resumed == {"step": 2, "nonfinite_skips": 0, "consecutive_nonfinite": 0, "warmup_done": True}
+    assert final["step"] == 3
+    with open(os.path.join(LEGACY_RUN, "step_3_metrics.json")) as handle:
+        expected = json.load(handle)["3"]
+    again = _metrics_by_step(run_dir)
+    assert sorted(again) == [3]
+    for key, value in expected.items():
+        assert math.isclose(again[3][key], value, rel_tol=1e-6, abs_tol=1e-9), (key, again[3][key], value)
+
+
+def _keep_two_then_damage_the_newest(run_dir):
+    """Train 4 steps with a checkpoint each and trainer.keep_last=2; list what is left; truncate the newest
+    checkpoint's .distcp file and resume. Returns (directories left, `latest`, the step resumed at)."""
+    from tests.trainer.stand_ins import stand_in_config, stand_in_trainer
+
+    trainer = stand_in_trainer(stand_in_config(run_dir, ["trainer.steps=4", "trainer.save_every=1",
+                                                         "trainer.keep_last=2"]))
+    trainer.run()
+    trainer.parts.tracker.close()
+    root = trainer.parts.checkpointer.root
+    left = sorted(os.listdir(root))
+    with open(os.path.join(root, "latest")) as handle:
+        latest = handle.read()
+    path = _checkpoint_files(root, 4, "*.distcp")[-1]
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    trainer.parts.checkpointer.resume("auto")
+    return left, latest, trainer.state.step
+
+
+def test_keep_last_retains_the_newest_checkpoints_and_their_fallback(tmp_path):
+    """Invariant: with trainer.keep_last=2 only the two newest checkpoints remain after each save (and `latest`
+    names the newest); when the newest is damaged, resume falls back to the other one."""
+    [(left, latest, resumed_at)] = run_on_cpu_ranks(1, _keep_two_then_damage_the_newest, str(tmp_path / "run"))
+    assert left == ["latest", "step_00000003", "step_00000004"]
+    assert latest == "step_00000004" and resumed_at == 3

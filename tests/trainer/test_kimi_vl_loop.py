@@ -65,6 +65,7 @@ def _kimi_trainer(config):
     from mmrl_megatron.trainer.experience import ExperienceSources
     from mmrl_megatron.trainer.loop import Trainer, TrainerParts
     from mmrl_megatron.trainer.positions import position_rule
+    from mmrl_megatron.trainer.state import TrainerState
     from tests.trainer.stand_ins import StandInReward
 
     hf_dir = config.model.hf_path
@@ -84,7 +85,7 @@ def _kimi_trainer(config):
     parts = TrainerParts(config=config, device=device, actor=actor, reference=reference, critic=None,
                          sources=sources, bridge=bridge, pack_sequences=pack_sequences, tracker=RecordingTracker(),
                          checkpointer=Checkpointer(os.path.join(config.trainer.run_dir, "checkpoints"),
-                                                   {"actor": actor}),
+                                                   {"actor": actor}, TrainerState(), dataset),
                          dataset=dataset, parameter_count=1.0)
     return Trainer(parts)
 
@@ -123,7 +124,7 @@ def _three_grpo_steps(run_dir, hf_dir):
     in_engine = trainer.parts.sources.engine.get_weights(experts + biases)
     checkpoint = HFCheckpoint(hf_dir)
     return {
-        "step": trainer.parts.state["step"], "metrics": trainer.parts.tracker.steps,
+        "step": trainer.state.step, "metrics": trainer.parts.tracker.steps,
         "dp_rank": parallel_state.get_data_parallel_rank(), "micro_batch_counts": micro_batch_counts,
         "experts": len(experts),
         "engine_differs": [name for name in experts + biases if not torch.equal(in_engine[name], exported[name])],

@@ -20,7 +20,7 @@ def _run_both_algorithms(root):
         trainer = stand_in_trainer(config)
         metrics = trainer.run()
         trainer.parts.tracker.close()
-        results[name] = (metrics, trainer.parts.state["step"], trainer.parts.sources.engine.updates)
+        results[name] = (metrics, trainer.state.step, trainer.parts.sources.engine.updates)
         dist.barrier()
     return results
 
