@@ -19,6 +19,7 @@ from tests.models.qwen3_vl.inputs import hf_logprobs, make_samples, packed, padd
 
 LAYOUTS = [(2, 2), (2, 1), (1, 2), (1, 1)]
 TOLERANCE = 1e-4  # max abs, fp32, the acceptance bar
+pytestmark = pytest.mark.slow  # about 65 s on 2 cores: one 4-rank run over the four layouts
 
 
 def _config(hf_dir: str) -> dict:
