@@ -142,6 +142,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from transformers import AutoTokenizer
 
+    from ..algorithms.config_check import check_algorithm_config
     from ..bridge import WeightBridge
     from ..config.validate import read_model_shape
     from ..data import PromptDataset
@@ -150,6 +151,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     from ..rollout import build_engine
     from ..rollout.multi_turn import build_multi_turn
 
+    check_algorithm_config(config)  # imports algorithm.plugins in this process, so their names resolve
     config = with_model_files(config)
     trainer_config, algorithm = config.trainer, config.algorithm
     resolve_recompute(config, device)
