@@ -35,11 +35,13 @@ def _train_with_plugin(run_dir, plugin_path):
 
     import torch
 
+    from mmrl_megatron.algorithms.config_check import check_algorithm_config
     from tests.trainer.stand_ins import stand_in_config, stand_in_trainer
 
     config = stand_in_config(run_dir, [f"algorithm.plugins=[{plugin_path}]", "algorithm.advantage=median_baseline",
                                        "algorithm.policy_loss=recorded_ppo", "algorithm.clip_low=0.15",
                                        "trainer.steps=2", "trainer.save_every=-1"])
+    check_algorithm_config(config)  # what training does before it starts: the plug-in registers its names
     trainer = stand_in_trainer(config)
     before = [p.detach().clone() for p in trainer.parts.actor.chunks[0].parameters()]
     stored, compute = [], trainer.compute_advantages
