@@ -38,6 +38,8 @@ class LanguageDims:
     # whether the model's SwiGLU runs megatron-core's fused (compiled) kernel on GPUs: Qwen2.5-VL's builder
     # turns it on, Kimi-VL's experts run it unfused (models/*/build)
     fused_swiglu: bool = True
+    qkv_bias: bool = True  # GQA's q/k/v projections carry biases (Qwen2); Qwen3 has none
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys (head_dim weights each; Qwen3)
 
     def is_moe_layer(self, index: int) -> bool:
         return self.num_experts > 0 and index >= self.first_dense_layers
@@ -52,8 +54,10 @@ class LanguageDims:
                   + self.kv_lora_rank * self.heads * (self.qk_nope_head_dim + self.v_head_dim))
             return q + kv + self.heads * self.v_head_dim * h
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        # q/k/v carry biases, o_proj does not (Qwen2 attention)
-        return h * q_width + q_width + 2 * (h * kv_width + kv_width) + q_width * h
+        # o_proj has no bias
+        biases = (q_width + 2 * kv_width) if self.qkv_bias else 0
+        norms = 2 * self.head_dim if self.qk_norm else 0
+        return h * q_width + 2 * h * kv_width + biases + norms + q_width * h
 
     def routed_expert_params(self, index: int) -> int:
         return self.num_experts * 3 * self.hidden * self.moe_ffn if self.is_moe_layer(index) else 0
@@ -88,12 +92,14 @@ class VisionDims:
     temporal_patch: int = 2  # Qwen's Conv3d frames; MoonViT uses 2-D patches
     pos_emb_cells: int = 0  # MoonViT's learnable 2-D position table (height * width)
     split_over_tensor_parallel: bool = True  # models/qwen2_5_vl splits its tower; models/kimi_vl replicates MoonViT
+    final_norm: bool = True  # the LayerNorm kind's norm after the last block (MoonViT has one, Qwen3-VL none)
+    postshuffle_mergers: int = 0  # extra patch mergers whose LayerNorm spans the merged width (DeepStack)
 
     def patch_embed_params(self) -> int:
         """The patch embedding (and MoonViT's position table): replicated even when the tower is split."""
         if self.kind == "qwen2_5_vit":
             return self.hidden * 3 * self.temporal_patch * self.patch ** 2
-        return self.hidden * 3 * self.patch ** 2 + self.hidden + self.pos_emb_cells * self.hidden
+        return self.hidden * 3 * self.temporal_patch * self.patch ** 2 + self.hidden + self.pos_emb_cells * self.hidden
 
     def params(self, out_hidden: int) -> int:
         hv, merged = self.hidden, self.hidden * self.merge ** 2
@@ -105,8 +111,9 @@ class VisionDims:
             return self.patch_embed_params() + self.depth * block + merger
         mlp = hv * self.ffn + self.ffn + self.ffn * hv + hv  # fc0, GELU, fc1
         block = attention + mlp + 4 * hv  # two LayerNorms (weight + bias)
-        projector = 2 * hv + merged * merged + merged + merged * out_hidden + out_hidden
-        return self.patch_embed_params() + self.depth * block + 2 * hv + projector
+        linears = merged * merged + merged + merged * out_hidden + out_hidden
+        mergers = 2 * hv + linears + self.postshuffle_mergers * (2 * merged + linears)
+        return self.patch_embed_params() + self.depth * block + (2 * hv if self.final_norm else 0) + mergers
 
     def activation_bytes_per_patch(self, tensor_parallel: int) -> float:
         """bf16 bytes one patch keeps for backward in one block on one GPU: norm/linear inputs (full

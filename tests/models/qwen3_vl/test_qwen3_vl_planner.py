@@ -11,10 +11,6 @@ def _numel(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())  # tied tensors once, as a checkpoint
 
 
-# Strict: fails with TypeError until parallel/model_dims.py has the generic fields planner.py names
-# (VisionDims.final_norm, .postshuffle_mergers, LanguageDims.qkv_bias, .qk_norm); once it has them, an
-# exact count passes and the strict mark turns that pass into a failure, so remove the mark then.
-@pytest.mark.xfail(raises=TypeError, strict=True, reason="parallel/model_dims.py lacks the generic fields")
 @pytest.mark.parametrize("tied", [False, True])
 def test_parameter_count_and_split_equal_the_transformers_model(tied):
     """total, language and vision parameter counts equal the tiny Qwen3VLForConditionalGeneration's (vision:
