@@ -100,7 +100,7 @@ def first_difference(dir_a: str, dir_b: str) -> Optional[str]:
 
 
 def run(shape: str, work_dir: str, max_chunk_bytes: int) -> Dict:
-    from mmrl_megatron.convert.conversions import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
+    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
     from mmrl_megatron.parallel import shutdown
 
     hf_dir, mcore_dir, back_dir = (os.path.join(work_dir, name) for name in ("hf", "mcore", "hf_back"))

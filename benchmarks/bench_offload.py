@@ -202,7 +202,7 @@ def project_state_seconds(measured: Dict, dtype: str) -> Dict:
     in the shipped 7B layout (yaml_configs/grpo_geo3k_qwen25vl_7b.yaml on 8 GPUs), at the measured GB/s."""
     from mmrl_megatron.config import load_config
     from mmrl_megatron.parallel.memory_plan import estimate, optimizer_state_bytes
-    from mmrl_megatron.parallel.model_dims import resolve_model_dims
+    from mmrl_megatron.models.planner_dims import resolve_model_dims
 
     dims = resolve_model_dims("qwen2.5-vl-7b")
     shipped = load_config(os.path.join(ROOT, "yaml_configs", "grpo_geo3k_qwen25vl_7b.yaml"))
@@ -219,7 +219,7 @@ def project_state_seconds(measured: Dict, dtype: str) -> Dict:
 def main(argv: Optional[List[str]] = None) -> Dict:
     from mmrl_megatron.models import build_model
     from mmrl_megatron.parallel.memory_plan import estimate, rollout_offload
-    from mmrl_megatron.parallel.model_dims import resolve_model_dims
+    from mmrl_megatron.models.planner_dims import resolve_model_dims
     from mmrl_megatron.trainer.build import build_role
     from mmrl_megatron.trainer.offload import RoleOffload
 

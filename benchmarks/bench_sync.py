@@ -32,8 +32,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def run(args, hf_dir: str) -> Optional[Dict]:
     """Sync args.repeats times; the measurements on global rank 0, None elsewhere (collective)."""
     from mmrl_megatron.bridge import WeightBridge
-    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir
-    from mmrl_megatron.convert.conversions import init_conversion_ranks
+    from mmrl_megatron.models import build_model_from_dir
+    from mmrl_megatron.models.checkpoint_conversion import init_conversion_ranks
     from mmrl_megatron.rollout.embedded import EmbeddedEngine
 
     device = init_conversion_ranks(args.tp, args.pp)

@@ -82,7 +82,7 @@ def model_configs(shape: str):
     """(Qwen2.5-VL config dict for our builder, the matching transformers Qwen2Config, the text geometry)."""
     from transformers import Qwen2Config
 
-    from mmrl_megatron.convert.qwen2_5_vl_shape import read_shape
+    from mmrl_megatron.models.qwen2_5_vl.hf_config import read_shape
 
     config = build_config(shape).to_dict()
     config["vision_config"].update(TINY_VISION)

@@ -49,7 +49,7 @@ def read_samples(data_path: str, hf_dir: str, hf_config: Dict, args, rows: range
     from mmrl_megatron.data import PromptProcessor
     from mmrl_megatron.data.format import parse_row
     from mmrl_megatron.trainer.batch import Sample
-    from mmrl_megatron.trainer.positions import position_rule
+    from mmrl_megatron.models.family import position_rule
 
     default_min, default_max = _preprocessor_pixels(hf_dir)
     data_config = DataConfig(min_pixels=args.min_pixels or default_min, max_pixels=args.max_pixels or default_max,
@@ -83,8 +83,10 @@ def score(args) -> Optional[List[Dict]]:
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
-    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir, hf_files_dir, read_hf_config
-    from mmrl_megatron.convert.conversions import init_conversion_ranks
+    from mmrl_megatron.convert.checkpoint_io import hf_files_dir
+    from mmrl_megatron.models import build_model_from_dir
+    from mmrl_megatron.models.hf_config import read_hf_config
+    from mmrl_megatron.models.checkpoint_conversion import init_conversion_ranks
     from mmrl_megatron.models.common.packing import pack_sequences
     from mmrl_megatron.trainer.batch import build_micro_batches
     from mmrl_megatron.trainer.losses import response_logprobs

@@ -12,7 +12,7 @@ import sys
 
 from mmrl_megatron.config import ConfigError, load_config
 from mmrl_megatron.parallel.memory_plan import estimate, format_plan, suggest_changes
-from mmrl_megatron.parallel.model_dims import resolve_model_dims
+from mmrl_megatron.models.planner_dims import resolve_model_dims
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,6 @@
 from .errors import ConfigError
 from .loader import load_config, save_resolved
 from .schema import Config
-from .validate import ModelShape, read_model_shape, validate_layout
+from .validate import ModelShape, model_shape, validate_layout
 
-__all__ = ["Config", "ConfigError", "ModelShape", "load_config", "read_model_shape", "save_resolved", "validate_layout"]
+__all__ = ["Config", "ConfigError", "ModelShape", "load_config", "model_shape", "save_resolved", "validate_layout"]

@@ -6,13 +6,17 @@ fields that exist here (see loader.py), so this file is the reference for what c
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional
 
+# token rows per chunk of the vocabulary-parallel log-prob and entropy (models/common/logprobs.py); the memory
+# planner (parallel/memory_plan.py) sizes the logits' workspace by it
+DEFAULT_CHUNK_TOKENS = 1024
+
 
 @dataclass
 class ModelConfig:
     hf_path: str = ""  # Hugging Face directory (config.json, safetensors, tokenizer, preprocessor)
     # megatron-core checkpoint (hf_to_mcore.py) whose weights replace hf_path's; empty hf_path: its hf/ files
     mcore_checkpoint: Optional[str] = None
-    family: Literal["auto", "qwen2_5_vl", "kimi_vl"] = "auto"  # auto: read from config.json model_type
+    family: str = "auto"  # auto: read from config.json model_type; else a model_type of models/<family>/
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     attention_backend: Literal["auto", "sdpa", "te"] = "auto"  # auto: TE when importable, else SDPA
     freeze_vision_tower: bool = False

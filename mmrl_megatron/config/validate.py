@@ -1,8 +1,6 @@
 """Checks that need more than the schema: the parallel layout against the world size and the model."""
-import json
-import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 from .errors import ConfigError
 from .schema import Config
@@ -18,21 +16,13 @@ class ModelShape:
     num_experts: int = 0
 
 
-def read_model_shape(hf_path: str) -> ModelShape:
-    """Read the language-model dimensions from config.json (flat 4.x or nested 5.x `text_config`)."""
-    path = os.path.join(hf_path, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"model.hf_path: {path} does not exist; point model.hf_path at a Hugging Face model directory")
-    try:
-        with open(path) as handle:
-            config = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"model.hf_path: {path} is not a readable JSON file ({error})") from None
-    text = config.get("text_config") or config
-    heads = text.get("num_attention_heads", config.get("num_attention_heads"))
-    layers = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+def model_shape(hf_config: Mapping) -> ModelShape:
+    """The language-model dimensions of a config.json dict (flat 4.x or nested 5.x `text_config`)."""
+    text = hf_config.get("text_config") or hf_config
+    heads = text.get("num_attention_heads", hf_config.get("num_attention_heads"))
+    layers = text.get("num_hidden_layers", hf_config.get("num_hidden_layers"))
     if not isinstance(heads, int) or not isinstance(layers, int):
-        raise ConfigError(f"model.hf_path: {path} has no integer num_attention_heads / num_hidden_layers "
+        raise ConfigError("model.hf_path: its config.json has no integer num_attention_heads / num_hidden_layers "
                           "(in text_config or at the top level)")
     return ModelShape(
         num_layers=layers,

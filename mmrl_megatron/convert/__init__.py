@@ -1,12 +1,13 @@
-"""HF <-> Megatron conversion, one rule table per model family (the single source of truth).
+"""HF <-> Megatron conversion machinery, generic over model families: a family's rule table (its
+models/<family>/conversion.py, as a rules.RuleTable) says what maps to what; convert applies it.
 
-- `load_hf_into_model(model, hf_dir)`: fill this rank's shards from HF safetensors.
-- `iter_hf_tensors(model)`: (HF name, full tensor) pairs on every rank (collective over TP/PP).
-- `FAMILIES`: HF model_type -> module with `rules(hf_config, role)` and `ALIASES`; families register here.
+- `load_hf_into_model(model, hf_dir, table)`: fill this rank's shards from HF safetensors.
+- `iter_hf_tensors(model, table=None)`: (HF name, full tensor) pairs on every rank (collective over TP/PP/EP).
+- checkpoint_io.py and friends: checkpoint files on disk (safetensors, megatron distributed checkpoints).
 """
 from .errors import CheckpointError
 from .exporter import iter_hf_tensors
-from .families import FAMILIES, rule_table
 from .loader import load_hf_into_model
+from .rules import RuleTable
 
-__all__ = ["CheckpointError", "FAMILIES", "iter_hf_tensors", "load_hf_into_model", "rule_table"]
+__all__ = ["CheckpointError", "RuleTable", "iter_hf_tensors", "load_hf_into_model"]

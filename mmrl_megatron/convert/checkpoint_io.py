@@ -12,7 +12,7 @@ import json
 import math
 import os
 import shutil
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ from .checkpoint_manifest import damaged_file
 from .errors import CheckpointError, one_line
 from .model_params import is_routed_expert
 
-HF_FILES_SUBDIR = "hf"
+HF_FILES_SUBDIR = "hf"  # a megatron checkpoint keeps the HF side files (config.json, tokenizer) here
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # transformers' save_pretrained default
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
@@ -40,16 +40,6 @@ def copy_hf_side_files(source_dir: str, out_dir: str) -> List[str]:
     if "config.json" not in copied:
         raise CheckpointError(f"{source_dir} has no config.json: pass a Hugging Face model directory")
     return copied
-
-
-def read_hf_config(model_dir: str) -> Dict:
-    """config.json of an HF directory, or of the `hf/` files kept inside a megatron checkpoint."""
-    path = os.path.join(hf_files_dir(model_dir), "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} not found: {model_dir} is neither an HF model directory nor a megatron "
-                              "checkpoint written by hf_to_mcore.py")
-    with open(path) as handle:
-        return json.load(handle)
 
 
 def hf_files_dir(model_dir: str) -> str:
@@ -145,48 +135,6 @@ def in_published_dtype(named_tensors: Iterable[Tuple[str, torch.Tensor]],
     dtype = _DTYPES[checkpoint_dtype(hf_config)]
     for name, tensor in named_tensors:
         yield name, tensor.to(dtype)
-
-
-def _build_unloaded_model(model_dir: str, role: str, dtype: Optional[str]):
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from ..config.schema import ModelConfig
-    from ..models import build_model
-
-    hf_config = read_hf_config(model_dir)
-    model_config = ModelConfig(hf_path=hf_files_dir(model_dir), dtype=dtype or checkpoint_dtype(hf_config))
-    # Initial values are overwritten by the load; the seed only makes megatron's RNG tracker exist.
-    model_parallel_cuda_manual_seed(0)
-    return build_model(model_config, hf_config, role)
-
-
-def build_model_from_dir(model_dir: str, role: str = "actor", device: Optional[torch.device] = None,
-                         dtype: Optional[str] = None):
-    """This pipeline stage's model for an HF directory or a megatron checkpoint, with its weights loaded.
-
-    Call after init_model_parallel on every rank. `dtype` defaults to the checkpoint's own precision."""
-    model = _build_unloaded_model(model_dir, role, dtype)
-    if device is not None:
-        model.to(device)
-    load_model_weights(model, model_dir)
-    return model
-
-
-def build_meta_model(model_dir: str, role: str = "actor"):
-    """This pipeline stage's model for either kind of model directory with every tensor on the meta device
-    (no memory, nothing loaded): what the streamed conversions fill one chunk at a time (streaming.py)."""
-    with torch.device("meta"):
-        return _build_unloaded_model(model_dir, role, None)
-
-
-def load_model_weights(model, model_dir: str) -> None:
-    """Fill this rank's shards from an HF directory or a megatron checkpoint (either kind of model_dir)."""
-    if is_mcore_checkpoint(model_dir):
-        load_mcore_checkpoint(model, model_dir)
-    else:
-        from . import load_hf_into_model
-
-        load_hf_into_model(model, model_dir)
 
 
 def local_sharded_tensors(sharded_state_dict) -> Dict[str, object]:

@@ -1,18 +1,18 @@
 """Megatron shards -> full HF-named tensors on every rank (the weight bridge's and exporter's source).
 
-One collective over the tensor- and pipeline-parallel groups: the stage holding a parameter gathers
-its shards over TP and converts them, then broadcasts the HF tensors to the other stages. Ranks learn
+One collective over the tensor-, pipeline- and expert-parallel groups: the rank holding a parameter gathers
+its shards over TP (expert TP for routed experts) and converts them, then broadcasts the HF tensors to the
+other stages (and, under expert parallelism, to every rank). Ranks learn
 which stage holds what (names, shapes, dtypes) in one all_gather_object up front, so every rank walks
 the same fixed order: the rule table's.
 """
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .families import family_override, rule_table
-from .loader import model_role
 from .model_params import ShardedParam, as_chunks, sharded_params
+from .rules import RuleTable
 from .streaming import is_placeholder
 
 Key = Tuple[int, Tuple[Tuple[str, int], ...]]  # rule index, placeholder values
@@ -39,42 +39,42 @@ def _hf_metadata(table, index: int, values, sharded: ShardedParam) -> List[Tuple
     return [(name, tuple(t.shape), t.dtype) for name, t in zip(rule.hf_names(values), outputs)]
 
 
-def _pipeline_group():
+def _owner_group():
+    """The ranks among which each exported tensor has one owner that broadcasts it: the pipeline stages, or
+    every rank under expert parallelism (expert-parallel ranks hold different experts); None: no broadcast."""
     from megatron.core import parallel_state
 
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        return dist.group.WORLD
     group = parallel_state.get_pipeline_model_parallel_group()
     return group if dist.get_world_size(group) > 1 else None
 
 
-def iter_hf_tensors(model) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_hf_tensors(model, table: Optional[RuleTable] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every exported weight, in the rule table's order, on every rank.
 
-    `model`: this rank's module or list of chunks (DDP/Float16Module wrappers are unwrapped), built by
-    models.build_model (which records the HF config on it). Collective over TP and PP: all ranks of the
-    model-parallel group iterate to the end together. Tied output layers are emitted once, as the
-    embedding; vocabulary padding is removed; tensors keep the parameters' dtype. Parameters on the meta
-    device (outside a streamed conversion's current chunk, streaming.py) are not exported. A family with its own
-    exporter (families.py) produces the stream instead, under the same contract."""
-    hf_config = as_chunks(model)[0].hf_config
-    own_exporter = family_override(hf_config, "iter_hf_tensors")
-    if own_exporter is not None:
-        yield from own_exporter(model)
-        return
-    table = rule_table(hf_config, model_role(model))
+    `model`: this rank's module or list of chunks (DDP/Float16Module wrappers are unwrapped); `table`: the
+    family's rules, by default the table models.build_model recorded on the model (`rule_table`).
+    Collective over TP, PP and EP: all ranks of the model-parallel group iterate to the end together.
+    Tied output layers are emitted once, as the embedding; vocabulary padding is removed; tensors keep the
+    parameters' dtype. Tensors on the meta device (outside a streamed conversion's current chunk,
+    streaming.py) are not exported."""
+    table = table or as_chunks(model)[0].rule_table
     local: Dict[Key, ShardedParam] = {}
     metadata: Dict[Key, list] = {}
-    for sharded in sharded_params(model):
+    for sharded in sharded_params(model, table):
         found = table.match(sharded.name)
         if found is None or not table.rules[found[0]].export or is_placeholder(sharded.param):
             continue
         key = _key(*found)
         local[key] = sharded
         metadata[key] = _hf_metadata(table, found[0], found[1], sharded)
-    pipeline = _pipeline_group()
-    owners: Dict[Key, int] = {key: dist.get_rank() for key in metadata}
-    if pipeline is not None:
-        everyone = [None] * dist.get_world_size(pipeline)
-        dist.all_gather_object(everyone, (dist.get_rank(), metadata), group=pipeline)
+    owner_group = _owner_group()
+    owners: Dict[Key, int] = {}
+    if owner_group is not None:
+        # the first rank (in group order) holding a tensor sends it; every rank computes the same owners
+        everyone = [None] * dist.get_world_size(owner_group)
+        dist.all_gather_object(everyone, (dist.get_rank(), metadata), group=owner_group)
         for global_rank, stage_metadata in everyone:
             for key, entries in stage_metadata.items():
                 owners.setdefault(key, global_rank)
@@ -89,8 +89,8 @@ def iter_hf_tensors(model) -> Iterator[Tuple[str, torch.Tensor]]:
             tensors = [t.contiguous() for t in table.rules[index].transform.to_hf(_gather_shards(sharded), sharded.axis)]
         else:
             tensors = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype in metadata[key]]
-        if pipeline is not None:
+        if owner_group is not None:
             for tensor in tensors:
-                dist.broadcast(tensor, src=owners[key], group=pipeline)
+                dist.broadcast(tensor, src=owners[key], group=owner_group)
         for (name, _, _), tensor in zip(metadata[key], tensors):
             yield name, tensor

@@ -1,5 +1,4 @@
 """Read tensors from a Hugging Face safetensors directory by name, one tensor at a time."""
-import json
 import os
 from typing import Dict, Sequence, Tuple
 
@@ -7,14 +6,6 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
-
-
-def read_hf_config(hf_dir: str) -> dict:
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path} does not exist; point model.hf_path at a Hugging Face checkpoint directory")
-    with open(path) as handle:
-        return json.load(handle)
 
 
 class HFCheckpoint:

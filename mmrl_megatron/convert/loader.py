@@ -1,19 +1,13 @@
 """HF checkpoint -> this rank's Megatron shards, reading only the tensors this rank holds."""
 import re
-from typing import Mapping
 
 import torch
 
 from .errors import CheckpointError
-from .families import aliases, family_override, rule_table
-from .hf_checkpoint import HFCheckpoint, read_hf_config
-from .model_params import as_chunks, sharded_params
+from .hf_checkpoint import HFCheckpoint
+from .model_params import sharded_params
+from .rules import RuleTable
 from .streaming import is_placeholder
-
-
-def model_role(model) -> str:
-    return getattr(as_chunks(model)[0], "role", "actor")
-
 
 # Rotary inverse frequencies, which checkpoints saved by older transformers carry beside the weights: every
 # model derives them from config.json (rope_theta, rope_scaling, head sizes) when it is built, as transformers
@@ -30,27 +24,21 @@ def check_known(checkpoint: HFCheckpoint, table, hf_dir: str) -> None:
                               f"config.json ({table.family}) does not describe these weights")
 
 
-def load_hf_into_model(model, hf_dir: str, hf_config: Mapping = None) -> None:
-    """Fill every parameter of `model` (a module or this rank's list of chunks) from hf_dir.
+def load_hf_into_model(model, hf_dir: str, table: RuleTable) -> None:
+    """Fill every parameter (and converted buffer) of `model` (a module or this rank's list of chunks) from
+    hf_dir through the family's rule `table`.
 
     Raises CheckpointError naming the tensor for a missing tensor, a wrong shape, a checkpoint tensor no
-    rule converts, or a model parameter no rule fills. Parameters still on the meta device (a streamed
-    conversion's other chunks, streaming.py) are left alone. A family with its own loader (families.py)
-    gets the call instead."""
-    hf_config = hf_config or read_hf_config(hf_dir)
-    own_loader = family_override(hf_config, "load_hf_into_model")
-    if own_loader is not None:
-        own_loader(model, hf_dir, hf_config)
-        return
-    table = rule_table(hf_config, model_role(model))
-    checkpoint = HFCheckpoint(hf_dir, aliases(hf_config))
+    rule converts, or a model parameter no rule fills. Tensors still on the meta device (a streamed
+    conversion's other chunks, streaming.py) are left alone."""
+    checkpoint = HFCheckpoint(hf_dir, table.aliases)
     check_known(checkpoint, table, hf_dir)
-    for sharded in sharded_params(model):
+    for sharded in sharded_params(model, table):
         if is_placeholder(sharded.param):
             continue
         found = table.match(sharded.name)
         if found is None:
-            raise CheckpointError(f"model parameter {sharded.name} has no rule in convert/{table.family}.py")
+            raise CheckpointError(f"model parameter {sharded.name} has no rule in models/{table.family}/conversion.py")
         rule = table.rules[found[0]]
         names = rule.hf_names(found[1])
         if rule.optional and not all(name in checkpoint for name in names):

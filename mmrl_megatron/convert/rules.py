@@ -99,7 +99,14 @@ class Rule:
     same tensor differently (TE fuses norms into the next linear). `hf`: the HF names, in the order the
     transform takes them. `ranges`: placeholder -> count, e.g. (("layer", 28),). `export`: False when
     another rule already emits the HF tensor (a tied output layer). `optional`: may be absent from HF
-    checkpoints (a critic's value head); loading then keeps the initial values."""
+    checkpoints (a critic's value head); loading then keeps the initial values. `buffer`: the Megatron
+    tensor is a registered buffer, not a parameter (the MoE router's expert bias, which megatron updates
+    outside the optimizer). `split_axis`: the axis its tensor-parallel shards are cut along, where the
+    parameter's own partition_dim says otherwise (TEGroupedMLP's fc2 reports 0 but is split on its input).
+
+    Placeholders take global values: `layer` the layer's global index (layer_number - 1, across pipeline
+    stages), `expert` the global expert id (the MoE layer's local_expert_indices, across expert-parallel
+    ranks; model_params.py)."""
 
     megatron: Tuple[str, ...]
     hf: Tuple[str, ...]
@@ -107,6 +114,8 @@ class Rule:
     ranges: Tuple[Tuple[str, int], ...] = ()
     export: bool = True
     optional: bool = False
+    buffer: bool = False
+    split_axis: Optional[int] = None
 
     def instances(self) -> Iterator[Dict[str, int]]:
         names = [name for name, _ in self.ranges]
@@ -124,11 +133,14 @@ def _template_regex(template: str) -> "re.Pattern":
 
 
 class RuleTable:
-    """A family's rules for one config: finds the rule of a global Megatron name, lists HF names in order."""
+    """A family's rules for one config: finds the rule of a global Megatron name, lists HF names in order.
 
-    def __init__(self, rules: Sequence[Rule], family: str) -> None:
+    `aliases`: (stored prefix, canonical prefix) pairs under which checkpoints may hold the HF names."""
+
+    def __init__(self, rules: Sequence[Rule], family: str, aliases: Sequence[Tuple[str, str]] = ()) -> None:
         self.rules = list(rules)
         self.family = family
+        self.aliases = tuple(aliases)
         self._patterns = [(index, _template_regex(t)) for index, rule in enumerate(self.rules) for t in rule.megatron]
 
     def match(self, megatron_name: str) -> Optional[Tuple[int, Dict[str, int]]]:
@@ -142,6 +154,9 @@ class RuleTable:
     def ordered_instances(self) -> List[Tuple[int, Dict[str, int]]]:
         """Every (rule, placeholder values) in the fixed export order: table order, then placeholders."""
         return [(index, values) for index, rule in enumerate(self.rules) for values in rule.instances()]
+
+    def has_buffers(self) -> bool:
+        return any(rule.buffer for rule in self.rules)
 
     def all_hf_names(self) -> set:
         return {name for index, values in self.ordered_instances() for name in self.rules[index].hf_names(values)}

@@ -1,8 +1,8 @@
 """Turn a parsed row into a PromptSample: chat template, image and video processing, pad expansion, length limit.
 
 The same steps for every model family; what differs (the image and video pads and span tokens, the image and
-video processors, how many pads an image or video stands for) is the family's entry in
-data/vision_families.py, chosen by the checkpoint's config.json model_type. Each pad is expanded as the
+video processors, how many pads an image or video stands for) is the family's (FAMILY.media and its processors,
+models/<family>/__init__.py), chosen by the checkpoint's config.json model_type. Each pad is expanded as the
 family's own processor does: its image's or video's token count, in prompt order; the patches of images and
 videos are concatenated in that same order.
 """
@@ -17,7 +17,10 @@ from mmrl_megatron.data.errors import DataError, SkippedRow
 from mmrl_megatron.data.format import ParsedRow
 from mmrl_megatron.data.images import augment_image, decode_images, encode_png
 from mmrl_megatron.data.types import ProcessedImages, ProcessedVideo, PromptSample
-from mmrl_megatron.data.vision_families import vision_family
+from mmrl_megatron.data.videos import load_video
+from mmrl_megatron.models.errors import ModelError
+from mmrl_megatron.models.family import family_for
+from mmrl_megatron.models.hf_config import hf_config_path, read_hf_config
 
 # transformers builds an empty tokenizer from config.json alone, so the directory is checked for these first
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -68,12 +71,19 @@ class PromptProcessor:
     def __init__(self, model_dir: str, data_config):
         self.config = data_config
         self.model_dir = model_dir
-        self.family_name, self.family = vision_family(model_dir)
+        try:
+            hf_config = read_hf_config(model_dir)
+            model_family = family_for(hf_config)
+        except ModelError as error:
+            raise DataError(f"{hf_config_path(model_dir)}: {error}") from error
+        self.family_name, self.family = model_family.model_type, model_family.media
         self.tokenizer = load_tokenizer(model_dir)
         try:
-            self.image_processor = self.family.load_image_processor(model_dir, data_config)
-            loader = self.family.load_video_processor
+            self.image_processor = model_family.load_image_processor(model_dir, data_config)
+            loader = model_family.load_video_processor
             self.video_processor = loader(model_dir, data_config) if loader else None
+        except ModelError as error:
+            raise DataError(str(error)) from error
         except (OSError, ValueError) as error:  # transformers' message is a paragraph; its first sentence names it
             raise DataError(f"{model_dir}: its image processor cannot be loaded "
                             f"({str(error).split('. ')[0]}); it needs preprocessor_config.json") from error
@@ -114,7 +124,13 @@ class PromptProcessor:
         if parsed.videos and self.video_processor is None:
             raise SkippedRow("video_unsupported", f"the row has {len(parsed.videos)} video(s) but {self.family_name} "
                              "takes no videos; use a model that does (Qwen2.5-VL) or drop the videos column")
-        return [self.video_processor(entry, f"video {number}") for number, entry in enumerate(parsed.videos)]
+        return [self.process_video(entry, f"video {number}") for number, entry in enumerate(parsed.videos)]
+
+    def process_video(self, entry, what: str = "video") -> ProcessedVideo:
+        """One video's frames sampled and sized under data.video for the family's processor, then patched by it."""
+        processor = self.video_processor
+        frames = load_video(entry, self.config.video, processor.frame_factor, processor.temporal_patch_size, what)
+        return processor(frames, what)
 
     def _check_rendered_pads(self, text: str, images: int, videos: int) -> None:
         for pad, count in ((self.family.image_pad, images), (self.family.video_pad, videos)):

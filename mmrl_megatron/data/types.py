@@ -3,34 +3,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-
-@dataclass
-class ProcessedImages:
-    """One prompt's images as a family's image processor returns them (data/vision_families.py).
-
-    pixel_values: every image's patches, image after image, in the layout the family's vision tower takes.
-    image_grid_thw: [num_images, 3] LongTensor (t, h, w) in patches.
-    tokens_per_image: how many copies of the image pad token stand for each image in the prompt.
-    """
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
-    tokens_per_image: List[int]
-
-
-@dataclass
-class ProcessedVideo:
-    """One video as a family's video processor returns it (data/qwen2_5_vl_video.py).
-
-    pixel_values: its patches, temporal patch after temporal patch, in the layout the vision tower takes.
-    grid_thw: [1, 3] LongTensor (t, h, w) in patches; t counts temporal patches (frames / temporal_patch_size).
-    tokens: how many copies of the video pad token stand for it in the prompt.
-    second_per_grid_t: seconds of video per temporal patch (temporal_patch_size / sampled fps), which spaces
-        its temporal M-RoPE positions.
-    """
-    pixel_values: torch.Tensor
-    grid_thw: torch.Tensor
-    tokens: int
-    second_per_grid_t: float
+from mmrl_megatron.models.common.media import ProcessedImages, ProcessedVideo  # noqa: F401 (data's types)
 
 
 @dataclass

@@ -21,8 +21,7 @@ from typing import Dict, List, Tuple
 import yaml
 
 from ..config.errors import ConfigError
-from ..config.schema import Config, OptimizerConfig
-from ..models.common.logprobs import DEFAULT_CHUNK_TOKENS
+from ..config.schema import DEFAULT_CHUNK_TOKENS, Config, OptimizerConfig
 from ..config.validate import ModelShape, validate_layout
 from .model_dims import ModelDims
 

@@ -1,15 +1,13 @@
-"""Model dimensions for memory planning: read from an HF config.json, or the published shapes built in.
+"""Model dimensions for memory planning: each family computes them from its parsed config.json
+(models/<family>/planner.py; models/planner_dims.py resolves a directory or a name), or the published
+shapes built in.
 
 The built-in shapes let the planner answer "does 72B fit on 32 GPUs?" without downloading a checkpoint.
 Parameter counts follow the HF modules exactly (biases and norms included), so the count for a real
 checkpoint equals the number of elements in its safetensors (tests check this on the tiny checkpoint).
 """
-import json
-import os
 from dataclasses import dataclass, replace
 from typing import Dict, Literal
-
-from ..config.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -167,59 +165,3 @@ BUILTIN_MODELS: Dict[str, ModelDims] = {
                    split_over_tensor_parallel=False),
     ),
 }
-
-
-def _dims_from_config_json(path: str) -> ModelDims:
-    with open(path) as handle:
-        config = json.load(handle)
-    text = config.get("text_config") or config  # transformers 5 nests; published 4.x files are flat
-    vision = config.get("vision_config") or {}
-    tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
-    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    model_type = config.get("model_type")
-    if model_type == "qwen2_5_vl":
-        heads = text["num_attention_heads"]
-        language = LanguageDims(text["num_hidden_layers"], text["hidden_size"], heads,
-                                text.get("num_key_value_heads") or heads,
-                                text.get("head_dim") or text["hidden_size"] // heads,
-                                text["intermediate_size"], text["vocab_size"], tied)
-        tower = VisionDims("qwen2_5_vit", vision["depth"], vision["hidden_size"], vision["intermediate_size"],
-                           vision["num_heads"], vision.get("patch_size", 14), vision.get("spatial_merge_size", 2),
-                           vision.get("temporal_patch_size", 2))
-        return ModelDims(name, language, tower)
-    if model_type == "kimi_vl":
-        language = LanguageDims(
-            text["num_hidden_layers"], text["hidden_size"], text["num_attention_heads"],
-            text.get("num_key_value_heads") or text["num_attention_heads"], text.get("v_head_dim", 128),
-            text["intermediate_size"], text["vocab_size"], tied, attention="mla",
-            q_lora_rank=text.get("q_lora_rank") or 0, kv_lora_rank=text["kv_lora_rank"],
-            qk_nope_head_dim=text["qk_nope_head_dim"], qk_rope_head_dim=text["qk_rope_head_dim"],
-            v_head_dim=text["v_head_dim"], num_experts=text.get("n_routed_experts") or 0,
-            experts_per_token=text.get("num_experts_per_tok") or 0, moe_ffn=text.get("moe_intermediate_size") or 0,
-            shared_ffn=(text.get("n_shared_experts") or 0) * (text.get("moe_intermediate_size") or 0),
-            first_dense_layers=text.get("first_k_dense_replace", 0), fused_swiglu=False)
-        merge = (vision.get("merge_kernel_size") or [2, 2])[0]
-        tower = VisionDims("moonvit", vision["num_hidden_layers"], vision["hidden_size"], vision["intermediate_size"],
-                           vision["num_attention_heads"], vision.get("patch_size", 14), merge, 1,
-                           vision.get("init_pos_emb_height", 64) * vision.get("init_pos_emb_width", 64),
-                           split_over_tensor_parallel=False)
-        return ModelDims(name, language, tower)
-    raise ConfigError(f"{path}: model_type '{model_type}' is not one the planner knows (qwen2_5_vl, kimi_vl)")
-
-
-def _normalise(name: str) -> str:
-    return name.lower().replace("_", "-").replace("qwen2-5", "qwen2.5")
-
-
-def resolve_model_dims(model: str) -> ModelDims:
-    """`model` is a directory with config.json, a config.json path, or a name containing a built-in key
-    (e.g. 'Qwen/Qwen2.5-VL-72B-Instruct' -> qwen2.5-vl-72b)."""
-    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-    if os.path.isfile(path):
-        return _dims_from_config_json(path)
-    normalised = _normalise(os.path.basename(model.rstrip("/")))
-    for key, dims in BUILTIN_MODELS.items():
-        if key in normalised:
-            return dims
-    raise ConfigError(f"model '{model}' has no config.json and matches no built-in shape; pass --model with one of "
-                      f"{', '.join(BUILTIN_MODELS)} or a checkpoint directory")

@@ -3,7 +3,6 @@
 Order: devices and process groups -> layout validation -> models (actor, reference, critic) with their
 optimizers -> checkpoint resume -> data, rewards, rollout engine, weight bridge -> tracker.
 """
-import json
 import logging
 import os
 from dataclasses import asdict, replace
@@ -14,12 +13,13 @@ import torch.distributed as dist
 
 from ..algorithms import advantage_estimator
 from ..config.schema import Config
+from ..models.family import position_rule
+from ..models.hf_config import read_hf_config
 from ..parallel import init_distributed, init_model_parallel, layout_from_config, pick_device
 from .checkpoint import Checkpointer, export_hf
 from .experience import ExperienceSources
 from .loop import Trainer, TrainerParts
 from .optim import build_optimizer, wrap_for_data_parallel
-from .positions import position_rule
 from .roles import ModelRole
 from .state import TrainerState
 from .tracking import build_tracker, progress
@@ -73,8 +73,7 @@ def with_model_files(config: Config) -> Config:
 def load_model(config: Config, hf_config, role: str, device: torch.device, hf_path: Optional[str] = None):
     """This pipeline stage's model for role ("actor" or "critic"), filled from hf_path (the critic's own HF
     directory), else model.mcore_checkpoint (an actor's weights: not the critic's), else model.hf_path."""
-    from ..convert.checkpoint_io import load_model_weights
-    from ..models import build_model
+    from ..models import build_model, load_model_weights
 
     model = build_model(config.model, hf_config, role)
     model.to(device)
@@ -101,11 +100,6 @@ def build_role(name: str, model, config: Config, device: torch.device, optim_con
     return ModelRole(name, chunks, device, optimizer, scheduler)
 
 
-def _read_hf_config(hf_path: str) -> dict:
-    with open(os.path.join(hf_path, "config.json")) as handle:
-        return json.load(handle)
-
-
 def _unwrapped(chunks):
     return [getattr(chunk, "module", chunk) for chunk in chunks]
 
@@ -126,7 +120,7 @@ def resolve_recompute(config: Config, device: torch.device) -> None:
         config.model.recompute = "none"
         return
     from ..parallel.memory_plan import GIB, choose_recompute
-    from ..parallel.model_dims import resolve_model_dims
+    from ..models.planner_dims import resolve_model_dims
 
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / GIB
     config.model.recompute = choose_recompute(config, resolve_model_dims(config.model.hf_path), dist.get_world_size(),
@@ -144,7 +138,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
 
     from ..algorithms.config_check import check_algorithm_config
     from ..bridge import WeightBridge
-    from ..config.validate import read_model_shape
+    from ..config.validate import model_shape
     from ..data import PromptDataset
     from ..models.common.packing import pack_sequences
     from ..rewards import build_reward_function
@@ -155,12 +149,12 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     config = with_model_files(config)
     trainer_config, algorithm = config.trainer, config.algorithm
     resolve_recompute(config, device)
-    layout = layout_from_config(config, dist.get_world_size(), read_model_shape(config.model.hf_path))
+    layout = layout_from_config(config, dist.get_world_size(), model_shape(read_hf_config(config.model.hf_path)))
     init_model_parallel(layout)
     # identical CPU-initialised replicated weights on every tensor-parallel rank, then per-rank streams
     torch.manual_seed(trainer_config.seed)
     model_parallel_cuda_manual_seed(trainer_config.seed)
-    hf_config = _read_hf_config(config.model.hf_path)
+    hf_config = read_hf_config(config.model.hf_path)
 
     actor = build_role("actor", load_model(config, hf_config, "actor", device), config, device, config.actor.optim)
     reference = None
@@ -183,7 +177,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
         logger.info("resumed from %s at step %d", resumed, checkpointer.trainer_state.step)
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
-    positions = position_rule(hf_config, config.model)
+    positions = position_rule(hf_config, config.model.family)
     engine = build_engine(config, config.model.hf_path, device)
     reward = build_reward_function(config.reward, config.data, device=str(device))
 

@@ -270,8 +270,8 @@ def export_hf(model_chunks, hf_source_dir: str, out_dir: str) -> Optional[str]:
     config's dtype, in transformers' shard layout, the other files copied from the source checkpoint).
     Collective; rank 0 writes. Returns out_dir on rank 0."""
     from ..convert import iter_hf_tensors
-    from ..convert.checkpoint_io import (copy_hf_side_files, hf_files_dir, in_published_dtype, read_hf_config,
-                                         write_hf_safetensors)
+    from ..convert.checkpoint_io import copy_hf_side_files, hf_files_dir, in_published_dtype, write_hf_safetensors
+    from ..models.hf_config import read_hf_config
 
     named = iter_hf_tensors(model_chunks)
     if dist.get_rank() != 0:

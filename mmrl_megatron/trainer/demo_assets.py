@@ -15,6 +15,7 @@ from typing import Tuple
 import torch.distributed as dist
 
 from ..config import ConfigError, ModelShape
+from ..models.hf_config import has_hf_config
 from ..config.schema import Config
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class DemoPlan:
 def plan_demo_assets(config: Config) -> DemoPlan:
     """Decide, before any process starts, what to build; ConfigError for a missing data file that the rule in
     the module docstring does not allow to be built."""
-    build_model = not os.path.exists(os.path.join(config.model.hf_path, "config.json"))
+    build_model = not has_hf_config(config.model.hf_path)
     wanted = ((config.data.train_files, TRAIN_ROWS, "train"), (config.data.val_files, VALIDATION_ROWS, "test"))
     missing = tuple((path, rows, split) for files, rows, split in wanted for path in files if not os.path.exists(path))
     if missing and not build_model:

@@ -1,58 +1,10 @@
-"""Position ids of a prompt + response sequence as the model scores it, per model family.
-
-A rule is (prompt ids, response length, image_grid_thw, second_per_grid_ts=()) -> [3, P + R]: the prompt's
-positions as the family's HF implementation computes them, the response's as generation places them.
-image_grid_thw has a row per image or video in prompt order, second_per_grid_ts an entry per video.
-"""
-from typing import Callable, List, Mapping, Sequence
+"""Positions of a multi-turn trajectory, from its family's position rule (models.family.position_rule):
+the prompt and each environment turn placed in turn, as HF's get_rope_index places a whole conversation."""
+from typing import List, Sequence
 
 import torch
 
-from ..models import family_of
-from ..models.errors import ModelError
-
-PositionRule = Callable[..., torch.Tensor]
-QWEN_TOKENS_PER_SECOND = 4  # transformers' Qwen2_5_VLVisionConfig default, for a config.json without the key
-
-
-def _qwen2_5_vl(hf_config: Mapping) -> PositionRule:
-    """M-RoPE: transformers' get_rope_index for the prompt (data.rope_positions)."""
-    from ..data.rope import rope_positions, with_response_positions
-
-    vision = hf_config.get("vision_config", {})
-    merge = vision.get("spatial_merge_size", 2)
-    tokens_per_second = vision.get("tokens_per_second", QWEN_TOKENS_PER_SECOND)
-    image_token, vision_start = hf_config["image_token_id"], hf_config["vision_start_token_id"]
-    video_token = hf_config.get("video_token_id")
-
-    def positions(prompt_ids: List[int], response_length: int, image_grid_thw,
-                  second_per_grid_ts: Sequence[float] = ()) -> torch.Tensor:
-        prompt = rope_positions(torch.tensor(prompt_ids), image_grid_thw, merge, image_token, vision_start,
-                                video_token, second_per_grid_ts, tokens_per_second)
-        return with_response_positions(prompt, response_length)
-
-    return positions
-
-
-def _kimi_vl(hf_config: Mapping) -> PositionRule:
-    """1-D positions 0..P+R-1 (image tokens count one each), in M-RoPE's [3, L] shape; KimiVLModel
-    ignores them because megatron's MLA numbers each packed sequence from 0 itself, as generation does."""
-
-    def positions(prompt_ids: List[int], response_length: int, image_grid_thw,
-                  second_per_grid_ts: Sequence[float] = ()) -> torch.Tensor:
-        return torch.arange(len(prompt_ids) + response_length).expand(3, -1).clone()
-
-    return positions
-
-
-RULES = {"qwen2_5_vl": _qwen2_5_vl, "kimi_vl": _kimi_vl}
-
-
-def position_rule(hf_config: Mapping, model_config=None) -> PositionRule:
-    family = family_of(model_config, hf_config)
-    if family not in RULES:
-        raise ModelError(f"no position rule for model_type {family!r}; known: {sorted(RULES)}")
-    return RULES[family](hf_config)
+from ..models.family import PositionRule
 
 
 def trajectory_positions(rule: PositionRule, prompt_ids: List[int], prompt_grid, turns,

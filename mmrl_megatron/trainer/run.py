@@ -10,7 +10,8 @@ from typing import Dict, Iterable, Optional
 
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, load_config, read_model_shape, save_resolved, validate_layout
+from ..config import Config, ConfigError, load_config, model_shape, save_resolved, validate_layout
+from ..models.hf_config import read_hf_config
 from .demo_assets import DEMO_SHAPE, DemoPlan, plan_demo_assets, prepare_demo_assets
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def check_before_start(config: Config, world_size: int, plan: Optional[DemoPlan]
 
     check_algorithm_config(config)
 
-    shape = DEMO_SHAPE if plan is not None and plan.build_model else read_model_shape(config.model.hf_path)
+    shape = DEMO_SHAPE if plan is not None and plan.build_model else model_shape(read_hf_config(config.model.hf_path))
     validate_layout(config, world_size, shape)
     if not config.data.train_files:
         raise ConfigError("data.train_files is empty; give the training parquet files, e.g. "

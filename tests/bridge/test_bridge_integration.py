@@ -51,10 +51,10 @@ def _perturb(model, amount: float) -> None:
 
 def _score_on_actor(model, hf_dir: str, requests, results) -> torch.Tensor:
     """The actor's per-token log-probs of the engine's responses, through the trainer's scoring path."""
-    from mmrl_megatron.convert.checkpoint_io import read_hf_config
+    from mmrl_megatron.models.hf_config import read_hf_config
     from mmrl_megatron.models.common.packing import pack_sequences
     from mmrl_megatron.trainer.batch import Sample, build_micro_batches
-    from mmrl_megatron.trainer.positions import position_rule
+    from mmrl_megatron.models.family import position_rule
     from mmrl_megatron.trainer.losses import response_logprobs
     from mmrl_megatron.trainer.roles import ModelRole
 
@@ -79,8 +79,8 @@ def _bridge_on_layouts(hf_dir: str, requests):
     from megatron.core.utils import get_model_config
 
     from mmrl_megatron.bridge import WeightBridge
-    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir
-    from mmrl_megatron.convert.conversions import init_conversion_ranks
+    from mmrl_megatron.models import build_model_from_dir
+    from mmrl_megatron.models.checkpoint_conversion import init_conversion_ranks
     from mmrl_megatron.rollout import SamplingParams
     from mmrl_megatron.rollout.embedded import EmbeddedEngine
 

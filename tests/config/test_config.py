@@ -4,7 +4,9 @@ import json
 import pytest
 import yaml
 
-from mmrl_megatron.config import ConfigError, ModelShape, load_config, read_model_shape, save_resolved, validate_layout
+from mmrl_megatron.config import ConfigError, ModelShape, load_config, model_shape, save_resolved, validate_layout
+from mmrl_megatron.models.errors import ModelError
+from mmrl_megatron.models.hf_config import read_hf_config
 
 SHAPE = ModelShape(num_layers=4, num_attention_heads=4, num_key_value_heads=2)
 
@@ -78,9 +80,11 @@ def test_model_shape_from_flat_and_nested_config(tmp_path):
     dims = {"num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4}
     (flat / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", **dims}))
     (nested / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "text_config": dims}))
-    assert read_model_shape(str(flat)) == read_model_shape(str(nested)) == ModelShape(28, 28, 4)
-    with pytest.raises(ConfigError, match="model.hf_path"):
-        read_model_shape(str(tmp_path / "missing"))
+    assert model_shape(read_hf_config(str(flat))) == model_shape(read_hf_config(str(nested))) == ModelShape(28, 28, 4)
+    with pytest.raises(ModelError, match="model.hf_path"):
+        read_hf_config(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="num_attention_heads"):
+        model_shape({"model_type": "qwen2_5_vl"})
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -13,8 +13,8 @@ from tests.cpu_ranks import run_on_cpu_ranks
 
 def _round_trip(hf_dir: str, mcore_dir: str, back_dir: str):
     """HF -> megatron checkpoint -> HF on one rank; returns the dtypes of the megatron model's norm weights."""
-    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir
-    from mmrl_megatron.convert.conversions import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
+    from mmrl_megatron.models import build_model_from_dir
+    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
 
     init_conversion_ranks()
     convert_hf_to_mcore(hf_dir, mcore_dir)

@@ -87,20 +87,23 @@ def _run_layouts(hf_dir):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mmrl_megatron.convert.hf_checkpoint import HFCheckpoint
-    from mmrl_megatron.convert.kimi_vl import iter_hf_tensors, load_hf_into_model
-    from mmrl_megatron.models.kimi_vl.hf_config import load_kimi_vl_config
+    from mmrl_megatron.convert import iter_hf_tensors, load_hf_into_model
+    from mmrl_megatron.models.hf_config import read_hf_config
+    from mmrl_megatron.models.kimi_vl import FAMILY
+    from mmrl_megatron.models.kimi_vl.hf_config import kimi_vl_config_from_dict
     from mmrl_megatron.models.kimi_vl.model import build_kimi_vl_model
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
 
-    kimi, reader = load_kimi_vl_config(hf_dir), HFCheckpoint(hf_dir)
+    kimi, reader = kimi_vl_config_from_dict(read_hf_config(hf_dir)), HFCheckpoint(hf_dir)
     results = {}
     for tp, pp, ep, etp in LAYOUTS:
         layout = ParallelLayout(tensor=tp, pipeline=pp, expert=ep, expert_tensor=etp)
         init_model_parallel(layout)
         model_parallel_cuda_manual_seed(0)
         model = build_kimi_vl_model(kimi, layout)
-        load_hf_into_model(model, hf_dir)
-        exported = dict(iter_hf_tensors(model))
+        table = FAMILY.rule_table(kimi)
+        load_hf_into_model(model, hf_dir, table)
+        exported = dict(iter_hf_tensors(model, table))
         wrong = sorted(set(exported) ^ reader.names())
         wrong += [name for name in sorted(reader.names()) if name in exported and not torch.equal(exported[name],
                                                                                           reader.get(name))]
@@ -117,7 +120,8 @@ def _transformers_logprobs(hf_dir):
     from safetensors.torch import load_file, save_file
     from transformers import DeepseekV3ForCausalLM
 
-    from mmrl_megatron.models.kimi_vl.hf_config import load_kimi_vl_config
+    from mmrl_megatron.models.hf_config import read_hf_config
+    from mmrl_megatron.models.kimi_vl.hf_config import kimi_vl_config_from_dict
 
     language_dir = os.path.join(hf_dir, "language_only")
     os.makedirs(language_dir, exist_ok=True)
@@ -125,7 +129,7 @@ def _transformers_logprobs(hf_dir):
     state = {name[len(prefix):]: tensor for name, tensor in load_file(os.path.join(hf_dir, "model.safetensors")).items()
              if name.startswith(prefix)}
     save_file(state, os.path.join(language_dir, "model.safetensors"), metadata={"format": "pt"})
-    load_kimi_vl_config(hf_dir).text.save_pretrained(language_dir)
+    kimi_vl_config_from_dict(read_hf_config(hf_dir)).text.save_pretrained(language_dir)
     model = DeepseekV3ForCausalLM.from_pretrained(language_dir, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     with torch.no_grad():
@@ -144,10 +148,11 @@ def _transformers_logprobs(hf_dir):
 def _image_features(hf_dir, text_hidden):
     from safetensors.torch import load_file
 
-    from mmrl_megatron.models.kimi_vl.hf_config import load_kimi_vl_config
+    from mmrl_megatron.models.hf_config import read_hf_config
+    from mmrl_megatron.models.kimi_vl.hf_config import kimi_vl_config_from_dict
     from mmrl_megatron.models.kimi_vl.vision import MoonViT, MultiModalProjector
 
-    vision = load_kimi_vl_config(hf_dir).vision
+    vision = kimi_vl_config_from_dict(read_hf_config(hf_dir)).vision
     state = load_file(os.path.join(hf_dir, "model.safetensors"))
     tower, projector = MoonViT(vision), MultiModalProjector(vision, text_hidden)
     for prefix, module in (("vision_tower.", tower), ("multi_modal_projector.", projector)):
@@ -176,7 +181,7 @@ def test_round_trip_and_logprob_parity_on_every_layout(tiny_dir):
 def _streamed_round_trips(conversions, misfit_dir: str, scratch: str):
     """Per (HF dir, megatron dir, HF dir back): HF -> megatron checkpoint -> HF with the streamed converters
     at TP=2, in 32 KiB chunks; then the CheckpointError message of converting misfit_dir ('' if none)."""
-    from mmrl_megatron.convert.conversions import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
+    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
     from mmrl_megatron.convert.errors import CheckpointError
 
     init_conversion_ranks(tensor=2, pipeline=1)

@@ -28,9 +28,10 @@ def _build(hf_dir: str, divisible_by: int):
 
 def _load_error(model, hf_dir: str) -> str:
     from mmrl_megatron.convert import CheckpointError, load_hf_into_model
+    from mmrl_megatron.models import conversion_table
 
     try:
-        load_hf_into_model(model, hf_dir)
+        load_hf_into_model(model, hf_dir, conversion_table(model))
     except CheckpointError as error:
         return str(error)
     return ""
@@ -51,13 +52,15 @@ def _round_trip_on_ranks(checkpoints, scratch: str):
     import torch.distributed as dist
 
     from mmrl_megatron.convert import iter_hf_tensors, load_hf_into_model
+
+    from mmrl_megatron.models import conversion_table
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
 
     init_model_parallel(ParallelLayout(tensor=2, pipeline=2))
     report = {}
     for hf_dir, divisible_by in checkpoints:
         model = _build(hf_dir, divisible_by)
-        load_hf_into_model(model, hf_dir)
+        load_hf_into_model(model, hf_dir, conversion_table(model))
         expected = load_file(os.path.join(hf_dir, "model.safetensors"))
         names, mismatched = [], []
         for name, tensor in iter_hf_tensors(model):

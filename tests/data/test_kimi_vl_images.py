@@ -1,4 +1,4 @@
-"""Kimi-VL's image processing (data/kimi_vl_images.py): the published processor's down-scaling, padding to
+"""Kimi-VL's image processing (models/kimi_vl/images.py): the published processor's down-scaling, padding to
 28-pixel blocks, normalisation and row-major 3x14x14 patches, and the settings it reads."""
 import json
 import math
@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from mmrl_megatron.config.schema import DataConfig
-from mmrl_megatron.data.errors import DataError, SkippedRow
-from mmrl_megatron.data.kimi_vl_images import CLIP_MEAN, KimiVLImageProcessor
+from mmrl_megatron.data.errors import SkippedRow
+from mmrl_megatron.models.errors import ModelError
+from mmrl_megatron.models.kimi_vl.images import CLIP_MEAN, KimiVLImageProcessor
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
@@ -101,8 +102,8 @@ def test_settings_come_from_the_preprocessor_config(tmp_path):
 
 def test_unsupported_settings_raise_naming_the_file(tmp_path):
     """Invariant: a missing preprocessor_config.json, or one asking for the crop mode (pad_input false),
-    is a DataError naming the file."""
-    with pytest.raises(DataError, match="preprocessor_config.json not found"):
+    is a ModelError naming the file (the data path reports it as a DataError)."""
+    with pytest.raises(ModelError, match="preprocessor_config.json not found"):
         KimiVLImageProcessor.from_pretrained(str(tmp_path), DataConfig())
-    with pytest.raises(DataError, match="preprocessor_config.json: pad_input"):
+    with pytest.raises(ModelError, match="preprocessor_config.json: pad_input"):
         KimiVLImageProcessor.from_pretrained(_write_settings(tmp_path, pad_input=False), DataConfig())

@@ -93,5 +93,5 @@ def test_unknown_model_type_is_a_data_error(tmp_path):
     """Invariant: a checkpoint whose config.json model_type has no data-path family stops with a DataError
     naming config.json and the known families."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    with pytest.raises(DataError, match=r"config.json has model_type 'llava'.*kimi_vl"):
+    with pytest.raises(DataError, match=r"config.json: no model family for model_type 'llava'.*kimi_vl"):
         PromptProcessor(str(tmp_path), DataConfig())

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL's video patches (data/qwen2_5_vl_video.py) are transformers' Qwen2VLVideoProcessor's.
+"""Qwen2.5-VL's video patches (models/qwen2_5_vl/video.py) are transformers' Qwen2VLVideoProcessor's.
 
 The oracle needs torchvision, which imports only on the GPU machine (run there: pytest
 tests/data/test_qwen2_5_vl_video.py); on CPU machines the invariants below it pin the layout: a still video is
@@ -9,11 +9,18 @@ import torch
 from PIL import Image
 
 from mmrl_megatron.config.schema import DataConfig, VideoConfig
-from mmrl_megatron.data.qwen2_5_vl_video import Qwen2_5_VLVideoProcessor
-from mmrl_megatron.data.videos import VideoEntry
+from mmrl_megatron.data.videos import VideoEntry, load_video
+from mmrl_megatron.models.qwen2_5_vl.video import Qwen2_5_VLVideoProcessor
 from tests.data.videos import frame_arrays, png_frames
 
 VIDEO = VideoConfig(min_pixels=56 * 56, max_pixels=56 * 84)  # the frames below keep their 56 x 84 size
+
+
+def _process(processor, frames):
+    """The data path's steps for one video: sample and size its frames, then the family's processor."""
+    video = load_video(VideoEntry(frames=png_frames(frames)), VIDEO, processor.frame_factor,
+                       processor.temporal_patch_size)
+    return processor(video)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +36,7 @@ def test_patches_equal_transformers_video_processor(tiny_model_dir, processor, c
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     frames = frame_arrays(count, 56, 84)
-    ours = processor(VideoEntry(frames=png_frames(frames)))
+    ours = _process(processor, frames)
     reference = Qwen2VLVideoProcessor.from_pretrained(tiny_model_dir)
     expected = reference(videos=[np.stack(frames)], do_sample_frames=False, return_tensors="pt")
     assert ours.grid_thw.tolist() == expected["video_grid_thw"].tolist()
@@ -40,7 +47,7 @@ def test_still_video_is_the_image(processor):
     """Invariant: two identical frames make the patches the image processor makes of that one image (an image
     is a temporal patch of one frame repeated)."""
     frame = frame_arrays(1, 56, 84)[0]
-    video = processor(VideoEntry(frames=png_frames([frame, frame])))
+    video = _process(processor, [frame, frame])
     image = processor.image_processor(images=[Image.fromarray(frame)], return_tensors="pt")
     assert video.grid_thw.tolist() == image["image_grid_thw"].tolist()
     assert torch.equal(video.pixel_values, image["pixel_values"])
@@ -50,10 +57,10 @@ def test_each_frame_fills_its_own_temporal_slot(processor):
     """Invariant: in temporal patch g, slot s holds frame 2g + s: the patches of a 4-frame video are those of
     still videos of its frames, slot by slot."""
     frames = frame_arrays(4, 56, 84)
-    video = processor(VideoEntry(frames=png_frames(frames)))
+    video = _process(processor, frames)
     patch = processor.patch_size
     slots = video.pixel_values.view(2, 24, 3, 2, patch, patch)
     for number, frame in enumerate(frames):
-        still = processor(VideoEntry(frames=png_frames([frame, frame]))).pixel_values.view(24, 3, 2, patch, patch)
+        still = _process(processor, [frame, frame]).pixel_values.view(24, 3, 2, patch, patch)
         assert torch.equal(slots[number // 2, :, :, number % 2], still[:, :, 0])
     assert video.tokens == 2 * 24 // 4 and video.second_per_grid_t == 2 / VIDEO.fps

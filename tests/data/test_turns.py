@@ -10,7 +10,8 @@ from mmrl_megatron.data.errors import DataError
 from mmrl_megatron.data.format import make_row, parse_row
 from mmrl_megatron.data.turns import TurnEncoder
 from mmrl_megatron.rollout.multi_turn import TurnRecord
-from mmrl_megatron.trainer.positions import position_rule, trajectory_positions
+from mmrl_megatron.models.family import position_rule
+from mmrl_megatron.trainer.positions import trajectory_positions
 from tests.data.images import png
 
 

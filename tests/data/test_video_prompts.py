@@ -35,7 +35,7 @@ def test_images_and_videos_take_their_patches_in_prompt_order(processor):
     frames = {"video": png_frames(frame_arrays(6, 56, 84)), "sample_fps": 3}
     sample = processor.process(parse_row(_row("<image>first<video>then<image>which?", images, [frames])), 0)
     first, second = (processor.image_processor([image]) for image in decode_images(images))
-    video = processor.video_processor(parse_videos([frames])[0])
+    video = processor.process_video(parse_videos([frames])[0])
     assert torch.equal(sample.pixel_values, torch.cat([first.pixel_values, video.pixel_values, second.pixel_values]))
     assert sample.image_grid_thw.tolist() == [*first.image_grid_thw.tolist(), [3, 4, 6], *second.image_grid_thw.tolist()]
     assert video.grid_thw.tolist() == [[3, 4, 6]]  # 6 frames at 56x84: 3 temporal patches of 4x6 patches

@@ -86,6 +86,7 @@ def _count_kernel_calls(hf_dir: str, sample_counts):
     packed samples (each with two images), and the layer counts of the language model and the vision tower."""
     from mmrl_megatron.config.schema import ModelConfig
     from mmrl_megatron.convert import load_hf_into_model
+    from mmrl_megatron.models import conversion_table
     from mmrl_megatron.models import build_model
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
 
@@ -93,7 +94,7 @@ def _count_kernel_calls(hf_dir: str, sample_counts):
         config = json.load(handle)
     init_model_parallel(ParallelLayout())
     model = build_model(ModelConfig(hf_path=hf_dir, dtype="float32"), config, "actor").eval()
-    load_hf_into_model(model, hf_dir)
+    load_hf_into_model(model, hf_dir, conversion_table(model))
     image_sample = make_samples(config)[0]
     monkeypatch = pytest.MonkeyPatch()
     stand_in = _use_stand_in(monkeypatch, ("window_size", "scale", "enable_gqa"))

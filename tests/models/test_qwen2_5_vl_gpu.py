@@ -29,11 +29,12 @@ def _megatron_logprobs(hf_dir: str, config: dict, samples, dtype: str):
     """Per-sample next-token log-probs from our model in `dtype`, one packed forward."""
     from mmrl_megatron.config.schema import ModelConfig
     from mmrl_megatron.convert import load_hf_into_model
+    from mmrl_megatron.models import conversion_table
     from mmrl_megatron.models import build_model
     from mmrl_megatron.models.common.logprobs import vocab_parallel_logprobs
 
     model = build_model(ModelConfig(hf_path=hf_dir, dtype=dtype), config, "actor").cuda().eval()
-    load_hf_into_model(model, hf_dir)
+    load_hf_into_model(model, hf_dir, conversion_table(model))
     ids, positions, params, (pixels, grids) = packed(samples)
     params.cu_seqlens_q = params.cu_seqlens_kv = params.cu_seqlens_q.cuda()
     ids, positions = ids.cuda(), positions.cuda()

@@ -59,6 +59,7 @@ def _layouts_on_ranks(hf_dir: str, pad_id: int):
 
     from mmrl_megatron.config.schema import ModelConfig
     from mmrl_megatron.convert import load_hf_into_model
+    from mmrl_megatron.models import conversion_table
     from mmrl_megatron.models import build_model
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
 
@@ -72,7 +73,7 @@ def _layouts_on_ranks(hf_dir: str, pad_id: int):
         model_parallel_cuda_manual_seed(0)
         model = build_model(ModelConfig(hf_path=hf_dir, dtype="float32", make_vocab_size_divisible_by=1), config,
                             "actor")
-        load_hf_into_model(model, hf_dir)
+        load_hf_into_model(model, hf_dir, conversion_table(model))
         model.eval()
         ids, positions, params, (pixels, grids) = packed(samples)
         packed_lp = _pipeline_logprobs(model, (ids, positions, params, pixels, grids), _next_tokens(ids, lengths),

@@ -10,7 +10,7 @@ from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint, load_tin
 from mmrl_megatron.rollout import RolloutError, RolloutRequest, SamplingParams, build_engine
 from mmrl_megatron.rollout.embedded import EmbeddedEngine
 from mmrl_megatron.rollout.embedded.graphs import batch_bucket, kv_bucket
-from mmrl_megatron.rollout.embedded.vision import use_length_grouped_vision_attention
+from mmrl_megatron.models.qwen2_5_vl.embedded_vision import use_length_grouped_vision_attention
 from mmrl_megatron.rollout.embedded.weights import iter_checkpoint_buckets
 
 from .embedded_helpers import hf_logits, hf_logprobs, make_requests, make_video_request

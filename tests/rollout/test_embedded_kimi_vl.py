@@ -52,10 +52,11 @@ def oracle(checkpoint):
     from safetensors.torch import load_file, save_file
     from transformers import DeepseekV3ForCausalLM
 
-    from mmrl_megatron.models.kimi_vl.hf_config import load_kimi_vl_config
+    from mmrl_megatron.models.hf_config import read_hf_config
+    from mmrl_megatron.models.kimi_vl.hf_config import kimi_vl_config_from_dict
     from mmrl_megatron.models.kimi_vl.vision import MoonViT, MultiModalProjector
 
-    kimi = load_kimi_vl_config(checkpoint)
+    kimi = kimi_vl_config_from_dict(read_hf_config(checkpoint))
     state = load_file(os.path.join(checkpoint, "model.safetensors"))
     language_dir = os.path.join(checkpoint, "language_only")
     os.makedirs(language_dir, exist_ok=True)

@@ -65,8 +65,8 @@ def _export_and_mismatches(mcore_dir: str, out_dir: str, hf_dir: str, bad_mcore_
     the stored TP=2 chunks), then try each misfit checkpoint, whole and streamed. Returns (names written,
     differing tensors, errors, streamed errors)."""
     from mmrl_megatron.convert import iter_hf_tensors
-    from mmrl_megatron.convert.checkpoint_io import build_model_from_dir
-    from mmrl_megatron.convert.conversions import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
+    from mmrl_megatron.models import build_model_from_dir
+    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
 
     init_conversion_ranks(tensor=2, pipeline=2)
     written = convert_mcore_to_hf(mcore_dir, out_dir, max_chunk_bytes=64 * 1024)

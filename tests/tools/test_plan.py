@@ -15,7 +15,8 @@ import torch
 from mmrl_megatron.config import ConfigError, load_config
 from mmrl_megatron.config.schema import Config
 from mmrl_megatron.parallel.memory_plan import GIB, estimate, suggest_changes, with_overrides
-from mmrl_megatron.parallel.model_dims import BUILTIN_MODELS, LanguageDims, ModelDims, VisionDims, resolve_model_dims
+from mmrl_megatron.models.planner_dims import resolve_model_dims
+from mmrl_megatron.parallel.model_dims import BUILTIN_MODELS, LanguageDims, ModelDims, VisionDims
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SPEC = importlib.util.spec_from_file_location("plan_tool", os.path.join(REPO, "tools", "plan.py"))

@@ -62,7 +62,8 @@ def _oracle(hf_dir: str, data_path: str, records):
     for record, row in zip(records, pq.read_table(data_path).to_pylist()):
         prompt = processor.process(parse_row({**row, "reward_model": {"ground_truth": ""}}), record["index"])
         ids = torch.tensor(prompt.prompt_ids + record["token_ids"])
-        samples.append(Sample(ids, None, prompt.pixel_values, prompt.image_grid_thw))
+        grid = prompt.image_grid_thw
+        samples.append(Sample(ids, None, prompt.pixel_values, grid, ["image"] * (0 if grid is None else len(grid))))
         prompt_lengths.append(len(prompt.prompt_ids))
     # token_logprobs position p scores token p + 1: the response starts at the prompt's length
     return [logprobs[length - 1:] for logprobs, length in zip(hf_logprobs(hf_dir, samples), prompt_lengths)]

@@ -40,7 +40,7 @@ def _first_step(config):
 
 def _from_hf_and_from_converted(root: str):
     from mmrl_megatron.config import load_config
-    from mmrl_megatron.convert.conversions import convert_hf_to_mcore
+    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore
     from mmrl_megatron.data.format import write_rows
     from mmrl_megatron.data.synthetic import make_rows
     from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint

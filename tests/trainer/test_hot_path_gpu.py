@@ -41,6 +41,7 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch
     from mmrl_megatron.models.common import fused_rope
     from mmrl_megatron.config.schema import AlgorithmConfig, ModelConfig
     from mmrl_megatron.convert import load_hf_into_model
+    from mmrl_megatron.models import conversion_table
     from mmrl_megatron.models import build_model
     from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
     from mmrl_megatron.parallel import ParallelLayout, init_distributed, init_model_parallel, shutdown
@@ -65,7 +66,7 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch
             return fused_rope.compiled_rotary_pos_emb(t, freqs, **kwargs)
 
         monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", counted_rope)
-        load_hf_into_model(model, hf_dir)
+        load_hf_into_model(model, hf_dir, conversion_table(model))
         micro_batch = _micro_batch(config).to(device)
         micro_batch.pixel_values = micro_batch.pixel_values.to(torch.bfloat16)
         algorithm = AlgorithmConfig(kl_coef=0.01, entropy_coef=0.001)

@@ -55,8 +55,8 @@ def _kimi_trainer(config):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mmrl_megatron.bridge import WeightBridge
-    from mmrl_megatron.config.validate import read_model_shape
-    from mmrl_megatron.convert.hf_checkpoint import read_hf_config
+    from mmrl_megatron.config.validate import model_shape
+    from mmrl_megatron.models.hf_config import read_hf_config
     from mmrl_megatron.models.common.packing import pack_sequences
     from mmrl_megatron.parallel import init_model_parallel, layout_from_config
     from mmrl_megatron.rollout import build_engine
@@ -64,12 +64,12 @@ def _kimi_trainer(config):
     from mmrl_megatron.trainer.checkpoint import Checkpointer
     from mmrl_megatron.trainer.experience import ExperienceSources
     from mmrl_megatron.trainer.loop import Trainer, TrainerParts
-    from mmrl_megatron.trainer.positions import position_rule
+    from mmrl_megatron.models.family import position_rule
     from mmrl_megatron.trainer.state import TrainerState
     from tests.trainer.stand_ins import StandInReward
 
     hf_dir = config.model.hf_path
-    init_model_parallel(layout_from_config(config, dist.get_world_size(), read_model_shape(hf_dir)))
+    init_model_parallel(layout_from_config(config, dist.get_world_size(), model_shape(read_hf_config(hf_dir))))
     torch.manual_seed(config.trainer.seed)
     model_parallel_cuda_manual_seed(config.trainer.seed)
     hf_config, device = read_hf_config(hf_dir), torch.device("cpu")
@@ -80,7 +80,7 @@ def _kimi_trainer(config):
     dataset = ImagePrompts(config.data.prompts_per_step // data_parallel, parallel_state.get_data_parallel_rank())
     sources = ExperienceSources(prompts=iter(dataset), engine=engine, reward=StandInReward(),
                                 decode=lambda ids: " ".join(map(str, ids)),
-                                positions=position_rule(hf_config, config.model))
+                                positions=position_rule(hf_config, config.model.family))
     bridge = WeightBridge([chunk.module for chunk in actor.chunks], engine, config.rollout.sync_bucket_mb << 20)
     parts = TrainerParts(config=config, device=device, actor=actor, reference=reference, critic=None,
                          sources=sources, bridge=bridge, pack_sequences=pack_sequences, tracker=RecordingTracker(),

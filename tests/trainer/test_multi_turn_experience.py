@@ -35,7 +35,7 @@ def _rollout_and_score(hf_dir: str):
     from mmrl_megatron.trainer.batch import build_micro_batches
     from mmrl_megatron.trainer.build import build_role, load_model
     from mmrl_megatron.trainer.experience import ExperienceSources, generate_and_score
-    from mmrl_megatron.trainer.positions import position_rule
+    from mmrl_megatron.models.family import position_rule
     from tests.rollout.multi_turn_helpers import processor_for, scripted_prompts, stopping_sampling
 
     config = load_config(None, [f"model.hf_path={hf_dir}", "model.dtype=float32", "data.max_prompt_length=512",

@@ -24,7 +24,7 @@ def _probe_differences(hf_dir: str):
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
     from mmrl_megatron.rollout import build_engine
     from mmrl_megatron.trainer.build import _unwrapped, build_role, load_model
-    from mmrl_megatron.trainer.positions import position_rule
+    from mmrl_megatron.models.family import position_rule
     from mmrl_megatron.trainer.refit_probe import build_refit_probe
 
     config = load_config(None, [f"model.hf_path={hf_dir}", "model.dtype=float32", "trainer.device=cpu"])
@@ -37,7 +37,7 @@ def _probe_differences(hf_dir: str):
     prompts = [SimpleNamespace(prompt_ids=r.prompt_ids, pixel_values=r.pixel_values, image_grid_thw=r.image_grid_thw,
                                images=[], prompt_text="", second_per_grid_ts=[])
                for r in make_requests(AutoConfig.from_pretrained(hf_dir), [[1, 4, 4], None])]
-    probe = build_refit_probe(prompts, actor, position_rule(hf_config, config.model), pack_sequences, 4096)
+    probe = build_refit_probe(prompts, actor, position_rule(hf_config, config.model.family), pack_sequences, 4096)
     bridge = WeightBridge(_unwrapped(actor.chunks), engine, 1 << 20, probe=probe)
     bridge.sync()
     faithful = check_refit(engine, probe)

@@ -20,7 +20,7 @@ def main(argv=None) -> None:
                         help="most of the model held in memory at once, per rank (peak is about twice this)")
     args = parser.parse_args(argv)
 
-    from mmrl_megatron.convert.conversions import convert_hf_to_mcore, init_conversion_ranks
+    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, init_conversion_ranks
     from mmrl_megatron.parallel import shutdown
 
     device = init_conversion_ranks(args.tp, args.pp)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_TOKENS = 1024
+from ...config.schema import DEFAULT_CHUNK_TOKENS
 
 
 def _tensor_parallel_group():

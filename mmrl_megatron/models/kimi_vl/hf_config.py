@@ -1,11 +1,10 @@
-"""Read a Kimi-VL checkpoint's config.json into typed parts: the DeepSeek-V3 text config and MoonViT's geometry.
+"""A Kimi-VL checkpoint's config.json (as a dict, models/hf_config.py) in typed parts: the DeepSeek-V3 text
+config and MoonViT's geometry.
 
-transformers has no kimi_vl model type (the published checkpoints use remote code), so config.json is read
+transformers has no kimi_vl model type (the published checkpoints use remote code), so config.json is taken
 as JSON; the text part becomes transformers' DeepseekV3Config, the oracle's own class, so both sides read
 the same defaults.
 """
-import json
-import os
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -60,11 +59,3 @@ def kimi_vl_config_from_dict(raw: dict) -> KimiVLConfig:
     text = DeepseekV3Config(**text_raw)
     return KimiVLConfig(text=text, vision=_vision_config(raw.get("vision_config", {})),
                         media_placeholder_token_id=int(raw.get("media_placeholder_token_id", 163605)), raw=raw)
-
-
-def load_kimi_vl_config(hf_dir: str) -> KimiVLConfig:
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ModelError(f"{path} not found: model.hf_path must be a Kimi-VL checkpoint directory")
-    with open(path) as handle:
-        return kimi_vl_config_from_dict(json.load(handle))

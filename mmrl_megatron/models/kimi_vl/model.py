@@ -1,6 +1,6 @@
 """KimiVLModel: MoonViT + projector (first pipeline stage, replicated over TP) feeding the megatron-core
 MLA/MoE language model, with the project's model forward contract."""
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -13,7 +13,7 @@ from ..common.image_placement import place_image_features
 from ..common.output_rows import OutputRows
 from ..common.packing import append_padding_sequence
 from ..errors import ModelError
-from .hf_config import KimiVLConfig, kimi_vl_config_from_dict
+from .hf_config import KimiVLConfig
 from .language_model import build_language_model, language_transformer_config
 from .vision import MoonViT, MultiModalProjector
 
@@ -34,7 +34,6 @@ class KimiVLModel(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.media_placeholder_token_id = kimi.media_placeholder_token_id
-        self.hf_config = kimi.raw  # the conversion rule table is read from it (convert/kimi_vl.py)
         self.language_model = build_language_model(kimi.text, transformer_config, pre_process, post_process)
         self.output_rows = OutputRows(self.language_model)
         # megatron's finalize_model_grads reads these to all-reduce a tied embedding's gradient over PP stages
@@ -120,8 +119,8 @@ def build_kimi_vl_model(kimi: KimiVLConfig, layout, params_dtype: torch.dtype = 
                        post_process=parallel_state.is_pipeline_last_stage())
 
 
-def build_kimi_vl(model_config, hf_config: Mapping, role: str) -> KimiVLModel:
-    """models.build_model's builder for model_type kimi_vl: roles "actor" and "reference" (logits).
+def build_kimi_vl(model_config, kimi: KimiVLConfig, role: str) -> KimiVLModel:
+    """FAMILY.build for model_type kimi_vl: roles "actor" and "reference" (logits).
 
     model_config is config.ModelConfig (dtype, recompute, freezing, moe_router_bias_update_rate); the
     layout is read from megatron's groups, so call after init_model_parallel."""
@@ -135,7 +134,7 @@ def build_kimi_vl(model_config, hf_config: Mapping, role: str) -> KimiVLModel:
         expert=parallel_state.get_expert_model_parallel_world_size(),
         expert_tensor=parallel_state.get_expert_tensor_parallel_world_size())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model_config.dtype]
-    model = build_kimi_vl_model(kimi_vl_config_from_dict(dict(hf_config)), layout, dtype,
+    model = build_kimi_vl_model(kimi, layout, dtype,
                                 model_config.moe_router_bias_update_rate, model_config.recompute)
     if model.pre_process:
         model.vision_tower.requires_grad_(not model_config.freeze_vision_tower)

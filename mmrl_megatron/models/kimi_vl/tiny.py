@@ -7,7 +7,7 @@ weights come from transformers' DeepseekV3ForCausalLM initialised with a seed, s
 numerical oracle) reads them back; the routing bias is made non-zero so that routing depends on it.
 Like a published directory it also holds what the data path reads: a tokenizer (byte-level, with Kimi's
 special tokens and the published chat template reduced to what RL prompts use), generation_config.json
-with the end-of-turn stop token, and preprocessor_config.json for data/kimi_vl_images.py.
+with the end-of-turn stop token, and preprocessor_config.json for models/kimi_vl/images.py.
 """
 import json
 import os
@@ -15,6 +15,7 @@ import os
 import torch
 
 from ..common.byte_tokenizer import BYTE_TOKENS, byte_level_tokenizer, special_token_id
+from ..hf_config import write_hf_config
 
 # Kimi's special tokens in the published tokenizer's id order (there at 163584 onwards, here from 256 on)
 SPECIAL_TOKENS = ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>",
@@ -163,7 +164,6 @@ def build_tiny_checkpoint(out_dir: str, seed: int = 0, dtype: torch.dtype = torc
     state = {**tiny_language_state(config_dict, seed), **tiny_vision_state(config_dict, seed)}
     state = {name: tensor.to(dtype).contiguous() for name, tensor in state.items()}
     save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as handle:
-        json.dump(config_dict, handle, indent=2)
+    write_hf_config(out_dir, config_dict)
     write_data_files(out_dir)
     return out_dir

@@ -7,7 +7,7 @@ from megatron.core.transformer import TransformerConfig
 from ..common.compile_limits import allow_compiled_variants
 from ..common.fused_rope import fused_rope_available
 from ..common.specs import decoder_spec, layer_spec, resolve_attention_backend
-from ...convert.qwen2_5_vl_shape import Qwen25VLShape, read_shape
+from .hf_config import Qwen25VLShape
 from .model import Qwen25VLModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -61,9 +61,8 @@ def vision_config(shape: Qwen25VLShape, model_config, fused: bool) -> Transforme
         **_common(model_config, fused))
 
 
-def build_qwen2_5_vl(model_config, hf_config: dict, role: str) -> Qwen25VLModel:
+def build_qwen2_5_vl(model_config, shape: Qwen25VLShape, role: str) -> Qwen25VLModel:
     """This stage's model for role "actor"/"reference" (logits) or "critic" (values); after init_model_parallel."""
-    shape = read_shape(hf_config)
     backend = resolve_attention_backend(model_config.attention_backend)
     fused = backend == "te" and torch.cuda.is_available()
     tensor = parallel_state.get_tensor_model_parallel_world_size()

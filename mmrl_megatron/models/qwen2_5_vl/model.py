@@ -20,7 +20,7 @@ from ..common.output_rows import OutputRows
 from ..common.packing import as_packed_segments
 from ..common.value_head import ValueHead
 from ..errors import ModelError
-from ...convert.qwen2_5_vl_shape import Qwen25VLShape
+from .hf_config import Qwen25VLShape
 from .vision import VisionModel
 
 

@@ -17,7 +17,7 @@ from megatron.core.transformer.spec_utils import build_module
 from ..common.layer_list import ShardedLayerList
 from ..common.packing import packed_segments
 from ..common.transfer import to_device
-from ...convert.qwen2_5_vl_shape import VisionShape
+from .hf_config import VisionShape
 
 
 def patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:

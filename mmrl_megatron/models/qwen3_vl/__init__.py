@@ -1,18 +1,12 @@
 """Qwen3-VL (dense) on megatron-core: geometry (config.json), rotary (interleaved M-RoPE), vision (tower and
 DeepStack mergers), deepstack (feature injection into the first decoder layers), specs, model (stage module),
 build, conversion (HF <-> Megatron rule table), positions (get_rope_index), engine (embedded rollout adapter),
-planner (memory-planner dimensions), tiny (test checkpoint).
-
-`family()` gives the family's ModelFamily fields (issue 18, as agreed with the h-family branch) as a dict:
-main has no models/family.py yet, so the integrator wraps it, `FAMILY = ModelFamily(**family(), media=
-MediaMarkup(**MEDIA))`. Importing this package stays cheap: every heavy part imports inside its callable.
+planner (memory-planner dimensions), tiny (test checkpoint). FAMILY is what models.family finds; importing
+this package stays cheap: every heavy part imports inside its callable.
 """
+from ..family import MediaMarkup, ModelFamily
 from .conversion import ALIASES
 
-# Qwen3-VL's chat markup is Qwen2.5-VL's; videos stay off until the data path writes Qwen3-VL's per-frame
-# timestamps (positions.py already places timestamped frames)
-MEDIA = dict(image_pad="<|image_pad|>", vision_start="<|vision_start|>", vision_end="<|vision_end|>",
-             end_of_turn="<|im_end|>", video_pad=None)
 
 
 def _geometry(hf_config):
@@ -41,8 +35,8 @@ def _positions(geometry):
 
 def _image_processor(model_dir, data_config):
     # transformers' AutoImageProcessor under data.min_pixels/max_pixels, as for Qwen2.5-VL (the checkpoint's
-    # preprocessor_config.json carries Qwen3-VL's patch size 16); h-family moves it to models/qwen2_5_vl/images.py
-    from ...data.qwen2_5_vl_images import Qwen2_5_VLImageProcessor
+    # preprocessor_config.json carries Qwen3-VL's patch size 16)
+    from ..qwen2_5_vl.images import Qwen2_5_VLImageProcessor
 
     return Qwen2_5_VLImageProcessor(model_dir, data_config)
 
@@ -65,9 +59,11 @@ def _tiny_checkpoint(directory):
     return build_tiny_checkpoint(directory)
 
 
-def family() -> dict:
-    """The ModelFamily fields except `media` (MEDIA holds MediaMarkup's)."""
-    return dict(model_type="qwen3_vl", geometry=_geometry, build=_build, conversion_rules=_conversion_rules,
-                positions=_positions, load_image_processor=_image_processor, embedded_engine=_embedded_engine,
-                planner_dims=_planner_dims, aliases=ALIASES, load_video_processor=None,
-                tiny_checkpoint=_tiny_checkpoint)
+# Qwen3-VL's chat markup is Qwen2.5-VL's; videos stay off until the data path writes Qwen3-VL's per-frame
+# timestamps (positions.py already places timestamped frames)
+FAMILY = ModelFamily(
+    model_type="qwen3_vl", geometry=_geometry, build=_build, conversion_rules=_conversion_rules,
+    positions=_positions,
+    media=MediaMarkup("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", video_pad=None),
+    load_image_processor=_image_processor, embedded_engine=_embedded_engine, planner_dims=_planner_dims,
+    aliases=ALIASES, tiny_checkpoint=_tiny_checkpoint)

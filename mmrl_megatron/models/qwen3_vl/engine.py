@@ -9,9 +9,6 @@ What differs from Qwen2.5-VL's adapter (rollout/embedded/qwen2_5_vl.py):
 - DeepStack: the tower also returns one feature map per `deepstack_visual_indexes` block; each is added to
   the hidden states at the image/video pads after the matching one of the first decoder layers. Only prompts
   hold pads, so only the prefill adds them; decode steps are plain text and stay graph-capturable.
-
-The adapter imports the engine's interface types from rollout/embedded/ because that is where main keeps
-them; the ModelFamily work (issue 18) moves them to models/common/, and these imports move with them.
 """
 from dataclasses import dataclass
 from typing import List, Optional
@@ -19,11 +16,9 @@ from typing import List, Optional
 import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
-from ...rollout.embedded.family import EmbeddedModel, eos_ids
-from ...rollout.embedded.forward import CachedDecoder
-from ...rollout.embedded.prompts import PreparedPrompt, check_image_placeholders, prompt_ids
-from ...rollout.embedded.weights import skip_weight_initialisation
-from ...rollout.errors import RolloutError
+from ..common.cached_decoder import CachedDecoder
+from ..common.embedded import (EmbeddedModel, PreparedPrompt, check_image_placeholders, eos_ids, prompt_ids,
+                               skip_weight_initialisation)
 from ..errors import ModelError
 from .geometry import Qwen3VLGeometry, read_geometry
 from .positions import rope_positions
@@ -134,8 +129,8 @@ def prepare_prompt(geometry: Qwen3VLGeometry, request, request_index: int) -> Pr
                              "video frame's pad to grid_h*grid_w/merge_size**2")
     try:
         positions = rope_positions(input_ids, grid, geometry)
-    except ModelError as error:
-        raise RolloutError(f"request {request_index}: {error}") from error
+    except ModelError as error:  # the engine reports a family's ModelError as the request's RolloutError
+        raise ModelError(f"request {request_index}: {error}") from error
     rope_delta = int(positions.max()) + 1 - input_ids.numel()
     return PreparedPrompt(request_index, input_ids, positions, rope_delta, request.pixel_values, grid)
 

@@ -6,13 +6,16 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from ...config.schema import EmbeddedEngineConfig
+from ...models.common.embedded import eos_ids
+from ...models.common.kv_cache import StaticKVCache
+from ...models.errors import ModelError
+from ...models.family import family_for
+from ...models.hf_config import read_hf_config
 from ..engine import NamedTensors, RolloutEngine
 from ..errors import RolloutError
 from ..types import RolloutRequest, RolloutResult, SamplingParams
-from .family import eos_ids, load_embedded_model
 from .generation import GenerationRun
 from .graphs import DecodeGraphs
-from .kv_cache import StaticKVCache
 from .stopping import StopRules
 from .weights import copy_into_weight, iter_checkpoint_buckets
 
@@ -33,7 +36,12 @@ class EmbeddedEngine(RolloutEngine):
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.settings = settings or EmbeddedEngineConfig()
-        self.family = load_embedded_model(hf_dir, self.device, dtype)
+        try:
+            hf_config = read_hf_config(hf_dir)
+            self.family = family_for(hf_config).embedded_engine(hf_dir, hf_config, self.device, dtype)
+        except ModelError as error:
+            raise RolloutError(f"{error}; the embedded engine runs the model families of models/ (use "
+                               "rollout.backend=sglang for other models)") from error
         self.model = self.family.module
         self.decoder = self.family.decoder
         self._weights_loaded = False
@@ -105,7 +113,10 @@ class EmbeddedEngine(RolloutEngine):
         self._check_generate(sampling)
         if not requests:
             return []
-        prompts = [self.family.prepare_prompt(request, index) for index, request in enumerate(requests)]
+        try:
+            prompts = [self.family.prepare_prompt(request, index) for index, request in enumerate(requests)]
+        except ModelError as error:
+            raise RolloutError(str(error)) from error
         longest = max(prompt.length for prompt in prompts) + sampling.max_new_tokens
         cache = self._cache_for(len(requests) * sampling.n, longest)
         decode = self._decode_step(cache)

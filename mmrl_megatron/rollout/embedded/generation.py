@@ -11,10 +11,10 @@ from typing import Callable, Deque, List, Optional, Sequence
 
 import torch
 
+from ...models.common.cached_decoder import CachedDecoder
+from ...models.common.kv_cache import StaticKVCache
 from ..sampling import counter_uniforms, sample_tokens, sequence_seeds, token_logprobs
 from ..types import RolloutResult, SamplingParams
-from .forward import CachedDecoder
-from .kv_cache import StaticKVCache
 from .prompts import PreparedPrompt, collate_prefill
 from .stopping import LENGTH, STOP, StopRules
 

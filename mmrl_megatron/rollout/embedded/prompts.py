@@ -1,46 +1,10 @@
-"""Prepared prompts (ids, rotary positions, images) and batches of them for one prefill.
-
-Families prepare their own prompts (qwen2_5_vl.py: M-RoPE positions; kimi_vl.py: 1-D positions) with
-the checks here, so that every family reports a malformed request the same way.
-"""
+"""Batches of prepared prompts (models/common/embedded.py: ids, rotary positions, images) for one prefill."""
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 
-from ..errors import RolloutError
-from ..types import RolloutRequest
-
-
-@dataclass
-class PreparedPrompt:
-    request_index: int
-    input_ids: torch.Tensor  # [L] long, CPU
-    positions: torch.Tensor  # [position rows, L] rotary positions (3 rows for M-RoPE), CPU
-    rope_delta: int  # next position = next index + rope_delta
-    pixel_values: Optional[torch.Tensor]
-    image_grid_thw: Optional[torch.Tensor]
-
-    @property
-    def length(self) -> int:
-        return int(self.input_ids.numel())
-
-
-def prompt_ids(request: RolloutRequest, request_index: int) -> torch.Tensor:
-    """The request's prompt ids as a 1-D long tensor; raises RolloutError for an empty prompt."""
-    input_ids = torch.as_tensor(request.prompt_ids, dtype=torch.long).flatten()
-    if input_ids.numel() == 0:
-        raise RolloutError(f"request {request_index} has an empty prompt_ids")
-    return input_ids
-
-
-def check_image_placeholders(request: RolloutRequest, request_index: int, found: int, expected: int,
-                             placeholder: str, expansion: str) -> None:
-    """Raise RolloutError unless the prompt holds exactly the `expected` placeholder tokens its images need
-    (and images come with pixel_values exactly when it holds any); `expansion` says how to expand them."""
-    if found != expected or (expected > 0) != (request.pixel_values is not None):
-        raise RolloutError(f"request {request_index} has {found} {placeholder} tokens but its image_grid_thw implies "
-                           f"{expected} (pixel_values given: {request.pixel_values is not None}): {expansion}")
+from ...models.common.embedded import PreparedPrompt
 
 
 @dataclass

@@ -1,27 +1,16 @@
 """The embedded engine's weights: filled in place under the checkpoint's own (Hugging Face) names.
 
-A family (family.py) answers which engine tensor holds a checkpoint tensor; the copy and the checks
-here are the same for all of them. Checkpoint files stream through the same path (load_checkpoint).
+A family (models/<family>/embedded.py) answers which engine tensor holds a checkpoint tensor; the copy and
+the checks here are the same for all of them. Checkpoint files stream through the same path (load_checkpoint).
 """
 import glob
 import os
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 
+from ...models.common.embedded import WeightLookup
 from ..errors import RolloutError
-
-WeightLookup = Callable[[str], Optional[torch.Tensor]]  # checkpoint name -> engine tensor (or view), None: unknown
-
-
-def skip_weight_initialisation():
-    """transformers' context that builds modules without initialising their weights (every weight
-    arrives through update_weights); buffers computed in __init__ (rotary frequencies) are still built."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers releases before initialization.py kept it in modeling_utils
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
 
 
 def iter_checkpoint_buckets(hf_dir: str, bucket_bytes: int = 1 << 30) -> Iterator[List[Tuple[str, torch.Tensor]]]:

@@ -4,19 +4,18 @@ SGLang's `load_weights` silently skips a non-stacked name it does not know (a wr
 nothing and the run trains against stale weights), so every name the bridge sends is checked here
 first: it must be a tensor of the checkpoint the server loaded, with the same shape.
 """
-import json
 import os
 from typing import Dict, Iterable, Tuple
 
 import torch
 from safetensors import safe_open
 
+from ...models.hf_config import read_hf_config
 from ..errors import RolloutError
 
 
 def _tied_embeddings(hf_dir: str) -> bool:
-    with open(os.path.join(hf_dir, "config.json")) as handle:
-        config = json.load(handle)
+    config = read_hf_config(hf_dir)
     text_config = config.get("text_config") or {}
     return bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
 

@@ -32,11 +32,11 @@ def forward_backward(overrides: dict, image_grid, sequence_tokens: int, sequence
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from mmrl_megatron.config.schema import ModelConfig
-    from mmrl_megatron.models.kimi_vl.model import build_kimi_vl
+    from mmrl_megatron.models import build_model
     from mmrl_megatron.models.kimi_vl.tiny import MEDIA_PLACEHOLDER_TOKEN_ID, tiny_config_dict
 
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    model = build_kimi_vl(ModelConfig(dtype=dtype), tiny_config_dict(**overrides), "actor")
+    model = build_model(ModelConfig(dtype=dtype), tiny_config_dict(**overrides), "actor")
     model.train()
     rows, cols = image_grid
     image_tokens = rows * cols // 4

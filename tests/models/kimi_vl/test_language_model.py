@@ -18,7 +18,7 @@ def _train_step(rate):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mmrl_megatron.config.schema import ModelConfig
-    from mmrl_megatron.models.kimi_vl.model import build_kimi_vl
+    from mmrl_megatron.models import build_model
     from mmrl_megatron.models.common.moe_metrics import moe_routing_metrics
     from mmrl_megatron.models.kimi_vl.tiny import tiny_config_dict
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
@@ -26,8 +26,8 @@ def _train_step(rate):
     init_model_parallel(ParallelLayout())
     model_parallel_cuda_manual_seed(0)
     torch.manual_seed(0)
-    model = build_kimi_vl(ModelConfig(dtype="float32", moe_router_bias_update_rate=rate), tiny_config_dict(),
-                          "actor")
+    model = build_model(ModelConfig(dtype="float32", moe_router_bias_update_rate=rate), tiny_config_dict(),
+                        "actor")
     model.train()
     ids = torch.tensor([token for sequence in SEQUENCES for token in sequence]).unsqueeze(0)
     bounds = torch.tensor([0, len(SEQUENCES[0]), ids.shape[1]], dtype=torch.int32)

@@ -30,9 +30,10 @@ def _build(hf_dir: str):
 
 def _load_error(model, hf_dir: str) -> str:
     from mmrl_megatron.convert import CheckpointError, load_hf_into_model
+    from mmrl_megatron.models import conversion_table
 
     try:
-        load_hf_into_model(model, hf_dir)
+        load_hf_into_model(model, hf_dir, conversion_table(model))
     except CheckpointError as error:
         return str(error)
     return ""
@@ -53,15 +54,14 @@ def _round_trip_on_ranks(checkpoints, scratch: str):
     import torch.distributed as dist
 
     from mmrl_megatron.convert import iter_hf_tensors, load_hf_into_model
+    from mmrl_megatron.models import conversion_table
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
-    from tests.models.qwen3_vl.registration import register_qwen3_vl
 
-    register_qwen3_vl()
     init_model_parallel(ParallelLayout(tensor=2, pipeline=2))
     report = {}
     for hf_dir in checkpoints:
         model = _build(hf_dir)
-        load_hf_into_model(model, hf_dir)
+        load_hf_into_model(model, hf_dir, conversion_table(model))
         expected = load_file(os.path.join(hf_dir, "model.safetensors"))
         names, mismatched = [], []
         for name, tensor in iter_hf_tensors(model):

@@ -11,15 +11,8 @@ from mmrl_megatron.rollout.embedded import EmbeddedEngine
 from mmrl_megatron.rollout.embedded.weights import iter_checkpoint_buckets
 from tests.rollout.embedded_helpers import hf_logits, make_requests
 
-from .registration import register_qwen3_vl_engine
 
 GRIDS = [[1, 4, 4], None, [1, 4, 6]]  # two image sizes (4 and 6 pads) and a text-only prompt
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    with register_qwen3_vl_engine():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def hf_model(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint, registered):
+def engine(checkpoint):
     engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=8)
     engine.load_checkpoint()
     return engine

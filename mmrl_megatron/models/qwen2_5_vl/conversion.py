@@ -5,8 +5,8 @@ in-memory names (`model.language_model.*`, `model.visual.*`) load through ALIASE
 """
 from typing import List, Mapping
 
-from .qwen2_5_vl_shape import read_shape
-from .rules import COPY, GATED, GroupedQKV, PaddedVocab, Rule
+from ...convert.rules import COPY, GATED, GroupedQKV, PaddedVocab, Rule
+from .hf_config import Qwen25VLShape
 
 ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
@@ -35,9 +35,8 @@ def _layer_rules(megatron_prefix: str, hf_prefix: str, count_name: str, count: i
     return rules
 
 
-def rules(hf_config: Mapping, role: str) -> List[Rule]:
-    """The rule table for this config and role ("critic" has a value head instead of lm_head)."""
-    shape = read_shape(hf_config)
+def rules(shape: Qwen25VLShape, role: str) -> List[Rule]:
+    """The rule table for this geometry and role ("critic" has a value head instead of lm_head)."""
     text, vision = shape.text, shape.vision
     vocab = PaddedVocab(text.vocab_size)
     table = [Rule(("language_model.embedding.word_embeddings.weight",), ("model.embed_tokens.weight",), vocab)]

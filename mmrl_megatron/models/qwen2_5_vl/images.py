@@ -7,8 +7,7 @@ counts them.
 """
 from typing import List
 
-from mmrl_megatron.data.errors import SkippedRow
-from mmrl_megatron.data.types import ProcessedImages
+from ..common.media import ProcessedImages, SkippedRow
 
 
 class Qwen2_5_VLImageProcessor:

@@ -1,9 +1,9 @@
 """Whole-directory conversions, the bodies of tools/checkpoint_convert/: HF -> megatron checkpoint and back.
 
 Memory: the converters never hold the whole model. They build it on the meta device and convert one
-chunk of at most `max_chunk_bytes` of this rank's tensors at a time (streaming.py): HF tensors are read
+chunk of at most `max_chunk_bytes` of this rank's tensors at a time (convert/streaming.py): HF tensors are read
 one by one, each chunk is saved as a part of the distributed checkpoint and the parts are joined
-(checkpoint_parts.py); the way back reads one chunk's pieces from the checkpoint (checkpoint_reads.py),
+(convert/checkpoint_parts.py); the way back reads one chunk's pieces from the checkpoint (convert/checkpoint_reads.py),
 exports them, and writes HF shards of at most `max_shard_bytes`. Peak memory is a few chunks (the chunk,
 the checkpoint writer's copy, resident pages of the memory-mapped input), measured in benchmarks/RESULTS.md.
 """
@@ -13,17 +13,19 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint_io import (DEFAULT_MAX_SHARD_BYTES, HF_FILES_SUBDIR, is_writer_rank, build_meta_model,
-                            check_checkpoint_matches, check_tensor_parallel_entries, copy_hf_side_files,
-                            hf_files_dir, in_published_dtype, is_mcore_checkpoint, local_sharded_tensors,
-                            read_hf_config, write_hf_safetensors)
-from .checkpoint_manifest import damaged_file, write_manifest
-from .checkpoint_parts import join_parts, save_part
-from .checkpoint_reads import model_pieces, read_pieces
-from .errors import CheckpointError
-from .exporter import iter_hf_tensors
-from .loader import load_hf_into_model
-from .streaming import agreed_chunk_count, allocated, is_placeholder, tensor_chunks
+from ..convert.checkpoint_io import (DEFAULT_MAX_SHARD_BYTES, HF_FILES_SUBDIR, check_checkpoint_matches,
+                                     check_tensor_parallel_entries, copy_hf_side_files, hf_files_dir,
+                                     in_published_dtype, is_mcore_checkpoint, is_writer_rank, local_sharded_tensors,
+                                     write_hf_safetensors)
+from ..convert.checkpoint_manifest import damaged_file, write_manifest
+from ..convert.checkpoint_parts import join_parts, save_part
+from ..convert.checkpoint_reads import model_pieces, read_pieces
+from ..convert.errors import CheckpointError
+from ..convert.exporter import iter_hf_tensors
+from ..convert.loader import load_hf_into_model
+from ..convert.streaming import agreed_chunk_count, allocated, is_placeholder, tensor_chunks
+from .building import build_meta_model, conversion_table
+from .hf_config import read_hf_config
 
 
 def init_conversion_ranks(tensor: int = 1, pipeline: int = 1) -> torch.device:
@@ -82,7 +84,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, device: Optional[torch.device
     count = 0
     for index, chunk in _streamed_chunks(model, max_chunk_bytes):
         with allocated(chunk, device or torch.device("cpu")):
-            load_hf_into_model(model, hf_dir)
+            load_hf_into_model(model, hf_dir, conversion_table(model))
             sharded = _chunk_entries(model.sharded_state_dict(), with_objects=index == 0)
             check_tensor_parallel_entries(sharded)
             save_part(sharded, out_dir, index)

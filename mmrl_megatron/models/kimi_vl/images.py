@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmrl_megatron.data.errors import DataError, SkippedRow
-from mmrl_megatron.data.types import ProcessedImages
+from ..common.media import ProcessedImages, SkippedRow
+from ..errors import ModelError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,11 +55,11 @@ class KimiVLImageProcessor:
     def from_pretrained(cls, model_dir: str, data_config) -> "KimiVLImageProcessor":
         path = os.path.join(model_dir, "preprocessor_config.json")
         if not os.path.isfile(path):
-            raise DataError(f"{path} not found: a Kimi-VL checkpoint directory carries its processor settings there")
+            raise ModelError(f"{path} not found: a Kimi-VL checkpoint directory carries its processor settings there")
         with open(path) as handle:
             settings = json.load(handle)
         if not settings.get("pad_input", False):
-            raise DataError(f"{path}: pad_input is not true; only the padding mode of the published Kimi-VL "
+            raise ModelError(f"{path}: pad_input is not true; only the padding mode of the published Kimi-VL "
                             "checkpoints is implemented (set \"pad_input\": true)")
         patch_size = int(settings.get("patch_size", 14))
         patch_limit = min(int(settings.get("in_token_limit", 4096)), data_config.max_pixels // patch_size ** 2)

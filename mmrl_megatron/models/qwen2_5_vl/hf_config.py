@@ -7,7 +7,7 @@ Published checkpoints carry the flat transformers-4.x layout (language keys at t
 from dataclasses import dataclass
 from typing import List, Mapping, Optional
 
-from .errors import CheckpointError
+from ..errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class VisionShape:
     window_size: int
     fullatt_block_indexes: List[int]
     rope_theta: float
+    tokens_per_second: float = 4  # transformers' Qwen2_5_VLVisionConfig default; spaces videos' temporal positions
 
     @property
     def head_dim(self) -> int:
@@ -57,7 +58,7 @@ class Qwen25VLShape:
 
 def _required(section: Mapping, key: str, where: str):
     if key not in section:
-        raise CheckpointError(f"config.json: {where} has no '{key}'; is this a Qwen2.5-VL config?")
+        raise ModelError(f"config.json: {where} has no '{key}'; is this a Qwen2.5-VL config?")
     return section[key]
 
 
@@ -68,12 +69,12 @@ def _rope(section: Mapping):
     theta = parameters.get("rope_theta", section.get("rope_theta", 1000000.0))
     mrope = parameters.get("mrope_section", scaling.get("mrope_section"))
     if mrope is None:
-        raise CheckpointError("config.json: no mrope_section in rope_parameters or rope_scaling")
+        raise ModelError("config.json: no mrope_section in rope_parameters or rope_scaling")
     return float(theta), [int(x) for x in mrope]
 
 
 def read_shape(config: Mapping) -> Qwen25VLShape:
-    """The model geometry from a config.json dict (flat 4.x or nested 5.x); raises CheckpointError naming the key."""
+    """The model geometry from a config.json dict (flat 4.x or nested 5.x); raises ModelError naming the key."""
     text = config.get("text_config") or config
     where = "text_config" if "text_config" in config else "the top level"
     theta, mrope = _rope(text)
@@ -96,7 +97,8 @@ def read_shape(config: Mapping) -> Qwen25VLShape:
         temporal_patch_size=vision.get("temporal_patch_size", 2), in_channels=vision.get("in_channels", 3),
         spatial_merge_size=vision.get("spatial_merge_size", 2), window_size=vision.get("window_size", 112),
         fullatt_block_indexes=list(vision.get("fullatt_block_indexes", [])),
-        rope_theta=float(vision_rope.get("rope_theta", 10000.0)))
+        rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+        tokens_per_second=vision.get("tokens_per_second", 4))
     return Qwen25VLShape(text=text_shape, vision=vision_shape,
                          image_token_id=_required(config, "image_token_id", "the top level"),
                          vision_start_token_id=_required(config, "vision_start_token_id", "the top level"),

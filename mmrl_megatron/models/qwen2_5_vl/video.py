@@ -1,4 +1,5 @@
-"""Qwen2.5-VL's video processing: the frames data/videos.py samples and sizes, normalised and cut into patches by
+"""Qwen2.5-VL's video processing: the frames data/videos.py samples and sizes (to multiples of frame_factor
+pixels, temporal_patch_size frames at a time), normalised and cut into patches by
 transformers' own image processor, temporal_patch_size frames to a patch.
 
 transformers' Qwen2VLVideoProcessor needs torchvision, which has no build beside the CPU torch. Its patch rows
@@ -9,26 +10,24 @@ the result with Qwen2VLVideoProcessor where torchvision imports.
 """
 import torch
 
-from mmrl_megatron.data.errors import SkippedRow
-from mmrl_megatron.data.types import ProcessedVideo
-from mmrl_megatron.data.videos import VideoEntry, load_video
+from ..common.media import ProcessedVideo, SkippedRow
 
 
 class Qwen2_5_VLVideoProcessor:
-    """Callable on one VideoEntry -> ProcessedVideo under data.video; SkippedRow when the video is unusable."""
+    """Callable on one sampled video (its `frames`, PIL images sized by the data path, and `sample_fps`) ->
+    ProcessedVideo; SkippedRow when the image processor rejects it."""
 
     def __init__(self, model_dir: str, data_config):
         from transformers import AutoImageProcessor
 
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
-        self.config = data_config.video
         self.patch_size = self.image_processor.patch_size
         self.merge_size = self.image_processor.merge_size
         self.temporal_patch_size = self.image_processor.temporal_patch_size
+        self.frame_factor = self.patch_size * self.merge_size  # frame sides are multiples of it
 
-    def __call__(self, entry: VideoEntry, what: str = "video") -> ProcessedVideo:
+    def __call__(self, video, what: str = "video") -> ProcessedVideo:
         temporal, patch = self.temporal_patch_size, self.patch_size
-        video = load_video(entry, self.config, patch * self.merge_size, temporal, what)
         try:
             processed = self.image_processor(images=video.frames, do_resize=False, return_tensors="pt")
         except (ValueError, RuntimeError) as error:

@@ -2,8 +2,7 @@
 
 `CachedDecoder` holds what every family shares: the masks, the cache writes and the attention over
 cached keys/values. A family's decoder supplies the layer loop (`_run_layers`) and says what its
-attention keeps in the cache; `QwenVLDecoder` runs transformers' Qwen2.5-VL modules (kimi_vl.py holds
-Kimi-VL's). The weights, norms, projections, rotary embeddings and vision towers are transformers' (or
+attention keeps in the cache (models/<family>/embedded.py hold the families' decoders). The weights, norms, projections, rotary embeddings and vision towers are transformers' (or
 the project's) modules; only the attention around the cache is ours, because HF's cache classes and mask
 builders allocate and branch per step, which prevents CUDA-graph capture. Numerics follow HF's layers
 (same modules in the same order), so log-probs match a plain HF forward pass.
@@ -11,7 +10,7 @@ builders allocate and branch per step, which prevents CUDA-graph capture. Numeri
 from typing import Optional
 
 import torch
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, repeat_kv
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import repeat_kv
 
 from .kv_cache import CacheGeometry, StaticKVCache
 
@@ -99,59 +98,6 @@ class CachedDecoder:
 
         hidden = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions, attend)
         return self.lm_head(self.final_norm(hidden[:, 0]))
-
-
-class QwenVLDecoder(CachedDecoder):
-    """Runs a Qwen2_5_VLForConditionalGeneration's language model over a StaticKVCache."""
-
-    position_rows = 3  # M-RoPE
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        language_model = model.model.language_model
-        self.layers = language_model.layers
-        self.final_norm = language_model.norm
-        self.rotary = language_model.rotary_emb
-        self.embed_tokens = language_model.embed_tokens
-        self.lm_head = model.lm_head
-        text = model.config.text_config
-        self.num_heads = text.num_attention_heads
-        self.num_kv_heads = text.num_key_value_heads
-        self.key_dim = self.value_dim = text.hidden_size // text.num_attention_heads
-        self.vision_pad_ids = torch.tensor([model.config.image_token_id, model.config.video_token_id])
-
-    def embed_prompts(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                      image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
-        """Token embeddings [B, T, H] with the vision tower's features written over the image and video pads
-        (row-major order; pixel_values holds images and videos in that order, and the tower treats a video's
-        temporal patches as it does an image's, so one get_image_features call serves both)."""
-        embeds = self.embed_tokens(input_ids)
-        if pixel_values is None:
-            return embeds
-        features = self.model.model.get_image_features(pixel_values, image_grid_thw)
-        # transformers >= 5.2x wraps the per-image features in an output object; earlier 5.x returns them.
-        features = getattr(features, "pooler_output", features)
-        features = torch.cat(list(features), dim=0).to(embeds.dtype)
-        vision_mask = torch.isin(input_ids, self.vision_pad_ids.to(input_ids.device)).unsqueeze(-1)
-        return embeds.masked_scatter(vision_mask, features)
-
-    def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """HF's Qwen2_5_VLDecoderLayer.forward, with the attention core replaced by `attend`."""
-        batch, length, _ = hidden.shape
-        cos, sin = self.rotary(hidden, positions)
-        for layer_index, layer in enumerate(self.layers):
-            attention = layer.self_attn
-            residual = hidden
-            normed = layer.input_layernorm(hidden)
-            query = attention.q_proj(normed).view(batch, length, -1, self.key_dim).transpose(1, 2)
-            key = attention.k_proj(normed).view(batch, length, -1, self.key_dim).transpose(1, 2)
-            value = attention.v_proj(normed).view(batch, length, -1, self.key_dim).transpose(1, 2)
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            attended = attend(layer_index, query, key, value)
-            attended = attended.transpose(1, 2).reshape(batch, length, -1)
-            hidden = residual + attention.o_proj(attended)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,7 +11,7 @@ Attention runs in MLA's latent form. Per token the cache keeps the normalised KV
 through the key rows W_UK of kv_b_proj into latent space, so (q_nope W_UK) . c + q_rot . k_rot equals
 HF's q . k with the expanded key, and (attention @ c) W_UV^T its attention @ v. The cache therefore holds
 one KV head: keys [c; k_rot], values c. c is kept twice so that both families share one attention path
-(forward.CachedDecoder); that is still 1,088 numbers per token and layer at A3B, against 5,120 for
+(models/common/cached_decoder.py); that is still 1,088 numbers per token and layer at A3B, against 5,120 for
 expanded keys and values. Positions are 1-D, numbered from 0 per sequence, as the trainer scores them.
 """
 import re
@@ -21,15 +21,12 @@ import torch
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (apply_rotary_pos_emb,
                                                                    apply_rotary_pos_emb_interleave)
 
-from ...models.errors import ModelError
-from ...models.kimi_vl.hf_config import KimiVLConfig, load_kimi_vl_config
-from ...models.kimi_vl.vision import MoonViT, MultiModalProjector, image_grids
-from ..errors import RolloutError
-from ..types import RolloutRequest
-from .family import EmbeddedModel, eos_ids
-from .forward import CachedDecoder
-from .prompts import PreparedPrompt, check_image_placeholders, prompt_ids
-from .weights import skip_weight_initialisation
+from ..common.cached_decoder import CachedDecoder
+from ..common.embedded import (EmbeddedModel, PreparedPrompt, check_image_placeholders, eos_ids, prompt_ids,
+                               skip_weight_initialisation)
+from ..errors import ModelError
+from .hf_config import KimiVLConfig
+from .vision import MoonViT, MultiModalProjector, image_grids
 
 _ROUTED_EXPERT = re.compile(r"^(language_model\.model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
@@ -111,7 +108,7 @@ class KimiVLDecoder(CachedDecoder):
         return hidden
 
 
-def prepare_prompt(kimi: KimiVLConfig, request: RolloutRequest, request_index: int) -> PreparedPrompt:
+def prepare_prompt(kimi: KimiVLConfig, request, request_index: int) -> PreparedPrompt:
     """Check the media placeholders against the images (one per merged patch) and number the tokens 0..L-1."""
     input_ids = prompt_ids(request, request_index)
     grid = request.image_grid_thw
@@ -119,7 +116,7 @@ def prepare_prompt(kimi: KimiVLConfig, request: RolloutRequest, request_index: i
     grids = [] if grid is None else image_grids(grid)
     for image, (rows, cols) in enumerate(grids):
         if rows % kernel_rows or cols % kernel_cols:
-            raise RolloutError(f"request {request_index}, image {image}: patch grid {rows}x{cols} does not tile "
+            raise ModelError(f"request {request_index}, image {image}: patch grid {rows}x{cols} does not tile "
                                f"into the {kernel_rows}x{kernel_cols} merge kernel; pad images as Kimi-VL's "
                                "processor does")
     expected = sum(rows * cols for rows, cols in grids) // (kernel_rows * kernel_cols)
@@ -154,11 +151,8 @@ def _weight_lookup(model: KimiVLForRollout):
     return weight
 
 
-def load(hf_dir: str, device: torch.device, dtype: torch.dtype) -> EmbeddedModel:
-    try:
-        kimi = load_kimi_vl_config(hf_dir)
-    except ModelError as error:
-        raise RolloutError(str(error)) from error
+def load(kimi: KimiVLConfig, device: torch.device, dtype: torch.dtype) -> EmbeddedModel:
+    """The engine's Kimi-VL for a parsed config, built empty on `device` in `dtype`."""
     with skip_weight_initialisation(), torch.device(device):
         model = KimiVLForRollout(kimi, dtype)
     model.language_model.tie_weights()

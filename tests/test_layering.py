@@ -1,0 +1,90 @@
+"""The package dependency order holds, and config.json is read in one place (issue 18, acceptance 2).
+
+Order, top to bottom: trainer -> {rollout, bridge, algorithms, rewards, data} -> models -> convert ->
+{config, parallel}. A module may import its own package, its layer's other packages (the bridge pushes to
+a rollout engine) and any package below; never one above. Checked on every module's imports (ast, so imports inside functions count too), without importing them.
+"""
+import ast
+import os
+
+import mmrl_megatron
+
+PACKAGE_ROOT = os.path.dirname(mmrl_megatron.__file__)
+LAYERS = [{"trainer"}, {"rollout", "bridge", "algorithms", "rewards", "data"}, {"models"}, {"convert"},
+          {"config", "parallel"}]
+RANK = {package: depth for depth, packages in enumerate(LAYERS) for package in packages}
+CONFIG_READER = "models/hf_config.py"
+
+
+def _modules():
+    for directory, _, files in os.walk(PACKAGE_ROOT):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                yield os.path.relpath(path, PACKAGE_ROOT), ast.parse(open(path).read(), path)
+
+
+def _imported(relative: str, node) -> list:
+    """The mmrl_megatron.<package> names an Import/ImportFrom node reaches (relative imports resolved)."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    elif node.level:
+        parts = ["mmrl_megatron", *relative.split(os.sep)[:-1]]
+        base = parts[:len(parts) - node.level + 1]
+        names = [".".join(base + ([node.module] if node.module else []))]
+        if not node.module:  # `from .. import models`
+            names = [f"{names[0]}.{alias.name}" for alias in node.names]
+    else:
+        names = [node.module or ""]
+    return [name.split(".")[1] for name in names if name.startswith("mmrl_megatron.")]
+
+
+def upward_imports():
+    problems = []
+    for relative, tree in _modules():
+        own = relative.split(os.sep)[0]
+        if own not in RANK:
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for package in _imported(relative, node):
+                if package in RANK and RANK[package] < RANK[own]:
+                    problems.append(f"mmrl_megatron/{relative}:{node.lineno} ({own}) imports {package}, which is "
+                                    "above it")
+    return problems
+
+
+def _opens_config_json(node) -> bool:
+    """A call that builds or opens a path ending in config.json: os.path.join(..., "config.json"),
+    open("config.json"), or a path literal ending in /config.json."""
+    if not isinstance(node, ast.Call):
+        return False
+    return any(isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+               and (arg.value == "config.json" or arg.value.endswith("/config.json")) for arg in node.args)
+
+
+def config_json_readers():
+    return [f"mmrl_megatron/{relative}:{node.lineno}" for relative, tree in _modules()
+            if relative != CONFIG_READER for node in ast.walk(tree) if _opens_config_json(node)]
+
+
+def test_no_module_imports_upward():
+    """Invariant: no package imports a package above it in the dependency order."""
+    assert upward_imports() == []
+
+
+def test_config_json_is_read_in_one_place():
+    """Invariant: only models/hf_config.py builds a config.json path; everyone else gets the dict from it."""
+    assert config_json_readers() == []
+
+
+def test_the_checks_see_violations(tmp_path, monkeypatch):
+    """Invariant: both checks name the module and line of an upward import and of a config.json read."""
+    (tmp_path / "convert").mkdir()
+    (tmp_path / "convert" / "bad.py").write_text(
+        "import json, os\nfrom ..models import build_model\n\ndef f(d):\n"
+        "    return json.load(open(os.path.join(d, 'config.json')))\n")
+    monkeypatch.setattr(__import__(__name__, fromlist=["PACKAGE_ROOT"]), "PACKAGE_ROOT", str(tmp_path))
+    assert upward_imports() == ["mmrl_megatron/convert/bad.py:2 (convert) imports models, which is above it"]
+    assert config_json_readers() == ["mmrl_megatron/convert/bad.py:5"]
