@@ -30,7 +30,7 @@ def _prompt(index: int) -> SimpleNamespace:
     source = "b" if index % 4 == 1 else "a"
     return SimpleNamespace(index=index, prompt_ids=ids, pixel_values=None, image_grid_thw=None, images=[],
                            prompt_text="", ground_truth=" ".join(map(str, ids)), data_source=source,
-                           extra_info={"index": index}, messages=[])
+                           extra_info={"index": index}, messages=[], second_per_grid_ts=[])
 
 
 def _answer_ids(prompt) -> list:
