@@ -25,8 +25,9 @@ class RecordingReward:
 
 def _rollout_and_score(hf_dir: str):
     """(per sample: rollout log-probs, actor log-probs, loss mask, images, response ids; the reward's texts)."""
-    from mmrl_megatron.config import load_config, read_model_shape
-    from mmrl_megatron.convert.hf_checkpoint import read_hf_config
+    from mmrl_megatron.config import load_config
+    from mmrl_megatron.config.validate import model_shape
+    from mmrl_megatron.models.hf_config import read_hf_config
     from mmrl_megatron.models.common.packing import pack_sequences
     from mmrl_megatron.parallel import init_model_parallel, layout_from_config
     from mmrl_megatron.rollout import build_engine
@@ -41,7 +42,7 @@ def _rollout_and_score(hf_dir: str):
     config = load_config(None, [f"model.hf_path={hf_dir}", "model.dtype=float32", "data.max_prompt_length=512",
                                 "rollout.multi_turn.environment=scripted", "rollout.multi_turn.max_turns=3",
                                 "rollout.multi_turn.max_total_tokens=600"])
-    init_model_parallel(layout_from_config(config, 1, read_model_shape(hf_dir)))
+    init_model_parallel(layout_from_config(config, 1, model_shape(read_hf_config(hf_dir))))
     hf_config, device = read_hf_config(hf_dir), torch.device("cpu")
     actor = build_role("actor", load_model(config, hf_config, "actor", device), config, device)
     engine = build_engine(config, hf_dir, device)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mmrl_megatron import algorithms
 from mmrl_megatron.config.schema import AlgorithmConfig
 from mmrl_megatron.trainer import losses
 from mmrl_megatron.trainer.batch import Sample, build_micro_batch
@@ -81,7 +82,8 @@ def test_environment_tokens_are_given_tokens_and_have_no_advantage():
         for sample in samples:
             sample.tensors["old_values"] = torch.rand(len(sample.response_ids)) + 0.1
             sample.score = float(sample.group)
-        stand_in = SimpleNamespace(algorithm=AlgorithmConfig(advantage=advantage),
+        algorithm = AlgorithmConfig(advantage=advantage)
+        stand_in = SimpleNamespace(algorithm=algorithm, estimator=algorithms.advantage_estimator(advantage),
                                    parts=SimpleNamespace(reference=None),
                                    config=SimpleNamespace(rollout=SimpleNamespace(n=2)))
         Trainer.compute_advantages(stand_in, samples)

@@ -7,53 +7,17 @@ TP rank, head_dim 16 with mrope_section (3, 3, 2) so interleaved and sectioned M
 features into layers 0 and 1, which PP=2 puts on the first stage), and computes per-token log-probs through
 megatron-core's pipeline schedule for two images of different sizes in one sample, a text-only sample, and a
 two-frame video followed by an image, packed (THD) and right-padded."""
-import json
-import os
-
 import pytest
 import torch
 
 from mmrl_megatron.models.qwen3_vl.tiny import build_tiny_checkpoint
 from tests.cpu_ranks import run_on_cpu_ranks
+from tests.models.pipeline_scoring import hf_config_of, next_tokens, pipeline_logprobs
 from tests.models.qwen3_vl.inputs import hf_logprobs, make_samples, packed, padded
 
 LAYOUTS = [(2, 2), (2, 1), (1, 2), (1, 1)]
 TOLERANCE = 1e-4  # max abs, fp32, the issue's acceptance bar
 pytestmark = pytest.mark.slow  # about 65 s on 2 cores: one 4-rank run over the four layouts
-
-
-def _config(hf_dir: str) -> dict:
-    with open(os.path.join(hf_dir, "config.json")) as handle:
-        return json.load(handle)
-
-
-def _pipeline_logprobs(model, inputs, labels, seq_length: int, micro_batch_size: int):
-    """[B, S] log-probs of `labels` on the last pipeline stage (None elsewhere), via megatron's schedule."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from mmrl_megatron.models.common.logprobs import vocab_parallel_logprobs
-
-    def forward_step(data_iterator, model):
-        output = model(*next(data_iterator))
-
-        def loss(logits):
-            logprobs = vocab_parallel_logprobs(logits, labels)
-            return logprobs.sum() * 0, {"logprobs": logprobs.detach()}
-
-        return output, loss
-
-    with torch.no_grad():
-        stored = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([inputs]), model=[model], num_microbatches=1,
-            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True)
-    return stored[0]["logprobs"] if parallel_state.is_pipeline_last_stage() else None
-
-
-def _next_tokens(ids: torch.Tensor) -> torch.Tensor:
-    labels = torch.zeros_like(ids)
-    labels[:, :-1] = ids[:, 1:]
-    return labels
 
 
 def _layouts_on_ranks(hf_dir: str, pad_id: int):
@@ -64,7 +28,7 @@ def _layouts_on_ranks(hf_dir: str, pad_id: int):
     from mmrl_megatron.models import build_model, conversion_table
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
 
-    config = _config(hf_dir)
+    config = hf_config_of(hf_dir)
     samples = make_samples(config)
     lengths = [len(s.ids) for s in samples]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
@@ -78,10 +42,10 @@ def _layouts_on_ranks(hf_dir: str, pad_id: int):
         load_hf_into_model(model, hf_dir, conversion_table(model))
         model.eval()
         ids, positions, params, pixels, grids = packed(samples)
-        packed_lp = _pipeline_logprobs(model, (ids, positions, params, pixels, grids), _next_tokens(ids),
+        packed_lp = pipeline_logprobs(model, (ids, positions, params, pixels, grids), next_tokens(ids),
                                        ids.shape[1], 1)
         pad_ids, pad_positions, pixels, grids = padded(samples, pad_id)
-        padded_lp = _pipeline_logprobs(model, (pad_ids, pad_positions, None, pixels, grids), _next_tokens(pad_ids),
+        padded_lp = pipeline_logprobs(model, (pad_ids, pad_positions, None, pixels, grids), next_tokens(pad_ids),
                                        pad_ids.shape[1], pad_ids.shape[0])
         if packed_lp is None:
             continue
@@ -94,7 +58,7 @@ def _layouts_on_ranks(hf_dir: str, pad_id: int):
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     hf_dir = build_tiny_checkpoint(str(tmp_path_factory.mktemp("qwen3_vl_parity")))
-    config = _config(hf_dir)
+    config = hf_config_of(hf_dir)
     reference = hf_logprobs(hf_dir, make_samples(config))
     per_rank = run_on_cpu_ranks(4, _layouts_on_ranks, hf_dir, config["text_config"]["pad_token_id"])
     return reference, per_rank
