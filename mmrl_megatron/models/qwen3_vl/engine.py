@@ -1,7 +1,7 @@
 """Qwen3-VL in the embedded rollout engine: transformers' Qwen3VLForConditionalGeneration under the engine's
 decode loop (rollout/embedded/), with the prompt positions the trainer scores with (positions.py).
 
-What differs from Qwen2.5-VL's adapter (rollout/embedded/qwen2_5_vl.py):
+What differs from Qwen2.5-VL's adapter (models/qwen2_5_vl/embedded.py):
 - Names: the published checkpoints already use the module tree's names (`model.visual.*`,
   `model.language_model.*`, `lm_head.*`), so a checkpoint name is the parameter name.
 - Attention: RMS norms over each head's queries and keys before the rotary embedding (QK-norm), and the
