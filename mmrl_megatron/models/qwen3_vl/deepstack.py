@@ -7,8 +7,10 @@ image tokens to the output of decoder layer k (transformers' Qwen3VLTextModel._d
 The features travel to the layers as the decoder's cross-attention `context` (our layers have no cross
 attention, so megatron-core only passes it along): megatron's TransformerBlock hands it to every layer and
 keeps it among the saved inputs when it recomputes layers in backward, which a forward hook's side channel
-would not survive. `context` is [k, N, h] (k feature sets for N image tokens), `context_mask` the tokens'
-[2, N] (sequence, batch) positions in the [s, b, h] hidden states.
+would not survive. `context` is [k, N, h] (k feature sets for N image tokens), `context_mask` [2, s, b]: whether
+each position of the [s, b, h] hidden states is an image token, and which feature row it takes. The rows are
+gathered by the pads' running count (as models/common/image_placement.py places the embeddings) rather than
+at nonzero() positions, whose data-dependent size would read the count back from the GPU in every forward.
 """
 from typing import Optional, Tuple
 
@@ -19,8 +21,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 def deepstack_payload(features: torch.Tensor, pad_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(context, context_mask) for the decoder: features [k, N, h] in the pads' batch-major order,
     pad_mask [b, s] with N True positions."""
-    batch, sequence = pad_mask.nonzero(as_tuple=True)
-    return features, torch.stack([sequence, batch])
+    rows = (pad_mask.flatten().cumsum(0) - 1).clamp(min=0).view(pad_mask.shape)
+    return features, torch.stack([pad_mask.long(), rows]).transpose(1, 2)
 
 
 class DeepStackTransformerLayer(TransformerLayer):
@@ -31,7 +33,8 @@ class DeepStackTransformerLayer(TransformerLayer):
         features: Optional[torch.Tensor] = kwargs.get("context")
         index = self.layer_number - 1  # global over pipeline stages; only the first stage gets features
         if features is not None and index < features.shape[0]:
-            sequence, batch = kwargs["context_mask"]
+            is_pad, rows = kwargs["context_mask"]
+            added = features[index].to(output.dtype)[rows]
             # out of place and not a view: a stage's last output goes to megatron's pipeline schedule
-            output = output.index_put((sequence, batch), features[index].to(output.dtype), accumulate=True)
+            output = output + torch.where(is_pad.bool().unsqueeze(-1), added, torch.zeros_like(added))
         return output, context
