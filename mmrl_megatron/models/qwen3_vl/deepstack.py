@@ -9,7 +9,7 @@ attention, so megatron-core only passes it along): megatron's TransformerBlock h
 keeps it among the saved inputs when it recomputes layers in backward, which a forward hook's side channel
 would not survive. `context` is [k, N, h] (k feature sets for N image tokens), `context_mask` [2, s, b]: whether
 each position of the [s, b, h] hidden states is an image token, and which feature row it takes. The rows are
-gathered by the pads' running count (as models/common/image_placement.py places the embeddings) rather than
+gathered by the pads' running count (image_placement.feature_rows, as the embeddings are placed) rather than
 at nonzero() positions, whose data-dependent size would read the count back from the GPU in every forward.
 """
 from typing import Optional, Tuple
@@ -17,12 +17,13 @@ from typing import Optional, Tuple
 import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from ..common.image_placement import feature_rows
+
 
 def deepstack_payload(features: torch.Tensor, pad_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(context, context_mask) for the decoder: features [k, N, h] in the pads' batch-major order,
     pad_mask [b, s] with N True positions."""
-    rows = (pad_mask.flatten().cumsum(0) - 1).clamp(min=0).view(pad_mask.shape)
-    return features, torch.stack([pad_mask.long(), rows]).transpose(1, 2)
+    return features, torch.stack([pad_mask.long(), feature_rows(pad_mask)]).transpose(1, 2)
 
 
 class DeepStackTransformerLayer(TransformerLayer):
