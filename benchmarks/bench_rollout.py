@@ -1,19 +1,32 @@
 """Rollout throughput: the embedded engine against Hugging Face generate, same weights, same process.
 
-Workloads (random weights; every request gets exactly --new-tokens tokens, sampled at temperature 1):
-  text   Qwen2.5-VL-3B shape, N requests x P prompt tokens
+Workloads (random weights, sampled at temperature 1):
+  text   Qwen2.5-VL-3B shape, N requests x P prompt tokens, every request exactly --new-tokens new tokens
   image  Qwen2.5-VL-7B shape, the same plus one 448x448 image (256 image tokens) per prompt
-Defaults: 256 requests x 256 prompt + 256 new tokens, the acceptance workload of issue 6.
+  rl     RL-shaped: Qwen2.5-VL-3B, --rl-prompts prompts x n=5, a 448x448 image + 100 text tokens each, response
+         lengths drawn log-uniformly in [32, --rl-max-new-tokens] per prompt (its n samples share it; short
+         answers common, long ones rare). Both sides produce exactly the drawn lengths: the engine through
+         per-request max_new_tokens, HF generate through a logits processor that forces end-of-sequence at the
+         drawn length and forbids it before. Timed three ways in one run: the engine (continuous batching),
+         the engine with static batches (rollout.embedded.continuous_batching=false: a batch is admitted only
+         when the previous one has finished, so every batch runs as long as its longest response), and HF.
+Defaults: 256 requests x 256 prompt + 256 new tokens (issue 6's acceptance workload); rl 64 x 5 up to 2048.
+The decode bandwidth floor: per step the weights plus every running sequence's cached keys/values are read
+once, at the copy bandwidth measured in this run; `decode_floor_fraction` is the floor's decode time over
+the engine's (the call minus its prefill, text and image only).
 `--quick` runs a tiny model on the CPU in seconds (the smoke test runs it).
 
-    python benchmarks/bench_rollout.py                 # on a GPU, both workloads
-    python benchmarks/bench_rollout.py --quick         # CPU smoke run
+    python benchmarks/bench_rollout.py                 # on a GPU, text and image
+    python benchmarks/bench_rollout.py --workload rl   # the RL-shaped workload
+    python benchmarks/bench_rollout.py --quick         # CPU smoke run, all three
 Prints one JSON line per workload and a markdown row for benchmarks/RESULTS.md.
 """
 import argparse
+import dataclasses
 import datetime
 import inspect
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,8 +35,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py (it adds the repository)
 
+from common import profile_summary  # noqa: E402
 from mmrl_megatron.rollout import RolloutRequest, SamplingParams  # noqa: E402
 from mmrl_megatron.rollout.embedded import EmbeddedEngine  # noqa: E402
 
@@ -36,7 +50,12 @@ TEXT_SHAPES = {
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
-WORKLOADS = {"text": "3b", "image": "7b"}
+WORKLOADS = {"text": "3b", "image": "7b", "rl": "3b"}
+RL_SAMPLES = 5
+RL_PROMPT_TOKENS = 100
+RL_MIN_NEW_TOKENS = 32
+PROFILE_NEW_TOKENS = 16  # a profiled call's decode steps: enough to see a step, short enough to aggregate fast
+PROFILE_DECODE_STEPS = 8
 
 
 def build_config(shape: str):
@@ -72,8 +91,25 @@ def make_requests(config, count: int, prompt_tokens: int, image_size: Optional[i
     return requests
 
 
-def hf_generate_seconds(model, requests: List[RolloutRequest], new_tokens: int, device: torch.device) -> float:
-    """Wall time of one batched HF generate over all requests (left-padded), new_tokens forced."""
+class ForcedLengths:
+    """HF logits processor: row r ends with end-of-sequence exactly at its lengths[r]-th new token."""
+
+    def __init__(self, lengths: torch.Tensor, end_of_sequence: int, prompt_length: int) -> None:
+        self.lengths, self.end_of_sequence, self.prompt_length = lengths, end_of_sequence, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        at_end = (self.lengths == input_ids.shape[1] - self.prompt_length + 1).unsqueeze(-1)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.end_of_sequence] = 0.0
+        scores = scores.clone()
+        scores[:, self.end_of_sequence] = float("-inf")
+        return torch.where(at_end, forced, scores)
+
+
+def hf_generate_seconds(model, requests: List[RolloutRequest], new_tokens: int, device: torch.device,
+                        samples: int = 1, lengths: Optional[List[int]] = None) -> float:
+    """Wall time of one batched HF generate over all requests (left-padded): new_tokens forced, or with
+    `lengths` (per request) each of its `samples` sequences ended by end-of-sequence at its length."""
     length = max(len(request.prompt_ids) for request in requests)
     input_ids = torch.zeros(len(requests), length, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -86,27 +122,82 @@ def hf_generate_seconds(model, requests: List[RolloutRequest], new_tokens: int, 
                       image_grid_thw=torch.cat([r.image_grid_thw for r in requests]).to(device))
         if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).int()
+    if lengths is None:
+        stopping = dict(min_new_tokens=new_tokens)
+    else:
+        from transformers import LogitsProcessorList
+
+        per_row = torch.tensor(lengths, device=device).repeat_interleave(samples)  # HF's row order
+        eos = model.config.text_config.eos_token_id
+        stopping = dict(eos_token_id=eos, logits_processor=LogitsProcessorList([ForcedLengths(per_row, eos, length)]))
     _synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, pad_token_id=0)
+                       num_return_sequences=samples, pad_token_id=0, **stopping)
     _synchronize(device)
     return time.perf_counter() - start
 
 
 def engine_generate_seconds(engine: EmbeddedEngine, requests: List[RolloutRequest], new_tokens: int,
-                            device: torch.device) -> float:
-    sampling = SamplingParams(n=1, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
+                            device: torch.device, samples: int = 1) -> float:
+    """Wall time of one engine call: every request's max_new_tokens (else new_tokens) per sample, exactly."""
+    sampling = SamplingParams(n=samples, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
     _synchronize(device)
     start = time.perf_counter()
     results = engine.generate(requests, sampling)
     _synchronize(device)
     seconds = time.perf_counter() - start
     produced = sum(len(result.response_ids) for result in results)
-    if produced != len(requests) * new_tokens:
-        raise RuntimeError(f"engine produced {produced} tokens, expected {len(requests) * new_tokens}")
+    expected = samples * sum(new_tokens if request.max_new_tokens is None else request.max_new_tokens
+                             for request in requests)
+    if produced != expected:
+        raise RuntimeError(f"engine produced {produced} tokens, expected {expected}")
     return seconds
+
+
+def copy_bandwidth(device: torch.device, size_bytes: int = 1 << 32, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), timed here: the decode floor's denominator."""
+    source = torch.empty(size_bytes // 2, dtype=torch.bfloat16, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    _synchronize(device)
+    return 2.0 * size_bytes * repeats / (time.perf_counter() - start)
+
+
+def decode_floor_seconds(config, requests: int, prompt_tokens: int, new_tokens: int, bandwidth: float) -> float:
+    """Seconds the decode steps need at `bandwidth` if each step reads the language model's weights once and
+    every sequence's cached keys/values once (all requests decoding together, the forced-length workloads)."""
+    text = config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    embedding = text.vocab_size * text.hidden_size
+    layer = (text.hidden_size * head_dim * (text.num_attention_heads * 2 + text.num_key_value_heads * 2)
+             + 3 * text.hidden_size * text.intermediate_size)
+    weights = 2 * (text.num_hidden_layers * layer + embedding * (1 if text.tie_word_embeddings else 2))
+    kv_per_token = 2 * 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim
+    steps = range(1, new_tokens)  # the prefill samples the first token
+    cached = sum(requests * (prompt_tokens + step) for step in steps)
+    return (len(steps) * weights + cached * kv_per_token) / bandwidth
+
+
+def profile_engine(engine: EmbeddedEngine, requests: List[RolloutRequest], device: torch.device,
+                   new_tokens: int = PROFILE_NEW_TOKENS) -> Dict[str, Dict]:
+    """What a call's time is made of: one short generate call (prefill, decode steps, sampling), and the decode
+    step alone, replayed from its graph and eager (a replay hides which operator launched a kernel), at the
+    call's batch over its whole KV length. Reaches into the engine's cache and decode step: benchmark-only."""
+    summaries = {"call": profile_summary(lambda: engine_generate_seconds(engine, requests, new_tokens, device), device)}
+    cache = engine._cache
+    batch, kv_len = len(requests), cache.geometry.max_len
+    replayed, eager = engine._decode_step(cache), lambda batch, kv_len: engine.decoder.decode(cache, batch, kv_len)
+    for name, decode in (("decode_step_graph", replayed), ("decode_step_eager", eager)):
+        decode(batch, kv_len)  # captures the graph for this bucket
+        summaries[name] = profile_summary(lambda: [decode(batch, kv_len) for _ in range(PROFILE_DECODE_STEPS)], device)
+        summaries[name]["per_step_ms"] = round(1000 * summaries[name]["wall_s"] / PROFILE_DECODE_STEPS, 3)
+    return summaries
 
 
 def _synchronize(device: torch.device) -> None:
@@ -114,12 +205,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_workload(name: str, args, device: torch.device, dtype: torch.dtype) -> Dict:
+def _models(name: str, args, device: torch.device, dtype: torch.dtype):
+    """(config, HF model, engine with its weights) for workload `name`."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    shape = "tiny" if args.quick else WORKLOADS[name]
-    config = build_config(shape)
-    image_size = (56 if args.quick else args.image_size) if name == "image" else None
+    config = build_config("tiny" if args.quick else WORKLOADS[name])
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
@@ -127,16 +217,34 @@ def run_workload(name: str, args, device: torch.device, dtype: torch.dtype) -> D
         config.save_pretrained(config_dir)
         engine = EmbeddedEngine(config_dir, device, dtype, max_batch_size=args.requests)
     engine.update_weights([list(model.named_parameters())])  # module names pass through unchanged
+    return config, model, engine
+
+
+def _header(name: str, args, config, device: torch.device, dtype: torch.dtype) -> Dict:
+    return dict(workload=name, shape="tiny" if args.quick else WORKLOADS[name],
+                device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+                dtype=str(dtype).replace("torch.", ""))
+
+
+def run_workload(name: str, args, device: torch.device, dtype: torch.dtype) -> Dict:
+    config, model, engine = _models(name, args, device, dtype)
+    image_size = (56 if args.quick else args.image_size) if name == "image" else None
     requests = make_requests(config, args.requests, args.prompt_tokens, image_size)
     warmup = requests[:2]
 
     engine_generate_seconds(engine, requests, args.new_tokens, device)  # captures the decode graphs it will replay
     engine_seconds = engine_generate_seconds(engine, requests, args.new_tokens, device)
+    prefill_seconds = engine_generate_seconds(engine, requests, 1, device)  # the prompts' share of the call
     new_tokens = args.requests * args.new_tokens
-    row = dict(workload=name, shape=shape, device=str(torch.cuda.get_device_name(device) if device.type == "cuda"
-                                                     else "cpu"), dtype=str(dtype).replace("torch.", ""),
-               requests=args.requests, prompt_tokens=len(requests[0].prompt_ids), new_tokens=args.new_tokens,
-               engine_seconds=round(engine_seconds, 3), engine_tokens_per_s=round(new_tokens / engine_seconds, 1))
+    prompt_tokens = len(requests[0].prompt_ids)
+    floor = decode_floor_seconds(config, args.requests, prompt_tokens, args.new_tokens, copy_bandwidth(device))
+    row = dict(_header(name, args, config, device, dtype), requests=args.requests, prompt_tokens=prompt_tokens,
+               new_tokens=args.new_tokens, engine_seconds=round(engine_seconds, 3),
+               engine_tokens_per_s=round(new_tokens / engine_seconds, 1), prefill_seconds=round(prefill_seconds, 3),
+               decode_ms_per_step=round(1000 * (engine_seconds - prefill_seconds) / max(args.new_tokens - 1, 1), 3),
+               decode_floor_fraction=round(floor / max(engine_seconds - prefill_seconds, 1e-9), 3))
+    if args.profile:
+        row["profile"] = profile_engine(engine, requests, device)
     engine.shutdown()
     del engine
     if not args.skip_hf:
@@ -147,19 +255,64 @@ def run_workload(name: str, args, device: torch.device, dtype: torch.dtype) -> D
     return row
 
 
+def rl_lengths(prompts: int, longest: int, seed: int = 0) -> List[int]:
+    """Response lengths per prompt, log-uniform in [RL_MIN_NEW_TOKENS, longest], seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    low = math.log(min(RL_MIN_NEW_TOKENS, longest))
+    draws = torch.exp(low + torch.rand(prompts, generator=generator, dtype=torch.float64) * (math.log(longest) - low))
+    return [int(length) for length in draws.round().clamp(1, longest)]
+
+
+def run_rl_workload(args, device: torch.device, dtype: torch.dtype) -> Dict:
+    config, model, engine = _models("rl", args, device, dtype)
+    prompts = 4 if args.quick else args.rl_prompts
+    longest = 8 if args.quick else args.rl_max_new_tokens
+    samples = 2 if args.quick else RL_SAMPLES
+    lengths = rl_lengths(prompts, longest)
+    requests = [dataclasses.replace(request, max_new_tokens=length) for request, length in
+                zip(make_requests(config, prompts, 8 if args.quick else RL_PROMPT_TOKENS,
+                                  56 if args.quick else args.image_size), lengths)]
+    produced = samples * sum(lengths)
+    row = dict(_header("rl", args, config, device, dtype), prompts=prompts, samples=samples,
+               prompt_tokens=len(requests[0].prompt_ids), max_new_tokens=longest, mean_new_tokens=round(
+                   sum(lengths) / prompts, 1), new_tokens=produced)
+    for mode, continuous in (("engine", True), ("static", False)):
+        engine.settings.continuous_batching = continuous
+        # an RL run repeats one workload every step: the graphs its shapes need are captured by the first
+        engine_generate_seconds(engine, requests, longest, device, samples)
+        seconds = engine_generate_seconds(engine, requests, longest, device, samples)
+        row.update({f"{mode}_seconds": round(seconds, 3), f"{mode}_tokens_per_s": round(produced / seconds, 1)})
+    engine.shutdown()
+    del engine
+    row["speedup_over_static"] = round(row["static_seconds"] / row["engine_seconds"], 2)
+    if not args.skip_hf:
+        hf_generate_seconds(model, requests[:2], 4, device)
+        hf_seconds = hf_generate_seconds(model, requests, longest, device, samples, lengths)
+        row.update(hf_seconds=round(hf_seconds, 3), hf_tokens_per_s=round(produced / hf_seconds, 1),
+                   speedup=round(hf_seconds / row["engine_seconds"], 2))
+    return row
+
+
 def parse_args(argv: Optional[List[str]]):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model on CPU, a few requests (smoke test)")
-    parser.add_argument("--workload", choices=["text", "image", "both"], default="both")
+    parser.add_argument("--workload", choices=["text", "image", "rl", "both", "all"], default="both",
+                        help="both: text and image; all: text, image and rl")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=256, help="text tokens per prompt (image tokens extra)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--rl-prompts", type=int, default=64, help="rl workload: prompts (x 5 samples)")
+    parser.add_argument("--rl-max-new-tokens", type=int, default=2048, help="rl workload: longest response")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--skip-hf", action="store_true", help="time only the engine")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"also profile one engine call of {PROFILE_NEW_TOKENS} new tokens (graphs and eager)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.prompt_tokens, args.new_tokens = 4, 8, 8
+        if args.workload == "both":
+            args.workload = "all"
     return args
 
 
@@ -167,17 +320,26 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    names = {"both": ["text", "image"], "all": ["text", "image", "rl"]}.get(args.workload, [args.workload])
     rows = []
-    for name in (["text", "image"] if args.workload == "both" else [args.workload]):
-        row = run_workload(name, args, device, dtype)
+    for name in names:
+        row = run_rl_workload(args, device, dtype) if name == "rl" else run_workload(name, args, device, dtype)
         rows.append(row)
         print(json.dumps(row), flush=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    command = f"`python benchmarks/bench_rollout.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     for row in rows:
+        if row["workload"] == "rl":
+            print(f"| {date} | {row['device']} | rl ({row['shape']}, {row['dtype']}) | {row['prompts']} x "
+                  f"{row['samples']}, {row['prompt_tokens']}+{row['mean_new_tokens']} mean (max {row['max_new_tokens']})"
+                  f" | {row.get('hf_tokens_per_s', '-')} | {row['engine_tokens_per_s']} (static "
+                  f"{row['static_tokens_per_s']}, {row['speedup_over_static']}x) | {row.get('speedup', '-')}x | "
+                  f"{command} |")
+            continue
         print(f"| {date} | {row['device']} | {row['workload']} ({row['shape']}, {row['dtype']}) | "
               f"{row['requests']} x {row['prompt_tokens']}+{row['new_tokens']} | {row.get('hf_tokens_per_s', '-')} | "
-              f"{row['engine_tokens_per_s']} | {row.get('speedup', '-')}x | `python benchmarks/bench_rollout.py "
-              f"{' '.join(argv if argv is not None else sys.argv[1:])}` |")
+              f"{row['engine_tokens_per_s']} (floor {row['decode_floor_fraction']:.0%} of decode) | "
+              f"{row.get('speedup', '-')}x | {command} |")
     return rows
 
 

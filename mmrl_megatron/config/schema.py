@@ -102,6 +102,8 @@ class EmbeddedEngineConfig:
     offload_weights: bool = False  # release_memory also moves the engine's weights to CPU
     prefill_tokens: int = 16384  # padded prompt tokens per batched prefill (bounds activation memory)
     cache_tokens: int = 0  # KV-cache length per sequence; 0: grow to the longest prompt + max_new_tokens
+    # False: static batches (a batch is admitted only when the previous one has finished), for comparison
+    continuous_batching: bool = True
 
 
 @dataclass

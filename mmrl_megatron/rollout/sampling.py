@@ -44,9 +44,9 @@ def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tenso
 
 
 def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 logits / temperature; temperature 0 (greedy) leaves them unscaled."""
+    """fp32 logits / temperature; temperature 0 (greedy) and 1 leave them unscaled (no pass over the vocabulary)."""
     logits = logits.float()
-    return logits / temperature if temperature > 0 else logits
+    return logits / temperature if temperature > 0 and temperature != 1.0 else logits
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -85,7 +85,7 @@ def draw_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     The CDF is accumulated in float64 so that u * total stays strictly below the total and a token
     of probability zero (a filtered one) can never be chosen.
     """
-    cdf = torch.cumsum(torch.softmax(logits.float(), dim=-1).double(), dim=-1)
+    cdf = torch.cumsum(torch.softmax(logits.float(), dim=-1), dim=-1, dtype=torch.float64)
     targets = (uniforms.double() * cdf[..., -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 

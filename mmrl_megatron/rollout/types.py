@@ -28,6 +28,7 @@ class RolloutRequest:
     images: List[bytes] = field(default_factory=list)  # the encoded images, for engines that process them
     prompt_text: Optional[str] = None  # templated text with one pad per image, for engines that take text
     second_per_grid_ts: List[float] = field(default_factory=list)  # per video, in prompt order (M-RoPE time)
+    max_new_tokens: Optional[int] = None  # this request's response budget; None: SamplingParams.max_new_tokens
 
 
 @dataclass

@@ -10,7 +10,7 @@ from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint, load_tin
 from mmrl_megatron.rollout import RolloutError, RolloutRequest, SamplingParams, build_engine
 from mmrl_megatron.rollout.embedded import EmbeddedEngine
 from mmrl_megatron.rollout.embedded.graphs import batch_bucket, kv_bucket
-from mmrl_megatron.models.qwen2_5_vl.embedded_vision import use_length_grouped_vision_attention
+from mmrl_megatron.models.qwen2_5_vl.embedded_vision import use_fast_vision_blocks
 from mmrl_megatron.rollout.embedded.weights import iter_checkpoint_buckets
 
 from .embedded_helpers import hf_logits, hf_logprobs, make_requests, make_video_request
@@ -89,7 +89,7 @@ def test_length_grouped_vision_attention_equals_hf_per_window(checkpoint):
         return torch.cat(list(getattr(output, "pooler_output", output)))
 
     expected = features()
-    use_length_grouped_vision_attention(model)
+    use_fast_vision_blocks(model)
     torch.testing.assert_close(features(), expected, rtol=0, atol=1e-5)
 
 
@@ -144,11 +144,11 @@ def test_bucketed_decode_as_graphs_replay_it_matches_exact_decode(engine, reques
     sampling = _sampling(n=3, temperature=1.0, stop_token_ids=[7, 8, 9, 10])
     exact = engine.generate(requests, sampling)
 
-    def bucketed_step(cache):
+    def bucketed_step(cache, params):
         def step(batch, kv_len):
             geometry = cache.geometry
-            return engine.decoder.decode(cache, batch_bucket(batch, geometry.slots),
-                                         kv_bucket(kv_len, geometry.max_len))[:batch]
+            engine._sampler.decode_step(engine.decoder, cache, params, batch_bucket(batch, geometry.slots),
+                                        kv_bucket(kv_len, geometry.max_len))
         return step
 
     monkeypatch.setattr(engine, "_decode_step", bucketed_step)

@@ -9,14 +9,14 @@ import re
 from typing import Optional
 
 import torch
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from ..common.cached_decoder import CachedDecoder
+from ..common.decode_layer import check_swiglu, qwen_decoder_layer
 from ..common.embedded import (EmbeddedModel, PreparedPrompt, check_image_placeholders, eos_ids, prompt_ids,
                                skip_weight_initialisation)
 from ..common.rope import rope_positions
 from ..errors import ModelError
-from .embedded_vision import use_length_grouped_vision_attention
+from .embedded_vision import use_fast_vision_blocks
 
 _CHECKPOINT_TO_MODULE = [(re.compile(r"^visual\."), "model.visual."),
                          (re.compile(r"^model\.(?!language_model\.|visual\.)"), "model.language_model.")]
@@ -47,6 +47,7 @@ class QwenVLDecoder(CachedDecoder):
         self.num_heads = text.num_attention_heads
         self.num_kv_heads = text.num_key_value_heads
         self.key_dim = self.value_dim = text.hidden_size // text.num_attention_heads
+        check_swiglu(text.hidden_act, "config.json text_config")
         self.vision_pad_ids = torch.tensor([model.config.image_token_id, model.config.video_token_id])
 
     def embed_prompts(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
@@ -65,21 +66,10 @@ class QwenVLDecoder(CachedDecoder):
         return embeds.masked_scatter(vision_mask, features)
 
     def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """HF's Qwen2_5_VLDecoderLayer.forward, with the attention core replaced by `attend`."""
-        batch, length, _ = hidden.shape
+        """HF's Qwen2_5_VLDecoderLayer loop (decode_layer.py), with the attention core replaced by `attend`."""
         cos, sin = self.rotary(hidden, positions)
         for layer_index, layer in enumerate(self.layers):
-            attention = layer.self_attn
-            residual = hidden
-            normed = layer.input_layernorm(hidden)
-            query = attention.q_proj(normed).view(batch, length, -1, self.key_dim).transpose(1, 2)
-            key = attention.k_proj(normed).view(batch, length, -1, self.key_dim).transpose(1, 2)
-            value = attention.v_proj(normed).view(batch, length, -1, self.key_dim).transpose(1, 2)
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            attended = attend(layer_index, query, key, value)
-            attended = attended.transpose(1, 2).reshape(batch, length, -1)
-            hidden = residual + attention.o_proj(attended)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = qwen_decoder_layer(layer, hidden, cos, sin, attend, layer_index, self.key_dim)
         return hidden
 
 
@@ -120,7 +110,7 @@ def prepare_prompt(config, request, request_index: int) -> PreparedPrompt:
 def load(hf_dir: str, device: torch.device, dtype: torch.dtype) -> EmbeddedModel:
     """The engine's Qwen2.5-VL for hf_dir, built empty on `device` in `dtype`."""
     model = build_empty_model(hf_dir, device, dtype)
-    use_length_grouped_vision_attention(model)
+    use_fast_vision_blocks(model)
     parameters = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each name
     return EmbeddedModel(
         module=model, decoder=QwenVLDecoder(model),

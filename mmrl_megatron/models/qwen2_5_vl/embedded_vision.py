@@ -1,9 +1,12 @@
-"""Window attention of the Qwen2.5-VL vision tower with one kernel per window size, not per window.
+"""The Qwen2.5-VL vision tower's blocks for the embedded engine: one attention kernel per layer, fused norms.
 
 Without flash-attention, transformers runs the tower's attention as one SDPA call per window (a
 448x448 image has 16 windows, so a batch of 256 images costs about 115,000 calls over the 28 window
-layers), which makes the vision tower, not decoding, the cost of a multimodal rollout. Windows of
-equal length are independent attention problems of one shape, so they stack into one batched call.
+layers), which makes the vision tower, not decoding, the cost of a multimodal rollout. On a GPU every
+window and image is one sequence of a single variable-length flash call (core_attention.varlen_attention,
+the trainer's kernel); elsewhere windows of equal length stack into one batched SDPA call (the exact path).
+The block's norms, its fp32 rotary embedding and its SwiGLU run fused as in the language model
+(decode_layer.py) instead of as HF's chains of full passes over [patches, 1280] tensors.
 The math is HF's: same projections, rotary embedding, scale and per-window softmax.
 """
 import types
@@ -11,6 +14,10 @@ from collections import defaultdict
 
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+from ..common.core_attention import packed_kernel, varlen_attention
+from ..common.decode_layer import check_swiglu, fused, rms_norm, swiglu
+from ..common.packing import packed_segments
 
 
 def length_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -42,16 +49,32 @@ def _grouped_vision_attention_forward(self, hidden_states, cu_seqlens, position_
         return self._per_window_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     length = hidden_states.shape[0]
     query, key, value = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    query, key = apply_rotary_pos_emb_vision(query, key, *position_embeddings)
-    attended = length_grouped_attention(query, key, value, cu_seqlens, self.scaling)
+    query, key = fused(apply_rotary_pos_emb_vision, query)(query, key, *position_embeddings)
+    if packed_kernel(query, dropout=0.0) == "varlen":
+        # one host read of the window boundaries per layer (HF hands them over on the device)
+        segments = packed_segments(cu_seqlens.tolist(), query.device)
+        attended = varlen_attention(query, key, value, segments, causal=False, scale=self.scaling)
+    else:
+        attended = length_grouped_attention(query, key, value, cu_seqlens, self.scaling)
     return self.proj(attended.reshape(length, -1))
 
 
-def use_length_grouped_vision_attention(model: torch.nn.Module) -> None:
-    """Switch every vision block of this model instance (not the class) to length-grouped attention."""
+def _fused_block_forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """Qwen2_5_VLVisionBlock.forward with the fused norms and SwiGLU."""
+    hidden = hidden_states + self.attn(rms_norm(hidden_states, self.norm1), cu_seqlens=cu_seqlens,
+                                       position_embeddings=position_embeddings, **kwargs)
+    mlp = self.mlp
+    normed = rms_norm(hidden, self.norm2)
+    return hidden + mlp.down_proj(fused(swiglu, normed)(mlp.gate_proj(normed), mlp.up_proj(normed)))
+
+
+def use_fast_vision_blocks(model: torch.nn.Module) -> None:
+    """Switch every vision block of this model instance (not the class) to the forward above."""
+    check_swiglu(model.config.vision_config.hidden_act, "config.json vision_config")
     for block in model.model.visual.blocks:
         attention = block.attn
         if hasattr(attention, "_per_window_forward"):
             continue
         attention._per_window_forward = attention.forward
         attention.forward = types.MethodType(_grouped_vision_attention_forward, attention)
+        block.forward = types.MethodType(_fused_block_forward, block)

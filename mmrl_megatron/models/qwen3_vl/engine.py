@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
 from ..common.cached_decoder import CachedDecoder
+from ..common.decode_layer import check_swiglu, qwen_decoder_layer
 from ..common.embedded import (EmbeddedModel, PreparedPrompt, check_image_placeholders, eos_ids, prompt_ids,
                                skip_weight_initialisation)
 from ..errors import ModelError
@@ -50,6 +50,7 @@ class Qwen3VLDecoder(CachedDecoder):
         self.num_heads = text.num_attention_heads
         self.num_kv_heads = text.num_key_value_heads
         self.key_dim = self.value_dim = text.head_dim
+        check_swiglu(text.hidden_act, "config.json text_config")
         self.vision_pad_ids = torch.tensor([model.config.image_token_id, model.config.video_token_id])
         self._deepstack: Optional[_DeepStackFeatures] = None
 
@@ -82,23 +83,12 @@ class Qwen3VLDecoder(CachedDecoder):
         return pending
 
     def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """HF's Qwen3VLTextModel layer loop (Qwen3VLTextDecoderLayer.forward with the attention core replaced
-        by `attend`, then _deepstack_process after the first layers)."""
+        """HF's Qwen3VLTextModel layer loop (Qwen3VLTextDecoderLayer as decode_layer.py writes it, the attention
+        core replaced by `attend`, then _deepstack_process after the first layers)."""
         deepstack = self._deepstack_for(hidden)
-        batch, length, _ = hidden.shape
         cos, sin = self.rotary(hidden, positions)
         for layer_index, layer in enumerate(self.layers):
-            attention = layer.self_attn
-            residual = hidden
-            normed = layer.input_layernorm(hidden)
-            shape = (batch, length, -1, self.key_dim)
-            query = attention.q_norm(attention.q_proj(normed).view(shape)).transpose(1, 2)
-            key = attention.k_norm(attention.k_proj(normed).view(shape)).transpose(1, 2)
-            value = attention.v_proj(normed).view(shape).transpose(1, 2)
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            attended = attend(layer_index, query, key, value)
-            hidden = residual + attention.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = qwen_decoder_layer(layer, hidden, cos, sin, attend, layer_index, self.key_dim)
             if deepstack is not None and layer_index < len(deepstack.per_layer):
                 hidden = hidden.clone()
                 hidden[deepstack.visual_mask] = hidden[deepstack.visual_mask] + deepstack.per_layer[layer_index]

@@ -1,7 +1,7 @@
 """The embedded rollout engine: a model family's transformers (and project) modules driven by our own
 batched decode loop (family.py says which family serves a checkpoint)."""
 import random
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ from ..errors import RolloutError
 from ..types import RolloutRequest, RolloutResult, SamplingParams
 from .generation import GenerationRun
 from .graphs import DecodeGraphs
+from .slot_sampler import SlotSampler
 from .stopping import StopRules
 from .weights import copy_into_weight, iter_checkpoint_buckets
 
@@ -47,7 +48,8 @@ class EmbeddedEngine(RolloutEngine):
         self._weights_loaded = False
         self._weights_offloaded = False
         self._cache: Optional[StaticKVCache] = None
-        self._graphs: Optional[DecodeGraphs] = None
+        self._sampler: Optional[SlotSampler] = None
+        self._graphs: Dict[tuple, DecodeGraphs] = {}  # per sampling setting (its constants are in the graphs)
         self._tokenizer = None
         self._end_of_sequence_ids = self._read_end_of_sequence_ids()
 
@@ -78,8 +80,8 @@ class EmbeddedEngine(RolloutEngine):
 
     def release_memory(self) -> None:
         """Free the KV cache and decode graphs; with settings.offload_weights also move weights to CPU."""
-        self._cache = None
-        self._graphs = None
+        self._cache = self._sampler = None
+        self._graphs = {}
         if self.settings.offload_weights and self.device.type == "cuda" and not self._weights_offloaded:
             self.model.to("cpu")
             for parameter in self.model.parameters():  # pinned pages copy back about twice as fast
@@ -110,28 +112,35 @@ class EmbeddedEngine(RolloutEngine):
         tokens under log_softmax(logits / temperature), unfiltered by top-k/top-p; greedy uses T = 1.
         A seed fixes every sample: sample s of request r depends only on (seed, r, s) and the weights.
         """
-        self._check_generate(sampling)
+        self._check_generate(requests, sampling)
         if not requests:
             return []
         try:
             prompts = [self.family.prepare_prompt(request, index) for index, request in enumerate(requests)]
         except ModelError as error:
             raise RolloutError(str(error)) from error
-        longest = max(prompt.length for prompt in prompts) + sampling.max_new_tokens
+        budgets = [sampling.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
+                   for request in requests]
+        longest = max(prompt.length + budget for prompt, budget in zip(prompts, budgets))
         cache = self._cache_for(len(requests) * sampling.n, longest)
-        decode = self._decode_step(cache)
         stop_ids = list(sampling.stop_token_ids) + ([] if sampling.ignore_eos else self._end_of_sequence_ids)
         stop_rules = StopRules(stop_ids, sampling.stop, self.device, self._decode_text if sampling.stop else None)
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(1 << 32)
-        run = GenerationRun(self.decoder, cache, decode, sampling, stop_rules, seed,
-                            self.settings.prefill_tokens, self.family.pixel_dtype)
+        run = GenerationRun(self.decoder, cache, self._sampler, self._decode_step(cache, sampling), sampling, budgets,
+                            stop_rules, seed, self.settings.prefill_tokens, self.family.pixel_dtype,
+                            self.settings.continuous_batching)
         return run.run(prompts)
 
-    def _check_generate(self, sampling: SamplingParams) -> None:
+    def _check_generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> None:
         self._require_resident("generate")
         if not self._weights_loaded:
             raise RolloutError("generate called before any weights arrived: call update_weights (through the "
                                "bridge) or load_checkpoint() first")
+        too_small = [index for index, request in enumerate(requests)
+                     if request.max_new_tokens is not None and request.max_new_tokens < 1]
+        if too_small:
+            raise RolloutError(f"request {too_small[0]}: max_new_tokens must be at least 1, got "
+                               f"{requests[too_small[0]].max_new_tokens}")
         if not 1 <= sampling.n <= self.max_batch_size:
             raise RolloutError(f"sampling n={sampling.n} must be between 1 and rollout.max_batch_size "
                                f"({self.max_batch_size}): all samples of a prompt decode together")
@@ -152,19 +161,26 @@ class EmbeddedEngine(RolloutEngine):
         slots = min(self.max_batch_size, 1 << max(sequences - 1, 0).bit_length())
         geometry = self.decoder.cache_geometry(slots, max_len)
         if self._cache is None or not self._cache.fits(geometry):
-            self._cache = self._graphs = None  # drop the old cache before allocating its successor
+            # drop the old cache (and the graphs that point into it) before allocating its successor
+            self._cache = self._sampler = None
+            self._graphs = {}
             self._cache = StaticKVCache(geometry, self.dtype, self.device)
+            self._sampler = SlotSampler(geometry.slots, geometry.max_len, self.device)
         return self._cache
 
-    def _decode_step(self, cache: StaticKVCache):
-        def eager(batch: int, kv_len: int) -> torch.Tensor:
-            return self.decoder.decode(cache, batch, kv_len)
+    def _decode_step(self, cache: StaticKVCache, sampling: SamplingParams) -> Callable[[int, int], None]:
+        """step(batch, kv_len): one decode step with its draw, replayed from CUDA graphs where they apply."""
+        sampler, decoder = self._sampler, self.decoder
+
+        def eager(batch: int, kv_len: int) -> None:
+            sampler.decode_step(decoder, cache, sampling, batch, kv_len)
 
         if self.device.type != "cuda" or not self.settings.cuda_graphs or not self.family.cuda_graphs:
             return eager
-        if self._graphs is None:
-            self._graphs = DecodeGraphs(eager, cache.geometry.slots, cache.geometry.max_len)
-        return self._graphs
+        key = (sampling.temperature, sampling.top_p, sampling.top_k)
+        if key not in self._graphs:
+            self._graphs[key] = DecodeGraphs(eager, cache.geometry.slots, cache.geometry.max_len)
+        return self._graphs[key]
 
     def _read_end_of_sequence_ids(self) -> List[int]:
         """eos ids from config.json's text config and generation_config.json, as HF generate uses them."""

@@ -3,7 +3,8 @@
 Requests wait in order; whenever enough slots are free for all n samples of the next request(s),
 their prompts are prefilled together (once per prompt; the n samples copy its keys/values) and join
 the running batch. Every decode step advances all running sequences by one token; a sequence that
-finishes frees its slot at once, and the next waiting prompt takes it.
+finishes frees its slot at once, and the next waiting prompt takes it. With continuous batching off
+(static batches, the baseline the benchmark compares with) prompts are admitted only into an empty batch.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -13,9 +14,10 @@ import torch
 
 from ...models.common.cached_decoder import CachedDecoder
 from ...models.common.kv_cache import StaticKVCache
-from ..sampling import counter_uniforms, sample_tokens, sequence_seeds, token_logprobs
+from ..sampling import sequence_seeds
 from ..types import RolloutResult, SamplingParams
 from .prompts import PreparedPrompt, collate_prefill
+from .slot_sampler import SlotSampler
 from .stopping import LENGTH, STOP, StopRules
 
 
@@ -28,26 +30,26 @@ class _Running:
 
 
 class GenerationRun:
-    """Generates n samples for every prompt; `decode(batch, kv_len)` is the (graph-replayed or eager) decode step."""
+    """Generates n samples for every prompt. `step(batch, kv_len)` is one decode step with its draw over slots
+    [0, batch) (graph-replayed or eager: SlotSampler.decode_step); `sampler` holds the slots' sampling state."""
 
-    def __init__(self, decoder: CachedDecoder, cache: StaticKVCache, decode: Callable[[int, int], torch.Tensor],
-                 sampling: SamplingParams, stop_rules: StopRules, seed: int, prefill_tokens: int,
-                 pixel_dtype: torch.dtype) -> None:
+    def __init__(self, decoder: CachedDecoder, cache: StaticKVCache, sampler: SlotSampler,
+                 step: Callable[[int, int], None], sampling: SamplingParams, budgets: Sequence[int],
+                 stop_rules: StopRules, seed: int, prefill_tokens: int, pixel_dtype: torch.dtype,
+                 continuous: bool = True) -> None:
         self.decoder = decoder
         self.cache = cache
-        self.decode = decode
+        self.sampler = sampler
+        self.step = step
         self.sampling = sampling
+        self.budgets = budgets  # per request: its max_new_tokens
         self.stop_rules = stop_rules
         self.seed = seed
         self.prefill_tokens = prefill_tokens
         self.pixel_dtype = pixel_dtype
-        slots = cache.geometry.slots
+        self.continuous = continuous  # False: a batch is admitted only once the previous one has finished
         self.device = cache.last_token.device
-        self.out_tokens = torch.zeros(slots, sampling.max_new_tokens, dtype=torch.long, device=self.device)
-        self.out_logprobs = torch.zeros(slots, sampling.max_new_tokens, dtype=torch.float32, device=self.device)
-        self.out_lens = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.running: List[Optional[_Running]] = [None] * slots
+        self.running: List[Optional[_Running]] = [None] * cache.geometry.slots
         self.results: List[RolloutResult] = []
 
     def run(self, prompts: Sequence[PreparedPrompt]) -> List[RolloutResult]:
@@ -60,6 +62,8 @@ class GenerationRun:
 
     def _admit(self, waiting: Deque[PreparedPrompt]) -> None:
         """Prefill as many waiting prompts as free slots and the prefill token budget allow."""
+        if not self.continuous and any(self.running):
+            return
         n = self.sampling.n
         free = [slot for slot, sequence in enumerate(self.running) if sequence is None]
         group: List[PreparedPrompt] = []
@@ -78,48 +82,44 @@ class GenerationRun:
         rows = torch.arange(len(group), device=self.device).repeat_interleave(n)
         embeds = self.decoder.embed_prompts(batch.input_ids, batch.pixel_values, batch.image_grid_thw)
         logits = self.decoder.prefill(embeds, batch.positions, batch.lengths, self.cache, slots, rows)
-        deltas = torch.tensor([prompt.rope_delta for prompt in group], device=self.device)
+        per_prompt = torch.tensor([[prompt.rope_delta, prompt.request_index, self.budgets[prompt.request_index]]
+                                   for prompt in group], device=self.device)[rows]
         self.cache.cache_lens[slots] = batch.lengths[rows]
-        self.cache.rope_deltas[slots] = deltas[rows]
-        request_indices = torch.tensor([prompt.request_index for prompt in group], device=self.device)[rows]
+        self.cache.rope_deltas[slots] = per_prompt[:, 0]
         sample_indices = torch.arange(n, device=self.device).repeat(len(group))
-        self.seeds[slots] = sequence_seeds(self.seed, request_indices, sample_indices)
-        self.out_lens[slots] = 0
+        sampler = self.sampler
+        sampler.seeds[slots] = sequence_seeds(self.seed, per_prompt[:, 1], sample_indices)
+        sampler.budgets[slots] = per_prompt[:, 2]
+        sampler.counters[slots] = 0
+        sampler.active[slots] = True
         for position, slot in enumerate(slot_list):
             prompt = group[position // n]
             self.running[slot] = _Running(prompt.request_index, position % n, prompt.length, [])
-        self._accept(slot_list, slots, logits[rows])
+        sampler.accept(logits[rows], slots, self.sampling, self.cache)
+        self._check_finished(slot_list, slots)
 
     def _decode_step(self) -> None:
         active = [slot for slot, sequence in enumerate(self.running) if sequence is not None]
+        batch = active[-1] + 1
         kv_len = max(self.running[slot].cache_len for slot in active) + 1
-        logits = self.decode(active[-1] + 1, kv_len)
-        slots = torch.tensor(active, device=self.device)
-        self.cache.cache_lens[slots] += 1
+        self.step(batch, kv_len)
         for slot in active:
             self.running[slot].cache_len += 1
-        self._accept(active, slots, logits[slots])
+        self._check_finished(active, torch.tensor(active, device=self.device))
 
-    def _accept(self, slot_list: List[int], slots: torch.Tensor, logits: torch.Tensor) -> None:
-        """Sample one token per slot from its logits, record it, and retire the sequences that ended."""
-        params = self.sampling
-        counters = self.out_lens[slots]
-        tokens = sample_tokens(logits, params.temperature, params.top_p, params.top_k,
-                               counter_uniforms(self.seeds[slots], counters))
-        self.out_tokens[slots, counters] = tokens
-        self.out_logprobs[slots, counters] = token_logprobs(logits, tokens, params.temperature)
-        self.out_lens[slots] = counters + 1
-        self.cache.last_token[slots] = tokens
-        stop_flags, length_flags = torch.stack(
-            [self.stop_rules.token_stops(tokens), counters + 1 >= params.max_new_tokens]).tolist()
+    def _check_finished(self, slot_list: List[int], slots: torch.Tensor) -> None:
+        """Retire the sequences in slot_list (`slots` on the device) that their last sampled token ended."""
+        tokens = self.cache.last_token[slots]
+        full = self.sampler.counters[slots] >= self.sampler.budgets[slots]
+        # One small device-to-host copy per step (the flags), then plain list scans: at 256 sequences the
+        # host work stays well below a GPU decode step.
+        stop_flags, length_flags = torch.stack([self.stop_rules.token_stops(tokens), full]).tolist()
         if self.stop_rules.uses_strings:
             for slot, token in zip(slot_list, tokens.tolist()):
                 self.running[slot].response.append(token)
             string_flags = [self.stop_rules.string_stops(self.running[slot].response) for slot in slot_list]
         else:
             string_flags = [False] * len(slot_list)
-        # One small device-to-host copy per step (the flags), then plain list scans: at 256 sequences the
-        # host work stays well below a GPU decode step.
         finished = [(slot, STOP if stop_token or stop_string else LENGTH)
                     for slot, stop_token, stop_string, full in zip(slot_list, stop_flags, string_flags, length_flags)
                     if stop_token or stop_string or full]
@@ -128,12 +128,15 @@ class GenerationRun:
 
     def _retire(self, finished: List[tuple]) -> None:
         slots = torch.tensor([slot for slot, _ in finished], device=self.device)
-        lengths = self.out_lens[slots].tolist()
-        tokens = self.out_tokens[slots].tolist()
-        logprobs = self.out_logprobs[slots].tolist()
+        sampler = self.sampler
+        lengths = sampler.counters[slots].tolist()
+        tokens = sampler.tokens[slots].tolist()
+        logprobs = sampler.logprobs[slots].tolist()
         for row, (slot, reason) in enumerate(finished):
             sequence = self.running[slot]
             self.results.append(RolloutResult(sequence.request_index, sequence.sample_index,
                                               tokens[row][:lengths[row]], logprobs[row][:lengths[row]], reason))
             self.running[slot] = None
         self.cache.cache_lens[slots] = 0
+        sampler.counters[slots] = 0
+        sampler.active[slots] = False

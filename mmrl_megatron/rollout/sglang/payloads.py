@@ -12,6 +12,7 @@ temperature 1 with top_k 1 (sampling_params.py), so greedy log-probs are at temp
 removes SGLANG_RETURN_ORIGINAL_LOGPROB from the server's environment, which would undo this.
 """
 import base64
+import dataclasses
 from typing import Any, List, Mapping, Sequence, Tuple
 
 import torch
@@ -57,7 +58,8 @@ def generate_payload(request: RolloutRequest, sampling: SamplingParams, rid: str
     payload = {
         "rid": rid,
         "input_ids": list(request.prompt_ids),
-        "sampling_params": sampling_params_payload(sampling),
+        "sampling_params": sampling_params_payload(sampling if request.max_new_tokens is None else
+                                                   dataclasses.replace(sampling, max_new_tokens=request.max_new_tokens)),
         "return_logprob": True,
         "logprob_start_len": -1,  # output tokens only
     }

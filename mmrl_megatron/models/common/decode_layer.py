@@ -1,0 +1,80 @@
+"""One Qwen-style decoder layer (RMSNorm, grouped-query attention with RoPE and optional QK-norm, SwiGLU MLP)
+over transformers' own weights, for the embedded engine's prefill and decode.
+
+The arithmetic is HF's layer's (Qwen2_5_VLDecoderLayer, Qwen3VLTextDecoderLayer), written out so that its
+elementwise work runs fused on a GPU: a decode step at batch 256 is a few hundred small kernels per token,
+and HF's modules spend about 45 of them per layer (the norm alone is seven: upcast, square, mean, add,
+rsqrt, multiply, downcast), each a pass over the hidden states that costs more than its arithmetic. Here
+the norms are torch's fused rms_norm (bf16 weights, as the checkpoints and the trainer's norms keep them),
+and the rotary embedding and the SwiGLU are one compiled kernel each on CUDA (eager on the CPU, the exact
+path the parity tests compare). About 18 kernels per layer remain, most of them the GEMMs.
+"""
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ModelError
+
+
+def check_swiglu(hidden_act: str, where: str) -> None:
+    """The layers here run SwiGLU (SiLU-gated MLPs), as every Qwen-VL release does."""
+    if hidden_act != "silu":
+        raise ModelError(f"{where}: hidden_act is {hidden_act!r}; the embedded engine's layers run SwiGLU (silu)")
+
+
+def rms_norm(hidden: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """HF's RMSNorm module `norm` (weight, variance_epsilon) applied by torch's fused kernel."""
+    return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """query/key [B, L, heads, D] and cos/sin [B, L, D] -> rotated query/key as [B, heads, L, D] (HF's
+    apply_rotary_pos_emb, in the layout the projections produce)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    rotated_query = query * cos + _rotate_half(query) * sin
+    rotated_key = key * cos + _rotate_half(key) * sin
+    return rotated_query.transpose(1, 2), rotated_key.transpose(1, 2)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(function: Callable) -> Callable:
+    # dynamic: the batch bucket, the prompt length and the KV length change between calls
+    return torch.compile(function, dynamic=True)
+
+
+def fused(function: Callable, tensor: torch.Tensor) -> Callable:
+    """The compiled `function` for CUDA tensors, the eager one elsewhere."""
+    return _compiled(function) if tensor.is_cuda else function
+
+
+def qwen_decoder_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       attend: Callable, layer_index: int, head_dim: int) -> torch.Tensor:
+    """HF decoder layer `layer` over hidden [B, L, H] with the rotary cos/sin [B, L, D] of its positions; the
+    attention core is attend(layer_index, query [B, heads, L, D], key, value [B, kv_heads, L, D]) ->
+    [B, heads, L, D]. QK-norm (Qwen3) applies when the attention module has q_norm/k_norm."""
+    attention = layer.self_attn
+    batch, length, _ = hidden.shape
+    heads_shape = (batch, length, -1, head_dim)
+    normed = rms_norm(hidden, layer.input_layernorm)
+    query = attention.q_proj(normed).view(heads_shape)
+    key = attention.k_proj(normed).view(heads_shape)
+    if hasattr(attention, "q_norm"):
+        query, key = rms_norm(query, attention.q_norm), rms_norm(key, attention.k_norm)
+    query, key = fused(_rotary, query)(query, key, cos, sin)
+    value = attention.v_proj(normed).view(heads_shape).transpose(1, 2)
+    attended = attend(layer_index, query, key, value)
+    hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+    mlp = layer.mlp
+    normed = rms_norm(hidden, layer.post_attention_layernorm)
+    return hidden + mlp.down_proj(fused(swiglu, normed)(mlp.gate_proj(normed), mlp.up_proj(normed)))

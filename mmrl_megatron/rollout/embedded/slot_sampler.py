@@ -1,0 +1,51 @@
+"""The decode loop's per-slot sampling state, in fixed device storage, and the sampling that writes it.
+
+Fixed storage is what lets one CUDA graph hold a whole decode step: the model's forward, the draw, the
+log-prob and the bookkeeping (counters, the cache's next token and length). Replayed, a step is one launch
+and one small read of the finish flags; eager, the same step was some eighty launches of sampling and
+indexing kernels between forwards, about a fifth of an H200 decode step at batch 256.
+"""
+import torch
+
+from ...models.common.kv_cache import StaticKVCache
+from ..sampling import counter_uniforms, sample_tokens, token_logprobs
+from ..types import SamplingParams
+
+
+class SlotSampler:
+    """Per slot: `seeds` (its sample's stream), `counters` (tokens sampled so far), `budgets` (its
+    max_new_tokens), `active` (a sequence is running there), and the sampled `tokens` and `logprobs`
+    [slots, width]. Slots that are not active are sampled too when a step covers them (a graph's batch
+    bucket), with their counters, lengths and cache untouched."""
+
+    def __init__(self, slots: int, width: int, device: torch.device) -> None:
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
+        self.counters = torch.zeros(slots, dtype=torch.long, device=device)
+        self.budgets = torch.ones(slots, dtype=torch.long, device=device)
+        self.active = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(slots, width, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(slots, width, dtype=torch.float32, device=device)
+        self.rows = torch.arange(slots, device=device)
+
+    def fits(self, slots: int, width: int) -> bool:
+        return self.tokens.shape[0] >= slots and self.tokens.shape[1] >= width
+
+    def accept(self, logits: torch.Tensor, rows: torch.Tensor, sampling: SamplingParams,
+               cache: StaticKVCache) -> None:
+        """Sample one token for each slot in `rows` from its logits [len(rows), vocab], record it with its
+        log-prob, advance the active slots' counters and feed the token to the next decode step."""
+        counters = self.counters[rows]
+        tokens = sample_tokens(logits, sampling.temperature, sampling.top_p, sampling.top_k,
+                               counter_uniforms(self.seeds[rows], counters))
+        self.tokens[rows, counters] = tokens
+        self.logprobs[rows, counters] = token_logprobs(logits, tokens, sampling.temperature)
+        self.counters[rows] = counters + self.active[rows]
+        cache.last_token[rows] = tokens
+
+    def decode_step(self, decoder, cache: StaticKVCache, sampling: SamplingParams, batch: int, kv_len: int) -> None:
+        """One decode step for slots [0, batch): the forward over the cache, then the draw. Reads and writes
+        only fixed storage, so the engine can capture it whole (graphs.py)."""
+        logits = decoder.decode(cache, batch, kv_len)
+        rows = self.rows[:batch]
+        cache.cache_lens[:batch] += self.active[:batch]
+        self.accept(logits, rows, sampling, cache)
