@@ -1,5 +1,5 @@
-"""Qwen2.5-VL: hf_config (geometry), vision + model + build (megatron-core), conversion (rule table),
-positions (M-RoPE), images + video (processors), embedded (rollout adapter), planner (dimensions), tiny."""
+"""Qwen2.5-VL: hf_config (geometry), vision + build (the common/vlm.py model from its specs), conversion (rule
+table), positions (M-RoPE), images + video (processors), embedded (rollout adapter), planner (dimensions), tiny."""
 from ..family import MediaMarkup, ModelFamily
 from .conversion import ALIASES
 

@@ -1,8 +1,8 @@
 """Qwen3-VL (dense) on megatron-core: geometry (config.json), rotary (interleaved M-RoPE), vision (tower and
-DeepStack mergers), deepstack (feature injection into the first decoder layers), specs, model (stage module),
-build, conversion (HF <-> Megatron rule table), positions (get_rope_index), engine (embedded rollout adapter),
-planner (memory-planner dimensions), tiny (test checkpoint). FAMILY is what models.family finds; importing
-this package stays cheap: every heavy part imports inside its callable.
+DeepStack mergers), deepstack (feature injection into the first decoder layers), specs, build (the stage's
+common/vlm.py model from its specs), conversion (HF <-> Megatron rule table), positions (get_rope_index),
+engine (embedded rollout adapter), planner (memory-planner dimensions), tiny (test checkpoint). FAMILY is
+what models.family finds; importing this package stays cheap: every heavy part imports inside its callable.
 """
 from ..family import MediaMarkup, ModelFamily
 from .conversion import ALIASES
