@@ -36,9 +36,9 @@ def _positions(geometry):
 def _image_processor(model_dir, data_config):
     # transformers' AutoImageProcessor under data.min_pixels/max_pixels, as for Qwen2.5-VL (the checkpoint's
     # preprocessor_config.json carries Qwen3-VL's patch size 16)
-    from ..qwen2_5_vl.images import Qwen2_5_VLImageProcessor
+    from ..common.qwen_images import QwenImageProcessor
 
-    return Qwen2_5_VLImageProcessor(model_dir, data_config)
+    return QwenImageProcessor(model_dir, data_config)
 
 
 def _embedded_engine(hf_dir, hf_config, device, dtype):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mmrl_megatron.models.qwen2_5_vl.tiny import build_byte_tokenizer
+from mmrl_megatron.models.common.qwen_chat import build_byte_tokenizer
 from mmrl_megatron.models.qwen3_vl.geometry import read_geometry
 from mmrl_megatron.models.qwen3_vl.tiny import tiny_config
 
