@@ -1,8 +1,11 @@
-"""The package dependency order holds, and config.json is read in one place (issue 18, acceptance 2).
+"""The package dependency order holds, model families stay apart, and config.json is read in one place
+(issue 18, acceptance 2).
 
 Order, top to bottom: trainer -> {rollout, bridge, algorithms, rewards, data} -> models -> convert ->
 {config, parallel}. A module may import its own package, its layer's other packages (the bridge pushes to
-a rollout engine) and any package below; never one above. Checked on every module's imports (ast, so imports inside functions count too), without importing them.
+a rollout engine) and any package below; never one above. Inside models/, a family package (models/<family>/)
+imports models/common/ and the models modules, never another family: what two families share lives in
+common/. Checked on every module's imports (ast, so imports inside functions count too), without importing them.
 """
 import ast
 import os
@@ -24,8 +27,9 @@ def _modules():
                 yield os.path.relpath(path, PACKAGE_ROOT), ast.parse(open(path).read(), path)
 
 
-def _imported(relative: str, node) -> list:
-    """The mmrl_megatron.<package> names an Import/ImportFrom node reaches (relative imports resolved)."""
+def _imported_modules(relative: str, node) -> list:
+    """The mmrl_megatron module paths an Import/ImportFrom node reaches, split ("mmrl_megatron", "models",
+    ...), relative imports resolved."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     elif node.level:
@@ -36,7 +40,12 @@ def _imported(relative: str, node) -> list:
             names = [f"{names[0]}.{alias.name}" for alias in node.names]
     else:
         names = [node.module or ""]
-    return [name.split(".")[1] for name in names if name.startswith("mmrl_megatron.")]
+    return [name.split(".") for name in names if name.startswith("mmrl_megatron.")]
+
+
+def _imported(relative: str, node) -> list:
+    """The mmrl_megatron.<package> names an Import/ImportFrom node reaches."""
+    return [parts[1] for parts in _imported_modules(relative, node)]
 
 
 def upward_imports():
@@ -52,6 +61,30 @@ def upward_imports():
                 if package in RANK and RANK[package] < RANK[own]:
                     problems.append(f"mmrl_megatron/{relative}:{node.lineno} ({own}) imports {package}, which is "
                                     "above it")
+    return problems
+
+
+def _family_packages() -> set:
+    """The packages under models/ other than common/: each is one model family."""
+    models = os.path.join(PACKAGE_ROOT, "models")
+    return {name for name in os.listdir(models) if name != "common"
+            and os.path.isfile(os.path.join(models, name, "__init__.py"))}
+
+
+def cross_family_imports():
+    families, problems = _family_packages(), []
+    for relative, tree in _modules():
+        parts = relative.split(os.sep)
+        if parts[0] != "models" or len(parts) < 3 or parts[1] not in families:
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for module in _imported_modules(relative, node):
+                other = module[2] if len(module) > 2 and module[1] == "models" else None
+                if other in families and other != parts[1]:
+                    problems.append(f"mmrl_megatron/{relative}:{node.lineno} (family {parts[1]}) imports family "
+                                    f"{other}; move what both share into models/common/")
     return problems
 
 
@@ -74,17 +107,32 @@ def test_no_module_imports_upward():
     assert upward_imports() == []
 
 
+def test_no_family_imports_another_family():
+    """Invariant: a family package imports models/common/ and the models modules, never another family."""
+    assert cross_family_imports() == []
+
+
 def test_config_json_is_read_in_one_place():
     """Invariant: only models/hf_config.py builds a config.json path; everyone else gets the dict from it."""
     assert config_json_readers() == []
 
 
 def test_the_checks_see_violations(tmp_path, monkeypatch):
-    """Invariant: both checks name the module and line of an upward import and of a config.json read."""
+    """Invariant: the checks name the module and line of an upward import, of a family importing another
+    family (not of one importing common/ or itself), and of a config.json read."""
     (tmp_path / "convert").mkdir()
     (tmp_path / "convert" / "bad.py").write_text(
         "import json, os\nfrom ..models import build_model\n\ndef f(d):\n"
         "    return json.load(open(os.path.join(d, 'config.json')))\n")
+    for family in ("alpha", "beta", "common"):
+        (tmp_path / "models" / family).mkdir(parents=True)
+        (tmp_path / "models" / family / "__init__.py").write_text("")
+    (tmp_path / "models" / "alpha" / "vision.py").write_text(
+        "from ..common import vlm\nfrom . import tiny\nfrom ..beta.vision import tower\n\ndef f():\n"
+        "    import mmrl_megatron.models.beta.tiny\n")
     monkeypatch.setattr(__import__(__name__, fromlist=["PACKAGE_ROOT"]), "PACKAGE_ROOT", str(tmp_path))
     assert upward_imports() == ["mmrl_megatron/convert/bad.py:2 (convert) imports models, which is above it"]
+    assert cross_family_imports() == [
+        f"mmrl_megatron/models/alpha/vision.py:{line} (family alpha) imports family beta; move what both share "
+        "into models/common/" for line in (3, 6)]
     assert config_json_readers() == ["mmrl_megatron/convert/bad.py:5"]

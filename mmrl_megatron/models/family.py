@@ -7,7 +7,7 @@ nothing else.
 """
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -44,7 +44,9 @@ class ModelFamily:
     media, load_image_processor(model_dir, data_config), load_video_processor (None: no videos).
     embedded_engine(hf_dir, hf_config, device, dtype) -> models.common.embedded.EmbeddedModel.
     planner_dims(geometry, name) -> parallel.model_dims.ModelDims for the memory planner.
-    tiny_checkpoint(directory) -> a tiny random checkpoint directory for tests and demos (optional)."""
+    tiny_checkpoint(directory) -> a tiny random checkpoint directory for tests and demos (optional).
+    named_shapes: published checkpoints by planner name ("qwen3-vl-8b") -> the config.json fields geometry()
+    reads, so the planner sizes them without a download (models/planner_dims.py)."""
 
     model_type: str
     geometry: Callable[[Mapping], Any]
@@ -58,6 +60,7 @@ class ModelFamily:
     aliases: Sequence[Tuple[str, str]] = ()
     load_video_processor: Optional[Callable[[str, Any], Callable]] = None
     tiny_checkpoint: Optional[Callable[[str], str]] = None
+    named_shapes: Mapping[str, Mapping] = field(default_factory=dict)
 
     def rule_table(self, geometry, role: str = "actor"):
         """The conversion rules as convert's RuleTable, carrying this family's aliases."""

@@ -91,7 +91,7 @@ def _run_layouts(hf_dir):
     from mmrl_megatron.models.hf_config import read_hf_config
     from mmrl_megatron.models.kimi_vl import FAMILY
     from mmrl_megatron.models.kimi_vl.hf_config import kimi_vl_config_from_dict
-    from mmrl_megatron.models.kimi_vl.model import build_kimi_vl_model
+    from mmrl_megatron.models.kimi_vl.build import build_kimi_vl_model
     from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
 
     kimi, reader = kimi_vl_config_from_dict(read_hf_config(hf_dir)), HFCheckpoint(hf_dir)

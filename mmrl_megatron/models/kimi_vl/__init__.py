@@ -1,5 +1,6 @@
-"""Kimi-VL: hf_config (geometry), vision + language_model + model (megatron-core), conversion (rule table),
-positions (1-D), images (processor), embedded (rollout adapter), planner (dimensions), tiny."""
+"""Kimi-VL: hf_config (geometry), vision + language_model + build (the common/vlm.py model from its specs),
+conversion (rule table), positions (1-D), images (processor), embedded (rollout adapter), planner (dimensions),
+tiny."""
 from ..family import MediaMarkup, ModelFamily
 
 
@@ -10,7 +11,7 @@ def _geometry(hf_config):
 
 
 def _build(model_config, kimi, role):
-    from .model import build_kimi_vl
+    from .build import build_kimi_vl
 
     return build_kimi_vl(model_config, kimi, role)
 

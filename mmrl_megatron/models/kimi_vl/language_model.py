@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ..errors import ModelError
 from ..common.core_attention import TorchCoreAttention
 from ..common.norms import RMSNorm
 from ..common.specs import transformer_engine_available
+from ..common.transformer_settings import recompute_settings
+from ..common.vlm import LanguageSpec
+from ..errors import ModelError
 
 # transformers' DeepseekV3RMSNorm default, used for kv_a_layernorm / q_a_layernorm whatever rms_norm_eps says
 LATENT_NORM_EPS = 1e-6
@@ -98,9 +100,7 @@ def language_transformer_config(text, layout, params_dtype: torch.dtype = torch.
         expert_model_parallel_size=layout.expert, expert_tensor_parallel_size=layout.expert_tensor,
         sequence_parallel=sequence_parallel, params_dtype=params_dtype, pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16, use_cpu_initialization=cpu,
-        recompute_granularity=None if recompute == "none" else recompute,
-        recompute_method="uniform" if recompute == "full" else None,
-        recompute_num_layers=1 if recompute == "full" else None,
+        **recompute_settings(recompute),
         init_method_std=getattr(text, "initializer_range", 0.02),
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -160,17 +160,14 @@ def _mla_and_moe_without_transformer_engine() -> None:
             moe_utils.te_general_gemm = None
 
 
-def build_language_model(text, config, pre_process: bool, post_process: bool):
-    """megatron GPTModel for this pipeline stage; forward as GPTModel's (position ids unused: MLA ropes itself)."""
-    from megatron.core.models.gpt import GPTModel
-
+def language_spec(text, config) -> LanguageSpec:
+    """This stage's GPTModel as common/vlm.py builds it; position ids are unused: MLA ropes each packed
+    sequence itself."""
     _mla_and_moe_without_transformer_engine()
     if text.vocab_size % config.tensor_model_parallel_size:
         raise ModelError(f"text_config.vocab_size {text.vocab_size} is not divisible by parallel.tensor "
                           f"{config.tensor_model_parallel_size}")
-    return GPTModel(
-        config=config, transformer_layer_spec=decoder_block_spec(config), vocab_size=text.vocab_size,
-        max_sequence_length=text.max_position_embeddings, pre_process=pre_process, post_process=post_process,
-        share_embeddings_and_output_weights=bool(text.tie_word_embeddings), position_embedding_type="rope",
-        rotary_base=int(text.rope_parameters["rope_theta"]),
-    )
+    return LanguageSpec(
+        config=config, layer_spec=decoder_block_spec(config), vocab_size=text.vocab_size,
+        max_sequence_length=text.max_position_embeddings, position_embedding_type="rope",
+        rotary_base=int(text.rope_parameters["rope_theta"]), tie_word_embeddings=bool(text.tie_word_embeddings))

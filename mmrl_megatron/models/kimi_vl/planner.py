@@ -1,5 +1,5 @@
 """Kimi-VL's dimensions for the memory planner (parallel/model_dims.py), from its parsed config: the
-DeepSeek-V3 text config (MLA + MoE) and MoonViT, replicated over tensor parallelism (models/kimi_vl/model.py)."""
+DeepSeek-V3 text config (MLA + MoE) and MoonViT, replicated over tensor parallelism (models/kimi_vl/build.py)."""
 from ...parallel.model_dims import LanguageDims, ModelDims, VisionDims
 from .hf_config import KimiVLConfig
 

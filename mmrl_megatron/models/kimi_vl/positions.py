@@ -1,4 +1,4 @@
-"""Kimi-VL's position ids: 0..P+R-1 (image tokens count one each), in M-RoPE's [3, L] shape. KimiVLModel
+"""Kimi-VL's position ids: 0..P+R-1 (image tokens count one each), in M-RoPE's [3, L] shape. The model
 ignores them because megatron's MLA numbers each packed sequence from 0 itself, as generation does."""
 from typing import List, Sequence
 

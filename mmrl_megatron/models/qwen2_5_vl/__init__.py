@@ -1,5 +1,6 @@
-"""Qwen2.5-VL: hf_config (geometry), vision + model + build (megatron-core), conversion (rule table),
-positions (M-RoPE), images + video (processors), embedded (rollout adapter), planner (dimensions), tiny."""
+"""Qwen2.5-VL: hf_config (geometry), vision + build (the common/vlm.py model from its specs), conversion (rule
+table), positions (M-RoPE), video (processor; images go through common/qwen_images.py), embedded (rollout
+adapter), planner (dimensions), tiny."""
 from ..family import MediaMarkup, ModelFamily
 from .conversion import ALIASES
 
@@ -29,9 +30,9 @@ def _positions(shape):
 
 
 def _image_processor(model_dir, data_config):
-    from .images import Qwen2_5_VLImageProcessor
+    from ..common.qwen_images import QwenImageProcessor
 
-    return Qwen2_5_VLImageProcessor(model_dir, data_config)
+    return QwenImageProcessor(model_dir, data_config)
 
 
 def _video_processor(model_dir, data_config):

@@ -1,43 +1,20 @@
-"""Build this pipeline stage's Qwen2.5-VL from an HF config: every width comes from the config."""
+"""Build this pipeline stage's Qwen2.5-VL from an HF config: every width comes from the config.
+
+The language model is megatron-core's GPTModel with multimodal RoPE (3-axis position ids); the first stage
+also holds the vision tower, whose merged-patch embeddings replace the <|image_pad|> and <|video_pad|> token
+embeddings before the decoder (a video's frames are patches of the same tower, temporal_patch_size frames to a
+patch). The stage module is common/vlm.py's, composed from these specs.
+"""
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
-from ..common.compile_limits import allow_compiled_variants
-from ..common.fused_rope import fused_rope_available
+from ..common.heads import head_for_role, padded_vocab_size
 from ..common.specs import decoder_spec, layer_spec, resolve_attention_backend
+from ..common.transformer_settings import dense_settings
+from ..common.vlm import LanguageSpec, VisionLanguageModel, VisionSpec
 from .hf_config import Qwen25VLShape
-from .model import Qwen25VLModel
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Megatron's rule: round the vocabulary up to a multiple of divisible_by * TP."""
-    multiple = divisible_by * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
-
-
-def _common(model_config, fused: bool) -> dict:
-    """Settings shared by the language model and the vision tower."""
-    dtype = DTYPES[model_config.dtype]
-    tensor = parallel_state.get_tensor_model_parallel_world_size()
-    # megatron-core's SwiGLU and bias-dropout-add fusions are torch.compile'd: one kernel each way instead of
-    # an eager chain, and the SwiGLU keeps only its input for backward. On GPUs only (Triton compiles them).
-    compiled = torch.cuda.is_available()
-    if compiled:
-        allow_compiled_variants()
-    return dict(
-        tensor_model_parallel_size=tensor, params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=compiled, masked_softmax_fusion=fused, persist_layer_norm=fused,
-        bias_dropout_fusion=compiled, apply_rope_fusion=fused_rope_available(), gradient_accumulation_fusion=False,
-        recompute_granularity=None if model_config.recompute == "none" else model_config.recompute,
-        recompute_method="uniform" if model_config.recompute == "full" else None,
-        recompute_num_layers=1 if model_config.recompute == "full" else None,
-    )
+from .vision import VisionModel
 
 
 def language_config(shape: Qwen25VLShape, model_config, fused: bool) -> TransformerConfig:
@@ -48,7 +25,7 @@ def language_config(shape: Qwen25VLShape, model_config, fused: bool) -> Transfor
         layernorm_epsilon=text.rms_norm_eps, add_bias_linear=False, add_qkv_bias=True,
         mrope_section=text.mrope_section,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        **_common(model_config, fused))
+        **dense_settings(model_config, fused))
 
 
 def vision_config(shape: Qwen25VLShape, model_config, fused: bool) -> TransformerConfig:
@@ -58,24 +35,36 @@ def vision_config(shape: Qwen25VLShape, model_config, fused: bool) -> Transforme
         num_layers=vision.depth, hidden_size=vision.hidden_size, ffn_hidden_size=vision.intermediate_size,
         num_attention_heads=vision.num_heads, num_query_groups=vision.num_heads, kv_channels=vision.head_dim,
         layernorm_epsilon=1e-6, add_bias_linear=True, add_qkv_bias=True, pipeline_model_parallel_size=1,
-        **_common(model_config, fused))
+        **dense_settings(model_config, fused))
 
 
-def build_qwen2_5_vl(model_config, shape: Qwen25VLShape, role: str) -> Qwen25VLModel:
+def _encode(modules, pixel_values, image_grid_thw, pads):
+    return modules["vision_model"](pixel_values, image_grid_thw), {}
+
+
+def vision_spec(shape: Qwen25VLShape, config: TransformerConfig, backend: str) -> VisionSpec:
+    """The tower with its patch merger as one module, `vision_model`; images' and videos' pads take its rows."""
+    pads = (shape.image_token_id,) + ((shape.video_token_id,) if shape.video_token_id is not None else ())
+    return VisionSpec(
+        build=lambda: {"vision_model": VisionModel(config, shape.vision, layer_spec(backend, causal=False))},
+        encode=_encode, pad_token_ids=pads, patches_per_token=shape.vision.spatial_merge_size ** 2,
+        tower_parameters=("vision_model.layers", "vision_model.patch_embed"),
+        projector_parameters=("vision_model.merger",))
+
+
+def build_qwen2_5_vl(model_config, shape: Qwen25VLShape, role: str) -> VisionLanguageModel:
     """This stage's model for role "actor"/"reference" (logits) or "critic" (values); after init_model_parallel."""
     backend = resolve_attention_backend(model_config.attention_backend)
     fused = backend == "te" and torch.cuda.is_available()
     tensor = parallel_state.get_tensor_model_parallel_world_size()
-    language = language_config(shape, model_config, fused)
-    model = Qwen25VLModel(
-        language, vision_config(shape, model_config, fused), shape, role,
-        decoder_spec(backend, language), layer_spec(backend, causal=False),
-        padded_vocab_size(shape.text.vocab_size, model_config.make_vocab_size_divisible_by, tensor))
-    if model.vision_model is not None:
-        frozen = [model.vision_model.merger] if model_config.freeze_merger else []
-        if model_config.freeze_vision_tower:
-            frozen += [model.vision_model.layers]
-            model.vision_model.patch_embed.requires_grad_(False)
-        for module in frozen:
-            module.requires_grad_(False)
+    text = shape.text
+    config = language_config(shape, model_config, fused)
+    language = LanguageSpec(
+        config=config, layer_spec=decoder_spec(backend, config),
+        vocab_size=padded_vocab_size(text.vocab_size, model_config.make_vocab_size_divisible_by, tensor),
+        max_sequence_length=text.max_position_embeddings, position_embedding_type="mrope",
+        rotary_base=text.rope_theta, tie_word_embeddings=text.tie_word_embeddings)
+    model = VisionLanguageModel(language, vision_spec(shape, vision_config(shape, model_config, fused), backend),
+                                head_for_role(role, text.vocab_size))
+    model.freeze_vision(model_config.freeze_vision_tower, model_config.freeze_merger)
     return model

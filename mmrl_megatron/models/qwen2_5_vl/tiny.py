@@ -2,7 +2,7 @@
 
 The directory has what a published checkpoint has (config.json, model.safetensors, tokenizer files
 with a chat template, preprocessor_config.json), so every loading path runs on it unchanged. The
-tokenizer is byte-level (models/common/byte_tokenizer.py) plus Qwen's special tokens.
+tokenizer is byte-level plus Qwen's special tokens and chat template (models/common/qwen_chat.py).
 """
 import json
 import os
@@ -10,31 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..common.byte_tokenizer import byte_level_tokenizer
-
-SPECIAL_TOKENS = ["<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
-
-# Qwen2.5-VL's template, reduced to what RL prompts use: system/user/assistant turns whose content is
-# a string or a list of {"type": "image"} / {"type": "video"} / {"type": "text", "text": ...} parts.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_byte_tokenizer():
-    """The byte-level tokenizer with Qwen's special tokens (ids 256..262) and the reduced chat template."""
-    return byte_level_tokenizer(SPECIAL_TOKENS, CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+from ..common.qwen_chat import build_byte_tokenizer
 
 
 def tiny_config(tokenizer, **overrides):

@@ -3,8 +3,8 @@
 Pixel rows -> patch embedding -> blocks of 2-D-rotary attention (windowed, except the blocks listed in
 fullatt_block_indexes, which see the whole image) -> patch merger (RMSNorm, 2x2 patches concatenated,
 GELU MLP) -> one embedding per merged patch, in the image-processor's order. Same numerics as
-transformers' Qwen2_5_VisionTransformerPretrainedModel; the index helpers are ours because transformers
-moves them between releases (5.x's vision_utils is absent from the 5.17 on the GPU machine).
+transformers' Qwen2_5_VisionTransformerPretrainedModel; the index helpers here and in common/patch_grid.py are ours
+because transformers moves them between releases (5.x's vision_utils is absent from the 5.17 on the GPU machine).
 """
 from typing import List, Tuple
 
@@ -16,20 +16,9 @@ from megatron.core.transformer.spec_utils import build_module
 
 from ..common.layer_list import ShardedLayerList
 from ..common.packing import packed_segments
+from ..common.patch_grid import frame_bounds, patch_positions
 from ..common.transfer import to_device
 from .hf_config import VisionShape
-
-
-def patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
-    """LongTensor[N, 2] (row, column) of every patch, in the processor's order (merge blocks contiguous)."""
-    positions = []
-    for frames, height, width in grid_thw.tolist():
-        rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-        blocks = (height // merge, merge, width // merge, merge)
-        rows = rows.reshape(blocks).transpose(1, 2).flatten()
-        columns = columns.reshape(blocks).transpose(1, 2).flatten()
-        positions.append(torch.stack([rows, columns], dim=-1).repeat(frames, 1))
-    return torch.cat(positions)
 
 
 def window_order(grid_thw: torch.Tensor, merge: int, window_merged: int) -> Tuple[torch.Tensor, List[int]]:
@@ -50,15 +39,6 @@ def window_order(grid_thw: torch.Tensor, merge: int, window_merged: int) -> Tupl
                     bounds.append(bounds[-1] + tile.numel() * unit)
         offset += frames * rows * columns
     return torch.cat(order), bounds
-
-
-def frame_bounds(grid_thw: torch.Tensor) -> List[int]:
-    """Boundaries (in patches) of every frame: full attention never crosses a frame."""
-    bounds = [0]
-    for frames, height, width in grid_thw.tolist():
-        start = bounds[-1]
-        bounds.extend(start + height * width * (k + 1) for k in range(frames))
-    return bounds
 
 
 class PatchMerger(MegatronModule):

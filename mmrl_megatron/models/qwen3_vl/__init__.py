@@ -1,11 +1,13 @@
 """Qwen3-VL (dense) on megatron-core: geometry (config.json), rotary (interleaved M-RoPE), vision (tower and
-DeepStack mergers), deepstack (feature injection into the first decoder layers), specs, model (stage module),
-build, conversion (HF <-> Megatron rule table), positions (get_rope_index), engine (embedded rollout adapter),
-planner (memory-planner dimensions), tiny (test checkpoint). FAMILY is what models.family finds; importing
-this package stays cheap: every heavy part imports inside its callable.
+DeepStack mergers), deepstack (feature injection into the first decoder layers), specs, build (the stage's
+common/vlm.py model from its specs), conversion (HF <-> Megatron rule table), positions (get_rope_index),
+engine (embedded rollout adapter), planner (memory-planner dimensions), shapes (the published checkpoints by
+name), tiny (test checkpoint). FAMILY is what models.family finds; importing this package stays cheap: every
+heavy part imports inside its callable.
 """
 from ..family import MediaMarkup, ModelFamily
 from .conversion import ALIASES
+from .shapes import NAMED_SHAPES
 
 
 
@@ -36,9 +38,9 @@ def _positions(geometry):
 def _image_processor(model_dir, data_config):
     # transformers' AutoImageProcessor under data.min_pixels/max_pixels, as for Qwen2.5-VL (the checkpoint's
     # preprocessor_config.json carries Qwen3-VL's patch size 16)
-    from ..qwen2_5_vl.images import Qwen2_5_VLImageProcessor
+    from ..common.qwen_images import QwenImageProcessor
 
-    return Qwen2_5_VLImageProcessor(model_dir, data_config)
+    return QwenImageProcessor(model_dir, data_config)
 
 
 def _embedded_engine(hf_dir, hf_config, device, dtype):
@@ -66,4 +68,4 @@ FAMILY = ModelFamily(
     positions=_positions,
     media=MediaMarkup("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", video_pad=None),
     load_image_processor=_image_processor, embedded_engine=_embedded_engine, planner_dims=_planner_dims,
-    aliases=ALIASES, tiny_checkpoint=_tiny_checkpoint)
+    aliases=ALIASES, tiny_checkpoint=_tiny_checkpoint, named_shapes=NAMED_SHAPES)

@@ -4,11 +4,8 @@ The tower's blocks are the LayerNorm/GELU kind ("moonvit": LayerNorms with biase
 biased attention) with a biased Conv3d patch embedding over `temporal_patch` frames and a learned position
 table; unlike MoonViT it has no final norm and adds one patch merger per DeepStack layer, whose LayerNorm
 spans the merged width. The language model is Qwen3's: no q/k/v biases, an RMSNorm over each head's
-queries and keys.
-
-Needs from parallel/model_dims.py the generic fields VisionDims.final_norm, VisionDims.postshuffle_mergers,
-LanguageDims.qkv_bias and LanguageDims.qk_norm (and the LayerNorm kind's patch embedding counting
-temporal_patch), which main's model_dims.py does not have yet.
+queries and keys (VisionDims.final_norm and postshuffle_mergers, LanguageDims.qkv_bias and qk_norm say so).
+The published checkpoints' geometries are in shapes.py.
 """
 from ...parallel.model_dims import LanguageDims, ModelDims, VisionDims
 from .geometry import Qwen3VLGeometry

@@ -1,15 +1,15 @@
 """Write a tiny Qwen3-VL-architecture checkpoint directory: the tests' fixture and a demo model.
 
 Same directory layout as a published checkpoint (config.json, model.safetensors, tokenizer with a chat
-template, preprocessor_config.json). The tokenizer and template are Qwen2.5-VL's tiny ones: Qwen3-VL uses
-the same special tokens and image markup.
+template, preprocessor_config.json). The tokenizer and template are Qwen's (models/common/qwen_chat.py):
+Qwen3-VL uses the same special tokens and image markup as Qwen2.5-VL.
 """
 import json
 import os
 
 import torch
 
-from ..qwen2_5_vl.tiny import build_byte_tokenizer
+from ..common.qwen_chat import build_byte_tokenizer
 
 # head_dim 16 with sections (3, 3, 2): the interleaved layout (t h w t h w t h) differs from the sectioned
 # one (t t t h h h w w) in most channels, so a port using megatron's sectioned M-RoPE fails parity

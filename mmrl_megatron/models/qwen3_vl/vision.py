@@ -16,8 +16,8 @@ from megatron.core.transformer.spec_utils import build_module
 
 from ..common.layer_list import ShardedLayerList
 from ..common.packing import packed_segments
+from ..common.patch_grid import frame_bounds, patch_positions
 from ..common.transfer import to_device
-from ..qwen2_5_vl.vision import frame_bounds, patch_positions
 from .geometry import VisionGeometry
 
 

@@ -26,7 +26,7 @@ SEQUENCES = 2
 
 
 def forward_backward(overrides: dict, image_grid, sequence_tokens: int, sequences: int, device: torch.device):
-    """One bf16 (fp32 on CPU) forward/backward of KimiVLModel on packed sequences, the first holding an image;
+    """One bf16 (fp32 on CPU) forward/backward of the Kimi-VL model on packed sequences, the first holding an image;
     returns (loss, whether every trainable parameter got a finite gradient, seconds of the timed step, peak
     GPU bytes or 0)."""
     from megatron.core.packed_seq_params import PackedSeqParams

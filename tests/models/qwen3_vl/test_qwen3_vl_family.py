@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from mmrl_megatron.models.qwen2_5_vl.tiny import build_byte_tokenizer
+from mmrl_megatron.models.common.qwen_chat import build_byte_tokenizer
 from mmrl_megatron.models.family import family_for
 from mmrl_megatron.models.qwen3_vl import FAMILY
 from mmrl_megatron.models.qwen3_vl.positions import rope_positions

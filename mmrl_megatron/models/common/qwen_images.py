@@ -1,5 +1,6 @@
-"""Qwen2.5-VL's image processing: transformers' own image processor (AutoImageProcessor) under data.min_pixels
-and data.max_pixels.
+"""Image processing for the Qwen families (Qwen2.5-VL and Qwen3-VL share Qwen2-VL's image processor, at
+their own patch sizes): transformers' own image processor (AutoImageProcessor) under data.min_pixels and
+data.max_pixels.
 
 transformers' Qwen2_5_VLProcessor cannot be constructed without torchvision, so the image processor is
 loaded alone; each image stands for grid_t * grid_h * grid_w / merge_size^2 image pads, as that processor
@@ -7,10 +8,10 @@ counts them.
 """
 from typing import List
 
-from ..common.media import ProcessedImages, SkippedRow
+from .media import ProcessedImages, SkippedRow
 
 
-class Qwen2_5_VLImageProcessor:
+class QwenImageProcessor:
     """Callable on a prompt's PIL images -> ProcessedImages; SkippedRow("unprocessable_image") when rejected."""
 
     def __init__(self, model_dir: str, data_config):
