@@ -100,19 +100,21 @@ def first_difference(dir_a: str, dir_b: str) -> Optional[str]:
 
 
 def run(shape: str, work_dir: str, max_chunk_bytes: int) -> Dict:
-    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
-    from mmrl_megatron.parallel import shutdown
+    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf
+    from mmrl_megatron.parallel import ParallelDims, detect_process_place, pick_device, shutdown, start_processes
 
     hf_dir, mcore_dir, back_dir = (os.path.join(work_dir, name) for name in ("hf", "mcore", "hf_back"))
     write_random_checkpoint(hf_dir, shape)
     checkpoint_gb = safetensors_bytes(hf_dir) / 1e9
-    device = init_conversion_ranks()
+    device = pick_device()
+    dims = start_processes(ParallelDims(detect_process_place().world_size), device)
     try:
         results = {"shape": shape, "checkpoint_gb": significant(checkpoint_gb),
                    "max_chunk_gb": significant(max_chunk_bytes / 1e9)}
         for direction, convert in [
-                ("hf_to_mcore", lambda: convert_hf_to_mcore(hf_dir, mcore_dir, device, max_chunk_bytes=max_chunk_bytes)),
-                ("mcore_to_hf", lambda: convert_mcore_to_hf(mcore_dir, back_dir, device,
+                ("hf_to_mcore", lambda: convert_hf_to_mcore(hf_dir, mcore_dir, dims, device,
+                                                            max_chunk_bytes=max_chunk_bytes)),
+                ("mcore_to_hf", lambda: convert_mcore_to_hf(mcore_dir, back_dir, dims, device,
                                                             max_chunk_bytes=max_chunk_bytes))]:
             with ProcessTreePeakMemory() as memory:
                 start = time.perf_counter()

@@ -228,7 +228,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     dtype = "float32" if device.type == "cpu" else "bfloat16"  # megatron's mixed-precision optimizers need CUDA
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    init_single_process_megatron(device)
+    parallel_dims = init_single_process_megatron(device)
     hf_config = model_config(args)
     with tempfile.TemporaryDirectory() as work:
         with open(os.path.join(work, "config.json"), "w") as handle:
@@ -239,7 +239,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     plans = {offload: estimate(config, dims, 1, gpu_gib) for offload, config in configs.items()}
 
     setup_s, role = _timed(lambda: build_role("actor", build_model(configs[True].model, hf_config, "actor").to(device),
-                                              configs[True], device, configs[True].actor.optim), device)
+                                              configs[True], device, parallel_dims, configs[True].actor.optim),
+                        device)
     # the colocated engine's weights, held for the whole step (rollout.embedded.offload_weights=false)
     engine_weights = torch.ones(int(plans[True].stages[0].rollout["engine weights"]) // 2, dtype=torch.bfloat16,
                                 device=device)

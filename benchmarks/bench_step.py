@@ -131,12 +131,13 @@ def profile_one_pass(trainer) -> Dict[str, Dict]:
     from mmrl_megatron.trainer.batch import build_micro_batches
 
     config, actor = trainer.config, trainer.parts.actor
-    temperature = config.rollout.temperature or 1.0
+    temperature, tensor_group = config.rollout.temperature or 1.0, trainer.parts.dims.tensor_group
     samples, _ = trainer.generate_and_reward(config.trainer.steps + 1)
     micro_batches = build_micro_batches(samples, config.actor.scoring_micro_batch_tokens
                                         or config.actor.micro_batch_tokens, trainer.parts.pack_sequences)
     scoring = profile_summary(lambda: actor.score(
-        micro_batches, lambda output, mb: losses.response_logprobs(output, mb, temperature), "old_logprobs"),
+        micro_batches, lambda output, mb: losses.response_logprobs(output, mb, temperature, tensor_group),
+        "old_logprobs"),
         trainer.parts.device)
     scoring["tokens"] = sum(mb.num_tokens for mb in micro_batches)
     trainer.score_with_models(micro_batches, on_policy=False)
@@ -144,7 +145,8 @@ def profile_one_pass(trainer) -> Dict[str, Dict]:
     [first, *_] = build_micro_batches(samples, config.actor.micro_batch_tokens, trainer.parts.pack_sequences)
     normaliser = trainer.normaliser(first.samples)
     update = profile_summary(lambda: actor.train_step(
-        [first], lambda output, mb: losses.actor_loss(output, mb, trainer.algorithm, temperature, normaliser),
+        [first],
+        lambda output, mb: losses.actor_loss(output, mb, trainer.algorithm, temperature, normaliser, tensor_group),
         config.actor.optim.grad_clip), trainer.parts.device)
     update["tokens"] = first.num_tokens
     return {"scoring_pass": scoring, "update_micro_batch": update}
@@ -154,13 +156,16 @@ def run_steps(args, overrides: List[str]) -> Dict[str, object]:
     """launch/train.py's run on this process (trainer/run.py's order): the GPU's peak memory over the steps,
     and with --profile-pass the pass profile after them."""
     from mmrl_megatron.config import load_config
-    from mmrl_megatron.parallel import shutdown
-    from mmrl_megatron.trainer.build import build_trainer, close_trainer, start_processes
+    from mmrl_megatron.parallel import detect_process_place, pick_device, shutdown, start_processes
+    from mmrl_megatron.trainer.build import build_trainer, close_trainer
+    from mmrl_megatron.trainer.run import check_before_start
 
     config = load_config(None, overrides)
-    device = start_processes(config)
+    dims = check_before_start(config, detect_process_place().world_size, None)
+    device = pick_device(config.trainer.device)
+    start_processes(dims, device)
     try:
-        trainer = build_trainer(config, device)
+        trainer = build_trainer(config, dims, device)
         try:
             trainer.run()
             measured: Dict[str, object] = {"recompute": config.model.recompute}  # auto resolved by the build

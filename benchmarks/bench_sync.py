@@ -33,16 +33,17 @@ def run(args, hf_dir: str) -> Optional[Dict]:
     """Sync args.repeats times; the measurements on global rank 0, None elsewhere (collective)."""
     from mmrl_megatron.bridge import WeightBridge
     from mmrl_megatron.models import build_model_from_dir
-    from mmrl_megatron.models.checkpoint_conversion import init_conversion_ranks
+    from mmrl_megatron.parallel import ParallelDims, detect_process_place, pick_device, start_processes
     from mmrl_megatron.rollout.embedded import EmbeddedEngine
 
-    device = init_conversion_ranks(args.tp, args.pp)
+    device = pick_device()
+    dims = start_processes(ParallelDims(detect_process_place().world_size, tensor=args.tp, pipeline=args.pp), device)
     if dist.get_rank() == 0:
         write_random_checkpoint(hf_dir, args.shape, _DTYPES[args.dtype])
     dist.barrier()
-    model = build_model_from_dir(hf_dir, device=device)
+    model = build_model_from_dir(hf_dir, dims, device=device)
     engine = EmbeddedEngine(hf_dir, device, dtype=_DTYPES[args.dtype]) if dist.get_rank() == 0 else None
-    bridge = WeightBridge([model], engine, bucket_bytes=args.bucket_mb << 20)
+    bridge = WeightBridge([model], engine, bucket_bytes=args.bucket_mb << 20, dims=dims)
     stats = [bridge.sync() for _ in range(args.repeats + 1)][1:]
     verified = bridge.verify(num_tensors=16)
     if dist.get_rank() != 0:

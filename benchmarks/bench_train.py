@@ -149,7 +149,7 @@ def padded_micro_batch(samples):
     return batch, attention_mask
 
 
-def marked_actor_loss(samples, clock: PhaseClock):
+def marked_actor_loss(samples, clock: PhaseClock, tensor_group):
     """actor_loss for this mini-batch (normalised over its response tokens); it opens the backward phase."""
     from mmrl_megatron.config.schema import AlgorithmConfig
     from mmrl_megatron.trainer.losses import Normaliser, actor_loss
@@ -158,7 +158,7 @@ def marked_actor_loss(samples, clock: PhaseClock):
     normaliser = Normaliser(tokens=float(sum(len(s.response_ids) for s in samples)), sequences=float(len(samples)))
 
     def loss_fn(logits, micro_batch):
-        result = actor_loss(logits, micro_batch, algorithm, 1.0, normaliser)
+        result = actor_loss(logits, micro_batch, algorithm, 1.0, normaliser, tensor_group)
         clock.mark("backward")
         return result
 
@@ -207,7 +207,7 @@ def profile_one_step(step: Callable[[], float], device: torch.device, profile_di
 
 
 # -- ours: the trainer's actor update ----------------------------------------------------------------------
-def build_our_actor(config: dict, dtype: str, device: torch.device):
+def build_our_actor(config: dict, dtype: str, device: torch.device, dims):
     """(ModelRole as the trainer builds the actor, its weights under HF names on the CPU)."""
     from mmrl_megatron.config.schema import Config, ModelConfig, OptimizerConfig
     from mmrl_megatron.convert import iter_hf_tensors
@@ -217,11 +217,11 @@ def build_our_actor(config: dict, dtype: str, device: torch.device):
     model_config = ModelConfig(dtype=dtype, attention_backend="sdpa", freeze_vision_tower=True, freeze_merger=True)
     model = build_model(model_config, config, "actor").to(device)
     # copies: on the CPU .cpu() would alias the parameters, which our optimizer then updates in place
-    weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in iter_hf_tensors(model)
+    weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in iter_hf_tensors(model, dims)
                if not name.startswith("visual.")}
     run_config = Config(model=model_config)
     run_config.actor.optim = OptimizerConfig(lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
-    return build_role("actor", model, run_config, device, run_config.actor.optim), weights
+    return build_role("actor", model, run_config, device, dims, run_config.actor.optim), weights
 
 
 def mark_our_phases(role, clock: PhaseClock) -> None:
@@ -242,20 +242,20 @@ def mark_our_phases(role, clock: PhaseClock) -> None:
 
 
 def time_ours(config: dict, dtype: str, workloads: List[Workload], vocab_size: int, token_limit: int,
-              device: torch.device, args) -> Tuple[Dict[str, Dict], Dict[str, torch.Tensor]]:
+              device: torch.device, dims, args) -> Tuple[Dict[str, Dict], Dict[str, torch.Tensor]]:
     """Per-workload figures of our actor update, and the initial weights (HF names) for the HF side."""
     from mmrl_megatron.models.common.packing import pack_sequences
     from mmrl_megatron.trainer.batch import build_micro_batches
 
     baseline = allocated_bytes(device)
-    role, weights = build_our_actor(config, dtype, device)
+    role, weights = build_our_actor(config, dtype, device, dims)
     clock = PhaseClock(device)
     mark_our_phases(role, clock)
     results = {}
     for workload in workloads:
         samples = make_samples(workload.lengths, vocab_size, token_limit)
         micro_batches = build_micro_batches(samples, workload.token_budget, pack_sequences)
-        loss_fn = marked_actor_loss(samples, clock)
+        loss_fn = marked_actor_loss(samples, clock, dims.tensor_group)
 
         def step() -> float:
             stats, _, stepped = role.train_step(micro_batches, loss_fn, GRAD_CLIP)
@@ -314,7 +314,7 @@ def time_hf(hf_config, weights, dtype: torch.dtype, workloads: List[Workload], v
         for group in groups:
             micro_batch, attention_mask = padded_micro_batch(group)
             batches.append((micro_batch.to(device), attention_mask.to(device)))
-        loss_fn = marked_actor_loss(samples, clock)
+        loss_fn = marked_actor_loss(samples, clock, None)  # HF's logits hold the whole vocabulary
         results[workload.name] = dict(
             measure_steps(lambda: hf_update_step(model, optimizer, batches, loss_fn, clock), clock, device, args,
                           baseline, f"hf_{workload.name}"),
@@ -389,7 +389,7 @@ def build_workloads(args) -> List[Workload]:
     return [w for w in (fixed, variable) if args.workload in (w.name, "both")]
 
 
-def run(args, device: torch.device) -> List[Dict]:
+def run(args, device: torch.device, dims) -> List[Dict]:
     """One JSON-ready row per workload: both sides measured on the same sequences from the same weights."""
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
@@ -401,7 +401,7 @@ def run(args, device: torch.device) -> List[Dict]:
     token_limit = min(text.vocab_size, config["image_token_id"], config["vision_start_token_id"]) - 16
     parameters = hf_parameter_count(hf_config)
     workloads = build_workloads(args)
-    ours, weights = time_ours(config, dtype_name, workloads, text.vocab_size, token_limit, device, args)
+    ours, weights = time_ours(config, dtype_name, workloads, text.vocab_size, token_limit, device, dims, args)
     gc.collect()  # our model, gradients and optimizer state go before the HF model is built
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -417,9 +417,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
 
     args = parse_args(argv)
     device = pick_device(args.device, args.quick)
-    init_single_process_megatron(device)
+    dims = init_single_process_megatron(device)
     try:
-        rows = run(args, device)
+        rows = run(args, device, dims)
     finally:
         shutdown()
     for row in rows:

@@ -38,22 +38,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def init_single_process_megatron(device: torch.device, seed: int = 0) -> None:
+def init_single_process_megatron(device: torch.device, seed: int = 0):
     """A world of one (gloo on CPU, NCCL on GPU) with megatron-core's groups at TP = PP = 1, seeded as the
-    trainer seeds (trainer/build.py); on CPU megatron-core's CUDA calls are redirected first."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    trainer seeds (parallel.start_processes); returns its parallel.ParallelDims."""
+    from mmrl_megatron.parallel import ParallelDims, start_processes
 
-    from mmrl_megatron.parallel import ParallelLayout, init_distributed, init_model_parallel
-
-    if device.type == "cpu":
-        from mmrl_megatron.parallel.cpu_support import enable_cpu_execution
-
-        enable_cpu_execution()
     os.environ.setdefault("MASTER_PORT", str(_free_port()))  # concurrent runs must not share the default port
-    init_distributed(device)
-    init_model_parallel(ParallelLayout())
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    return start_processes(ParallelDims(world_size=1), device, seed)
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 50) -> float:

@@ -80,33 +80,34 @@ def score(args) -> Optional[List[Dict]]:
     """Score this data-parallel rank's rows (collective); every row's record on global rank 0, None elsewhere."""
     import pyarrow.parquet as pq
     import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
     from mmrl_megatron.convert.checkpoint_io import hf_files_dir
     from mmrl_megatron.models import build_model_from_dir
     from mmrl_megatron.models.hf_config import read_hf_config
-    from mmrl_megatron.models.checkpoint_conversion import init_conversion_ranks
     from mmrl_megatron.models.common.packing import pack_sequences
+    from mmrl_megatron.parallel import ParallelDims, detect_process_place, pick_device, start_processes
     from mmrl_megatron.trainer.batch import build_micro_batches
     from mmrl_megatron.trainer.losses import response_logprobs
     from mmrl_megatron.trainer.roles import ModelRole
 
-    device = init_conversion_ranks(args.tp, args.pp)
-    model = build_model_from_dir(args.model, role="actor", device=device, dtype=args.dtype)
+    device = pick_device()
+    dims = start_processes(ParallelDims(detect_process_place().world_size, tensor=args.tp, pipeline=args.pp), device)
+    model = build_model_from_dir(args.model, dims, role="actor", device=device, dtype=args.dtype)
     get_model_config(model).variable_seq_lengths = True  # packed micro-batches differ in length
-    role = ModelRole("scorer", [model], device)
+    role = ModelRole("scorer", [model], device, dims)
 
-    data_rank, data_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    data_rank, data_size = dims.data_parallel_rank, dims.data
     num_rows = pq.read_metadata(args.data).num_rows
     rows = range(data_rank, num_rows, data_size)
     samples = read_samples(args.data, hf_files_dir(args.model), read_hf_config(args.model), args, rows)
     if samples:
         micro_batches = build_micro_batches(samples, args.micro_batch_tokens, pack_sequences)
-        role.score(micro_batches, lambda logits, batch: response_logprobs(logits, batch, args.temperature),
+        role.score(micro_batches,
+                   lambda logits, batch: response_logprobs(logits, batch, args.temperature, dims.tensor_group),
                    "logprobs")
     # After score() every rank of a model replica holds the values; one rank per replica reports them.
-    reports = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.is_pipeline_first_stage()
+    reports = dims.tensor_rank == 0 and dims.is_first_stage
     records = [{"index": s.group, "token_ids": s.response_ids, "logprobs": s.tensors["logprobs"].tolist()}
                for s in samples] if reports else []
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None

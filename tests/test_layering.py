@@ -1,5 +1,6 @@
-"""The package dependency order holds, model families stay apart, and config.json is read in one place
-(issue 18, acceptance 2).
+"""The package dependency order holds, model families stay apart, config.json is read in one place (issue 18,
+acceptance 2), and megatron's parallel_state is read only inside parallel/ (everything else is handed a
+ParallelDims).
 
 Order, top to bottom: trainer -> {rollout, bridge, algorithms, rewards, data} -> models -> convert ->
 {config, parallel}. A module may import its own package, its layer's other packages (the bridge pushes to
@@ -17,6 +18,11 @@ LAYERS = [{"trainer"}, {"rollout", "bridge", "algorithms", "rewards", "data"}, {
           {"config", "parallel"}]
 RANK = {package: depth for depth, packages in enumerate(LAYERS) for package in packages}
 CONFIG_READER = "models/hf_config.py"
+PARALLEL_STATE = "megatron.core.parallel_state"
+# Being restructured in another branch when ParallelDims arrived; they still read megatron's groups themselves.
+# The integrator threads a ParallelDims into the families' build and removes this list.
+PARALLEL_STATE_READERS_LEFT = {f"models/{family}/{part}.py" for family in ("qwen2_5_vl", "qwen3_vl", "kimi_vl")
+                               for part in ("model", "build")}
 
 
 def _modules():
@@ -102,6 +108,22 @@ def config_json_readers():
             if relative != CONFIG_READER for node in ast.walk(tree) if _opens_config_json(node)]
 
 
+def _parallel_state_imports(node) -> bool:
+    """Whether an Import/ImportFrom node brings in megatron.core.parallel_state (or a name from it)."""
+    if isinstance(node, ast.Import):
+        return any(alias.name == PARALLEL_STATE or alias.name.startswith(PARALLEL_STATE + ".") for alias in node.names)
+    if node.module == "megatron.core":
+        return any(alias.name == "parallel_state" for alias in node.names)
+    return node.module is not None and (node.module == PARALLEL_STATE or node.module.startswith(PARALLEL_STATE + "."))
+
+
+def parallel_state_readers():
+    return [f"mmrl_megatron/{relative}:{node.lineno}" for relative, tree in _modules()
+            if relative.split(os.sep)[0] != "parallel" and relative not in PARALLEL_STATE_READERS_LEFT
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and _parallel_state_imports(node)]
+
+
 def test_no_module_imports_upward():
     """Invariant: no package imports a package above it in the dependency order."""
     assert upward_imports() == []
@@ -117,9 +139,16 @@ def test_config_json_is_read_in_one_place():
     assert config_json_readers() == []
 
 
+def test_parallel_state_is_read_only_in_parallel():
+    """Invariant: outside parallel/ (and the files listed as left) no module imports megatron's parallel_state;
+    ranks, sizes and groups come from the ParallelDims passed in."""
+    assert parallel_state_readers() == []
+
+
 def test_the_checks_see_violations(tmp_path, monkeypatch):
     """Invariant: the checks name the module and line of an upward import, of a family importing another
-    family (not of one importing common/ or itself), and of a config.json read."""
+    family (not of one importing common/ or itself), of a config.json read and of each way of importing
+    parallel_state; parallel/ itself may import it."""
     (tmp_path / "convert").mkdir()
     (tmp_path / "convert" / "bad.py").write_text(
         "import json, os\nfrom ..models import build_model\n\ndef f(d):\n"
@@ -130,9 +159,17 @@ def test_the_checks_see_violations(tmp_path, monkeypatch):
     (tmp_path / "models" / "alpha" / "vision.py").write_text(
         "from ..common import vlm\nfrom . import tiny\nfrom ..beta.vision import tower\n\ndef f():\n"
         "    import mmrl_megatron.models.beta.tiny\n")
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "groups.py").write_text(
+        "def f():\n    from megatron.core import parallel_state as ps\n    import megatron.core.parallel_state\n"
+        "    from megatron.core.parallel_state import get_data_parallel_rank\n"
+        "    from megatron.core import tensor_parallel\n")
+    (tmp_path / "parallel").mkdir()
+    (tmp_path / "parallel" / "dims.py").write_text("from megatron.core import parallel_state\n")
     monkeypatch.setattr(__import__(__name__, fromlist=["PACKAGE_ROOT"]), "PACKAGE_ROOT", str(tmp_path))
     assert upward_imports() == ["mmrl_megatron/convert/bad.py:2 (convert) imports models, which is above it"]
     assert cross_family_imports() == [
         f"mmrl_megatron/models/alpha/vision.py:{line} (family alpha) imports family beta; move what both share "
         "into models/common/" for line in (3, 6)]
     assert config_json_readers() == ["mmrl_megatron/convert/bad.py:5"]
+    assert parallel_state_readers() == [f"mmrl_megatron/trainer/groups.py:{line}" for line in (2, 3, 4)]

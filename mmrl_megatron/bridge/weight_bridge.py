@@ -4,6 +4,7 @@ Gathering and converting are one collective (convert.iter_hf_tensors: TP all-gat
 broadcast, rule-table renaming, vocabulary padding removed) that every rank of the actor joins;
 only ranks holding an engine push the resulting full, HF-named tensors into it, bucket by bucket.
 """
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -32,21 +33,9 @@ class SyncStats:
         return {f"{prefix}{key}": float(value) for key, value in self.__dict__.items()}
 
 
-def _default_export(model_chunks) -> Iterable[NamedTensor]:
-    from ..convert import iter_hf_tensors
-
-    return iter_hf_tensors(model_chunks)
-
-
-def _export_is_collective() -> bool:
+def _exports_collectively(dims) -> bool:
     """Whether convert.iter_hf_tensors gathers over other ranks (tensor, pipeline or expert parallel)."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return False
-    return (parallel_state.get_tensor_model_parallel_world_size() > 1
-            or parallel_state.get_pipeline_model_parallel_world_size() > 1
-            or parallel_state.get_expert_model_parallel_world_size() > 1)
+    return dims is not None and (dims.tensor > 1 or dims.pipeline > 1 or dims.expert > 1)
 
 
 class _Recorder:
@@ -69,15 +58,16 @@ class WeightBridge:
     `model_chunks`: this rank's model chunks (one per virtual pipeline stage), as convert.iter_hf_tensors
     takes them. `engine`: the rollout engine on ranks that hold one, None elsewhere; every actor rank
     calls sync() and verify() together because both run the gather collective. `bucket_bytes`: the most
-    tensor bytes handed to the engine in one update_weights bucket. `export` replaces
-    convert.iter_hf_tensors (tests, other model families). `probe`: what verify() checks for engines
-    that cannot return weights by name (refit_check.py).
+    tensor bytes handed to the engine in one update_weights bucket. `dims`: the parallel.ParallelDims the
+    chunks were built under, whose groups convert.iter_hf_tensors gathers over. `export` replaces
+    convert.iter_hf_tensors (tests, other model families; `dims` may then be None). `probe`: what verify()
+    checks for engines that cannot return weights by name (refit_check.py).
 
     The engine also gets a way to re-create the buckets from the actor's current weights (to reload a
     server that restarted): possible on the engine's rank alone only where the export is not
-    collective; `export_is_collective` (default: read from megatron's parallel state) says which."""
+    collective; `export_is_collective` (default: whether `dims` splits the model over ranks) says which."""
 
-    def __init__(self, model_chunks, engine: Optional[RolloutEngine], bucket_bytes: int,
+    def __init__(self, model_chunks, engine: Optional[RolloutEngine], bucket_bytes: int, dims=None,
                  export: Optional[ExportFunction] = None, check_names: bool = True,
                  probe: Optional[RefitProbe] = None, export_is_collective: Optional[bool] = None) -> None:
         if bucket_bytes <= 0:
@@ -85,11 +75,15 @@ class WeightBridge:
         self.model_chunks = model_chunks
         self.engine = engine
         self.bucket_bytes = bucket_bytes
-        self._export = export or _default_export
+        if export is None:
+            from ..convert import iter_hf_tensors
+
+            export = functools.partial(iter_hf_tensors, dims=dims)
+        self._export = export
         # an engine that cannot read weights by name checks names itself, before sending (SGLang)
         self._names_checked = not check_names or (engine is not None and not engine.reads_weights_by_name)
         self.probe = probe
-        self._collective = _export_is_collective() if export_is_collective is None else export_is_collective
+        self._collective = _exports_collectively(dims) if export_is_collective is None else export_is_collective
         self.sent_names: List[str] = []
 
     def sync(self) -> SyncStats:

@@ -81,13 +81,14 @@ BOUNDS = {
 }
 
 
-def _problems(section, prefix: str) -> List[str]:
+def out_of_bounds(section, prefix: str) -> List[str]:
+    """`key=value must be ...` for each value of a schema section (and its subsections) out of its range."""
     problems = []
     rules = BOUNDS.get(type(section), {})
     for f in fields(section):
         value, key = getattr(section, f.name), prefix + f.name
         if is_dataclass(value):
-            problems += _problems(value, key + ".")
+            problems += out_of_bounds(value, key + ".")
         elif isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{key}={value} must be a finite number")
         elif f.name in rules and isinstance(value, (int, float)) and not rules[f.name].holds(value):
@@ -115,7 +116,7 @@ def _relations(config: "schema.Config") -> List[str]:
 
 def check_bounds(config: "schema.Config") -> None:
     """Raise one ConfigError naming every value out of its range (key=value and the allowed range)."""
-    problems = _problems(config, "")
+    problems = out_of_bounds(config, "")
     problems += _relations(config) if not problems else []
     if problems:
         raise ConfigError("; ".join(problems))

@@ -2,8 +2,9 @@
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from .bounds import out_of_bounds
 from .errors import ConfigError
-from .schema import Config
+from .schema import Config, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,17 @@ def model_shape(hf_config: Mapping) -> ModelShape:
     )
 
 
-def describe_layout(config: Config, world_size: int) -> str:
+def describe_layout(parallel: ParallelConfig, world_size: int) -> str:
     """Every factor of the layout and the process count, the prefix of each layout error."""
-    p = config.parallel
+    p = parallel
     data = "derived" if p.data is None else p.data
     return (f"parallel layout tensor={p.tensor} pipeline={p.pipeline} context={p.context} expert={p.expert} "
             f"expert_tensor={p.expert_tensor or p.tensor} data={data} on {world_size} processes")
 
 
-def resolve_data_parallel(config: Config, world_size: int) -> int:
+def resolve_data_parallel(parallel: ParallelConfig, world_size: int) -> int:
     """Fill parallel.data from the world size, or check the one given; raises ConfigError naming every factor."""
-    p = config.parallel
+    p = parallel
     model_parallel = p.tensor * p.pipeline * p.context
     factors = f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} x parallel.context={p.context}"
     if p.data is None:
@@ -56,9 +57,12 @@ def resolve_data_parallel(config: Config, world_size: int) -> int:
     return p.data
 
 
-def _check_layout(config: Config, world_size: int, shape: Optional[ModelShape]) -> int:
-    data_parallel = resolve_data_parallel(config, world_size)
-    p = config.parallel
+def _check_parallel(parallel: ParallelConfig, world_size: int, shape: Optional[ModelShape]) -> int:
+    sizes = out_of_bounds(parallel, "parallel.")  # config files are bounds-checked on load; sizes given in code are not
+    if sizes:
+        raise ConfigError("; ".join(sizes))
+    data_parallel = resolve_data_parallel(parallel, world_size)
+    p = parallel
     if shape is not None:
         if shape.num_attention_heads % p.tensor:
             raise ConfigError(f"parallel.tensor={p.tensor} does not divide the model's "
@@ -71,21 +75,36 @@ def _check_layout(config: Config, world_size: int, shape: Optional[ModelShape]) 
                               f"{shape.num_layers} layers; choose a divisor")
         if p.expert > 1 and shape.num_experts % p.expert:
             raise ConfigError(f"parallel.expert={p.expert} does not divide the model's {shape.num_experts} experts")
-    if p.expert > 1 and (data_parallel * p.context * p.tensor) % p.expert:
-        raise ConfigError(f"parallel.expert={p.expert} must divide data x context x tensor "
-                          f"= {data_parallel * p.context * p.tensor}")
-    if config.data.prompts_per_step % data_parallel:
-        raise ConfigError(f"data.prompts_per_step={config.data.prompts_per_step} must be divisible by the "
-                          f"data-parallel size {data_parallel} (all samples of a prompt stay on one rank)")
+    # megatron-core lays the expert-parallel and expert-tensor-parallel ranks out inside each pipeline stage
+    expert_ranks, stage_ranks = p.expert * (p.expert_tensor or p.tensor), data_parallel * p.context * p.tensor
+    if stage_ranks % expert_ranks:
+        raise ConfigError(f"parallel.expert={p.expert} x parallel.expert_tensor={p.expert_tensor or p.tensor} = "
+                          f"{expert_ranks} must divide data x context x tensor = {stage_ranks}")
     return data_parallel
+
+
+def _with_layout_prefix(check, parallel: ParallelConfig, world_size: int):
+    try:
+        return check()
+    except ConfigError as error:
+        raise ConfigError(f"{describe_layout(parallel, world_size)}: {error}") from None
+
+
+def validate_parallel(parallel: ParallelConfig, world_size: int, shape: Optional[ModelShape]) -> int:
+    """Check the sizes (config.parallel) against the world size and the model, if given; returns the
+    data-parallel size. Each ConfigError starts with every factor of the layout, then says which does not fit."""
+    return _with_layout_prefix(lambda: _check_parallel(parallel, world_size, shape), parallel, world_size)
 
 
 def validate_layout(config: Config, world_size: int, shape: Optional[ModelShape]) -> int:
-    """Check the layout against the world size and the model; returns the data-parallel size. Each ConfigError
-    starts with every factor of the layout, then says which does not fit."""
-    try:
-        data_parallel = _check_layout(config, world_size, shape)
-    except ConfigError as error:
-        raise ConfigError(f"{describe_layout(config, world_size)}: {error}") from None
-    return data_parallel
+    """validate_parallel for config.parallel, and data.prompts_per_step against the data-parallel size (all
+    samples of a prompt stay on one rank); returns the data-parallel size."""
 
+    def check() -> int:
+        data_parallel = _check_parallel(config.parallel, world_size, shape)
+        if config.data.prompts_per_step % data_parallel:
+            raise ConfigError(f"data.prompts_per_step={config.data.prompts_per_step} must be divisible by the "
+                              f"data-parallel size {data_parallel} (all samples of a prompt stay on one rank)")
+        return data_parallel
+
+    return _with_layout_prefix(check, config.parallel, world_size)

@@ -145,20 +145,18 @@ def local_sharded_tensors(sharded_state_dict) -> Dict[str, object]:
     return {item.key: item for item in nested_values(sharded_state_dict) if isinstance(item, ShardedTensor)}
 
 
-def check_tensor_parallel_entries(sharded_state_dict) -> None:
-    """Raise CheckpointError naming a tensor-parallel parameter whose checkpoint entry is not TP-sharded.
+def check_tensor_parallel_entries(sharded_state_dict, dims) -> None:
+    """Raise CheckpointError naming a tensor-parallel parameter whose checkpoint entry is not TP-sharded
+    (`dims`: the parallel.ParallelDims the model was built under).
 
     Such an entry claims every TP rank holds the same tensor: a save keeps TP rank 0's shard for all of
     them and a load hands it to every rank, silently. It happens when a module holds megatron layers in
     a plain container (nn.ModuleList) without a sharded_state_dict that delegates to them."""
-    from megatron.core import parallel_state
-
     for key, entry in local_sharded_tensors(sharded_state_dict).items():
         data = entry.data
         if not getattr(data, "tensor_model_parallel", False):
             continue
-        tensor_parallel = (parallel_state.get_expert_tensor_parallel_world_size() if is_routed_expert(key)
-                           else parallel_state.get_tensor_model_parallel_world_size())
+        tensor_parallel = dims.expert_tensor if is_routed_expert(key) else dims.tensor
         if tensor_parallel == 1:
             continue
         # counted in elements, not along partition_dim: grouped expert weights report a partition_dim that
@@ -189,8 +187,9 @@ def check_checkpoint_matches(sharded_state_dict, mcore_dir: str) -> None:
                                   f"the model expects {tuple(wanted.global_shape)}")
 
 
-def load_mcore_checkpoint(model, mcore_dir: str) -> None:
-    """Fill `model` from a distributed checkpoint written under any TP/PP (collective)."""
+def load_mcore_checkpoint(model, mcore_dir: str, dims) -> None:
+    """Fill `model` (built under the parallel.ParallelDims `dims`) from a distributed checkpoint written under
+    any TP/PP (collective)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from torch.distributed.checkpoint.api import CheckpointException
@@ -199,7 +198,7 @@ def load_mcore_checkpoint(model, mcore_dir: str) -> None:
     if problem is not None:
         raise CheckpointError(problem)
     sharded = model.sharded_state_dict()
-    check_tensor_parallel_entries(sharded)
+    check_tensor_parallel_entries(sharded, dims)
     check_checkpoint_matches(sharded, mcore_dir)
     try:
         # RAISE_ALL also stops on tensors stored in the checkpoint that no rank's model has.

@@ -39,22 +39,20 @@ def _hf_metadata(table, index: int, values, sharded: ShardedParam) -> List[Tuple
     return [(name, tuple(t.shape), t.dtype) for name, t in zip(rule.hf_names(values), outputs)]
 
 
-def _owner_group():
+def _owner_group(dims):
     """The ranks among which each exported tensor has one owner that broadcasts it: the pipeline stages, or
     every rank under expert parallelism (expert-parallel ranks hold different experts); None: no broadcast."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_expert_model_parallel_world_size() > 1:
+    if dims.expert > 1:
         return dist.group.WORLD
-    group = parallel_state.get_pipeline_model_parallel_group()
-    return group if dist.get_world_size(group) > 1 else None
+    return dims.pipeline_group if dims.pipeline > 1 else None
 
 
-def iter_hf_tensors(model, table: Optional[RuleTable] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_hf_tensors(model, dims, table: Optional[RuleTable] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every exported weight, in the rule table's order, on every rank.
 
-    `model`: this rank's module or list of chunks (DDP/Float16Module wrappers are unwrapped); `table`: the
-    family's rules, by default the table models.build_model recorded on the model (`rule_table`).
+    `model`: this rank's module or list of chunks (DDP/Float16Module wrappers are unwrapped); `dims`: the
+    parallel.ParallelDims it was built under; `table`: the family's rules, by default the table
+    models.build_model recorded on the model (`rule_table`).
     Collective over TP, PP and EP: all ranks of the model-parallel group iterate to the end together.
     Tied output layers are emitted once, as the embedding; vocabulary padding is removed; tensors keep the
     parameters' dtype. Tensors on the meta device (outside a streamed conversion's current chunk,
@@ -62,14 +60,14 @@ def iter_hf_tensors(model, table: Optional[RuleTable] = None) -> Iterator[Tuple[
     table = table or as_chunks(model)[0].rule_table
     local: Dict[Key, ShardedParam] = {}
     metadata: Dict[Key, list] = {}
-    for sharded in sharded_params(model, table):
+    for sharded in sharded_params(model, table, dims):
         found = table.match(sharded.name)
         if found is None or not table.rules[found[0]].export or is_placeholder(sharded.param):
             continue
         key = _key(*found)
         local[key] = sharded
         metadata[key] = _hf_metadata(table, found[0], found[1], sharded)
-    owner_group = _owner_group()
+    owner_group = _owner_group(dims)
     owners: Dict[Key, int] = {}
     if owner_group is not None:
         # the first rank (in group order) holding a tensor sends it; every rank computes the same owners

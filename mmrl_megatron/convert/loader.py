@@ -24,16 +24,16 @@ def check_known(checkpoint: HFCheckpoint, table, hf_dir: str) -> None:
                               f"config.json ({table.family}) does not describe these weights")
 
 
-def load_hf_into_model(model, hf_dir: str, table: RuleTable) -> None:
-    """Fill every parameter (and converted buffer) of `model` (a module or this rank's list of chunks) from
-    hf_dir through the family's rule `table`.
+def load_hf_into_model(model, hf_dir: str, table: RuleTable, dims) -> None:
+    """Fill every parameter (and converted buffer) of `model` (a module or this rank's list of chunks, built
+    under the parallel.ParallelDims `dims`) from hf_dir through the family's rule `table`.
 
     Raises CheckpointError naming the tensor for a missing tensor, a wrong shape, a checkpoint tensor no
     rule converts, or a model parameter no rule fills. Tensors still on the meta device (a streamed
     conversion's other chunks, streaming.py) are left alone."""
     checkpoint = HFCheckpoint(hf_dir, table.aliases)
     check_known(checkpoint, table, hf_dir)
-    for sharded in sharded_params(model, table):
+    for sharded in sharded_params(model, table, dims):
         if is_placeholder(sharded.param):
             continue
         found = table.match(sharded.name)

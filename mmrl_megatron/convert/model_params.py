@@ -67,17 +67,17 @@ def is_routed_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
 
-def _split_group(name: str):
-    """Routed experts' weights split over the expert-TP group, others over TP."""
-    from megatron.core import parallel_state
-
+def _split_group(name: str, dims):
+    """Routed experts' weights split over the expert-TP group, others over TP (None: not split here)."""
     if is_routed_expert(name):
-        return parallel_state.get_expert_tensor_parallel_group()
-    return parallel_state.get_tensor_model_parallel_group()
+        return dims.expert_tensor_group if dims.expert_tensor > 1 else None
+    return dims.tensor_group if dims.tensor > 1 else None
 
-def sharded_params(model, table) -> Iterator[ShardedParam]:
+
+def sharded_params(model, table, dims) -> Iterator[ShardedParam]:
     """This rank's tensors under global names: every parameter, and the buffers `table` converts (rules with
-    buffer=True); the split axis is the rule's split_axis where it sets one, else the parameter's partition_dim."""
+    buffer=True); the split axis is the rule's split_axis where it sets one, else the parameter's partition_dim.
+    `dims`: the parallel.ParallelDims the model was built under (its tensor-parallel groups)."""
     for chunk in as_chunks(model):
         buffers = [item for item in chunk.named_buffers() if table.has_buffers()]
         for local_name, param in list(chunk.named_parameters()) + buffers:
@@ -87,9 +87,7 @@ def sharded_params(model, table) -> Iterator[ShardedParam]:
             if not isinstance(param, torch.nn.Parameter) and (rule is None or not rule.buffer):
                 continue
             split = getattr(param, "tensor_model_parallel", False)
-            group = _split_group(name) if split else None
-            if group is not None and torch.distributed.get_world_size(group) == 1:
-                group = None
+            group = _split_group(name, dims) if split else None
             axis = None
             if group is not None:
                 axis = rule.split_axis if rule is not None and rule.split_axis is not None else param.partition_dim

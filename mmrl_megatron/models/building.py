@@ -1,7 +1,7 @@
 """The one place a model is built: a family's megatron module for a config, and for a model directory
 (HF checkpoint or megatron checkpoint) with its weights loaded through the family's rule table.
 
-Call after parallel.init_model_parallel on every rank.
+Call on every rank after parallel.start_processes; what loads or exports weights takes its ParallelDims.
 """
 from typing import Mapping, Optional
 
@@ -48,14 +48,14 @@ def _build_unloaded_model(model_dir: str, role: str, dtype: Optional[str]):
     return build_model(model_config, hf_config, role)
 
 
-def build_model_from_dir(model_dir: str, role: str = "actor", device: Optional[torch.device] = None,
+def build_model_from_dir(model_dir: str, dims, role: str = "actor", device: Optional[torch.device] = None,
                          dtype: Optional[str] = None):
-    """This pipeline stage's model for an HF directory or a megatron checkpoint, with its weights loaded.
-    `dtype` defaults to the checkpoint's own precision."""
+    """This pipeline stage's model for an HF directory or a megatron checkpoint, with its weights loaded
+    (`dims`: the started parallel.ParallelDims). `dtype` defaults to the checkpoint's own precision."""
     model = _build_unloaded_model(model_dir, role, dtype)
     if device is not None:
         model.to(device)
-    load_model_weights(model, model_dir)
+    load_model_weights(model, model_dir, dims)
     return model
 
 
@@ -66,12 +66,13 @@ def build_meta_model(model_dir: str, role: str = "actor"):
         return _build_unloaded_model(model_dir, role, None)
 
 
-def load_model_weights(model, model_dir: str) -> None:
-    """Fill this rank's shards from an HF directory or a megatron checkpoint (either kind of model_dir)."""
+def load_model_weights(model, model_dir: str, dims) -> None:
+    """Fill this rank's shards (of a model built under the parallel.ParallelDims `dims`) from an HF directory or
+    a megatron checkpoint (either kind of model_dir)."""
     from ..convert.checkpoint_io import is_mcore_checkpoint, load_mcore_checkpoint
     from ..convert.loader import load_hf_into_model
 
     if is_mcore_checkpoint(model_dir):
-        load_mcore_checkpoint(model, model_dir)
+        load_mcore_checkpoint(model, model_dir, dims)
     else:
-        load_hf_into_model(model, model_dir, conversion_table(model))
+        load_hf_into_model(model, model_dir, conversion_table(model), dims)

@@ -28,24 +28,6 @@ from .building import build_meta_model, conversion_table
 from .hf_config import read_hf_config
 
 
-def init_conversion_ranks(tensor: int = 1, pipeline: int = 1) -> torch.device:
-    """Join the job (a single process when not launched by torchrun/Slurm) and build the TP/PP groups."""
-    from ..parallel import ParallelLayout, init_distributed, init_model_parallel, pick_device
-
-    device = pick_device()
-    if device.type == "cpu":
-        from ..parallel.cpu_support import enable_cpu_execution
-
-        enable_cpu_execution()
-    init_distributed(device)
-    world = dist.get_world_size()
-    if world % (tensor * pipeline):
-        raise CheckpointError(f"{world} ranks cannot hold tensor={tensor} x pipeline={pipeline}; launch a multiple "
-                              f"of {tensor * pipeline} ranks")
-    init_model_parallel(ParallelLayout(tensor=tensor, pipeline=pipeline, data=world // (tensor * pipeline)))
-    return device
-
-
 def _chunk_entries(sharded_state_dict, with_objects: bool):
     """The entries of a streamed model's sharded_state_dict whose tensors are in the current chunk; the
     model's non-tensor objects too when `with_objects` (they go with the first chunk)."""
@@ -75,18 +57,19 @@ def _streamed_chunks(model, max_chunk_bytes: int):
         yield index, chunks[index] if index < len(chunks) else []
 
 
-def convert_hf_to_mcore(hf_dir: str, out_dir: str, device: Optional[torch.device] = None,
+def convert_hf_to_mcore(hf_dir: str, out_dir: str, dims, device: Optional[torch.device] = None,
                         max_chunk_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """HF safetensors -> a megatron distributed checkpoint plus hf_dir's non-weight files in out_dir/hf
-    (collective over every rank), holding at most one chunk of max_chunk_bytes of the model at a time."""
+    (collective over every rank of the started parallel.ParallelDims `dims`), holding at most one chunk of
+    max_chunk_bytes of the model at a time."""
     _prepare_output_dir(out_dir)
     model = build_meta_model(hf_dir)
     count = 0
     for index, chunk in _streamed_chunks(model, max_chunk_bytes):
         with allocated(chunk, device or torch.device("cpu")):
-            load_hf_into_model(model, hf_dir, conversion_table(model))
+            load_hf_into_model(model, hf_dir, conversion_table(model), dims)
             sharded = _chunk_entries(model.sharded_state_dict(), with_objects=index == 0)
-            check_tensor_parallel_entries(sharded)
+            check_tensor_parallel_entries(sharded, dims)
             save_part(sharded, out_dir, index)
         count = index + 1
     if dist.is_initialized():
@@ -140,13 +123,13 @@ def check_no_unknown_tensors(sharded_state_dict, mcore_dir: str, prefix: str = "
                               "built from its hf/config.json has no place for: the config and the weights disagree")
 
 
-def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.device] = None,
+def convert_mcore_to_hf(mcore_dir: str, out_dir: str, dims, device: Optional[torch.device] = None,
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                         max_chunk_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
     """A megatron checkpoint (hf_to_mcore.py's, or a training run's: its actor) -> HF safetensors with the
     original names and dtype (config.json's), vocabulary padding removed, and the config/tokenizer/processor
-    files; rank 0 writes, every rank joins the gather. One chunk of max_chunk_bytes of the model is loaded at
-    a time. Returns the names written."""
+    files; rank 0 writes, every rank of the started parallel.ParallelDims `dims` joins the gather. One chunk of
+    max_chunk_bytes of the model is loaded at a time. Returns the names written."""
     if not is_mcore_checkpoint(mcore_dir):
         raise CheckpointError(f"{mcore_dir} is not a megatron distributed checkpoint (no metadata.json)")
     problem = damaged_file(mcore_dir)
@@ -155,7 +138,7 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.dev
     model = build_meta_model(mcore_dir)
     prefix = model_key_prefix(mcore_dir, model.sharded_state_dict())
     whole = model.sharded_state_dict(prefix=prefix)
-    check_tensor_parallel_entries(whole)
+    check_tensor_parallel_entries(whole, dims)
     check_checkpoint_matches(whole, mcore_dir)
     check_no_unknown_tensors(whole, mcore_dir, prefix)
 
@@ -164,7 +147,7 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, device: Optional[torch.dev
             with allocated(chunk, device or torch.device("cpu")):
                 sharded = _chunk_entries(model.sharded_state_dict(prefix=prefix), with_objects=False)
                 read_pieces(mcore_dir, model_pieces(sharded))
-                yield from iter_hf_tensors([model])
+                yield from iter_hf_tensors([model], dims)
 
     if is_writer_rank():
         names = write_hf_safetensors(in_published_dtype(named_tensors(), read_hf_config(mcore_dir)), out_dir,

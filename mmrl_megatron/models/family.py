@@ -38,7 +38,7 @@ class ModelFamily:
     """Everything that differs between model families, each part a function of the parsed config.
 
     geometry(hf_config) -> the family's typed view of config.json (flat 4.x or nested 5.x layouts).
-    build(model_config, geometry, role) -> this pipeline stage's megatron module (after init_model_parallel).
+    build(model_config, geometry, role) -> this pipeline stage's megatron module (after parallel.start_processes).
     conversion_rules(geometry, role) -> List[convert.rules.Rule]; aliases: (stored, canonical) HF prefixes.
     positions(geometry) -> PositionRule, the position ids the model scores with.
     media, load_image_processor(model_dir, data_config), load_video_processor (None: no videos).

@@ -269,10 +269,7 @@ def estimate(config: Config, dims: ModelDims, world_size: int, gpu_memory_gib: f
     lm, p, optim = dims.language, config.parallel, config.actor.optim
     shape = ModelShape(lm.layers, lm.heads, lm.kv_heads, lm.num_experts)
     data_parallel = validate_layout(config, world_size, shape)
-    expert_data_parallel = world_size // (p.pipeline * p.expert * (p.expert_tensor or p.tensor))
-    if expert_data_parallel < 1:
-        raise ConfigError(f"parallel.expert={p.expert} x expert_tensor={p.expert_tensor or p.tensor} x "
-                          f"pipeline={p.pipeline} needs more than the world size {world_size}; lower parallel.expert")
+    expert_data_parallel = world_size // (p.pipeline * p.expert * (p.expert_tensor or p.tensor))  # >= 1: validated
     param_bytes, state_bytes = weight_bytes(config.model.dtype), optimizer_state_bytes(config.model.dtype)
     dense_shards = data_parallel * p.context if optim.use_distributed_optimizer else 1
     expert_shards = expert_data_parallel if optim.use_distributed_optimizer else 1

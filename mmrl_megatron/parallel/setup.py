@@ -1,38 +1,13 @@
-"""Start torch.distributed and megatron-core's TP/PP/CP/EP/DP groups for one run."""
+"""Start a run's processes: the device, torch.distributed and megatron-core's groups, in one call."""
 import os
-from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from .dims import ParallelDims
 from .launcher_env import ProcessPlace, detect_process_place
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """The run's parallel sizes, validated by config.validate_layout before construction."""
-
-    tensor: int = 1
-    pipeline: int = 1
-    context: int = 1
-    expert: int = 1
-    expert_tensor: int = 1
-    data: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor * self.pipeline * self.context * self.data
-
-
-def layout_from_config(config, world_size: int, shape) -> ParallelLayout:
-    """The validated layout for `config` (a config.Config) on `world_size` ranks; raises ConfigError naming the key."""
-    from ..config.validate import validate_layout
-
-    data = validate_layout(config, world_size, shape)
-    p = config.parallel
-    return ParallelLayout(tensor=p.tensor, pipeline=p.pipeline, context=p.context, expert=p.expert,
-                          expert_tensor=p.expert_tensor or p.tensor, data=data)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -42,7 +17,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device, timeout_minutes: int = 30) -> ProcessPlace:
+def _join_job(device: torch.device, timeout_minutes: int = 30) -> ProcessPlace:
     """Join the job's process group (NCCL on GPU, gloo on CPU); a no-op if already joined."""
     place = detect_process_place()
     # NVLink multicast (NVLS) is off: it reserves GPU memory per communicator and is not needed here.
@@ -63,22 +38,33 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> Process
     return place
 
 
-def init_model_parallel(layout: ParallelLayout) -> None:
-    """Create megatron-core's groups; call after init_distributed on every rank."""
-    from megatron.core import parallel_state
+def seed_ranks(seed: int) -> None:
+    """The same CPU generator on every rank (replicated weights initialise alike on every tensor-parallel rank),
+    then megatron-core's per-rank streams (dropout, tensor-parallel initialisation); after the groups exist."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tensor,
-        pipeline_model_parallel_size=layout.pipeline,
-        context_parallel_size=layout.context,
-        expert_model_parallel_size=layout.expert,
-        expert_tensor_parallel_size=layout.expert_tensor,
-    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def start_processes(dims: ParallelDims, device: torch.device, seed: Optional[int] = None) -> ParallelDims:
+    """How every entry point (training, scoring, the converters, the benchmarks) starts: on the CPU redirect
+    megatron-core's CUDA calls (cpu_support.py), join the job (a single process when no launcher started it),
+    create megatron-core's groups for `dims` (replacing any this process had) and, given `seed`, seed_ranks.
+    Every rank calls it; returns `dims`, now holding its groups."""
+    if device.type == "cpu":
+        from .cpu_support import enable_cpu_execution
+
+        enable_cpu_execution()
+    _join_job(device)
+    dims._create_groups()
+    if seed is not None:
+        seed_ranks(seed)
+    return dims
 
 
 def shutdown() -> None:
+    """Destroy megatron-core's groups and leave the job (what start_processes made), if they exist."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():

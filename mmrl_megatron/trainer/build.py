@@ -1,6 +1,7 @@
 """Build every part of a run from a Config on this rank and hand them to the loop (trainer/loop.py).
 
-Order: devices and process groups -> layout validation -> models (actor, reference, critic) with their
+The caller has started the processes for the run's layout (parallel.start_processes with a ParallelDims, which
+every part that communicates is handed). Order: seeds -> models (actor, reference, critic) with their
 optimizers -> checkpoint resume -> data, rewards, rollout engine, weight bridge -> tracker.
 """
 import logging
@@ -15,7 +16,7 @@ from ..algorithms import advantage_estimator
 from ..config.schema import Config
 from ..models.family import position_rule
 from ..models.hf_config import read_hf_config
-from ..parallel import init_distributed, init_model_parallel, layout_from_config, pick_device
+from ..parallel import ParallelDims, seed_ranks
 from .checkpoint import Checkpointer, export_hf
 from .experience import ExperienceSources
 from .loop import Trainer, TrainerParts
@@ -28,17 +29,6 @@ from .warmup import supervised_samples, supervised_warmup
 
 logger = logging.getLogger(__name__)
 REFIT_PROBE_PROMPTS = 2  # prompts the engine decodes after each sync when it cannot return weights by name
-
-
-def start_processes(config: Config) -> torch.device:
-    """Pick the device, redirect megatron-core's CUDA calls on CPU, join the process group."""
-    device = pick_device(config.trainer.device)
-    if device.type == "cpu":
-        from ..parallel.cpu_support import enable_cpu_execution
-
-        enable_cpu_execution()
-    init_distributed(device)
-    return device
 
 
 def _total_optimizer_steps(config: Config) -> int:
@@ -70,7 +60,8 @@ def with_model_files(config: Config) -> Config:
     return replace(config, model=replace(config.model, hf_path=config.model.hf_path or hf_files_dir(checkpoint)))
 
 
-def load_model(config: Config, hf_config, role: str, device: torch.device, hf_path: Optional[str] = None):
+def load_model(config: Config, hf_config, role: str, device: torch.device, dims: ParallelDims,
+               hf_path: Optional[str] = None):
     """This pipeline stage's model for role ("actor" or "critic"), filled from hf_path (the critic's own HF
     directory), else model.mcore_checkpoint (an actor's weights: not the critic's), else model.hf_path."""
     from ..models import build_model, load_model_weights
@@ -78,11 +69,11 @@ def load_model(config: Config, hf_config, role: str, device: torch.device, hf_pa
     model = build_model(config.model, hf_config, role)
     model.to(device)
     checkpoint = config.model.mcore_checkpoint if role != "critic" else None
-    load_model_weights(model, hf_path or checkpoint or config.model.hf_path)
+    load_model_weights(model, hf_path or checkpoint or config.model.hf_path, dims)
     return model
 
 
-def build_role(name: str, model, config: Config, device: torch.device, optim_config=None,
+def build_role(name: str, model, config: Config, device: torch.device, dims: ParallelDims, optim_config=None,
                offload: bool = False) -> ModelRole:
     """Frozen when optim_config is None; otherwise DDP-wrapped with megatron-core's optimizer and schedule."""
     from megatron.core.utils import get_model_config
@@ -92,23 +83,21 @@ def build_role(name: str, model, config: Config, device: torch.device, optim_con
     if optim_config is None:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        return ModelRole(name, [model], device, offload_between_uses=offload)
+        return ModelRole(name, [model], device, dims, offload_between_uses=offload)
     chunks = wrap_for_data_parallel([model], transformer_config,
                                     optim_config.use_distributed_optimizer and device.type == "cuda")
     optimizer, scheduler = build_optimizer(chunks, optim_config, _total_optimizer_steps(config),
                                            config.model.dtype == "bfloat16", device)
-    return ModelRole(name, chunks, device, optimizer, scheduler)
+    return ModelRole(name, chunks, device, dims, optimizer, scheduler)
 
 
 def _unwrapped(chunks):
     return [getattr(chunk, "module", chunk) for chunk in chunks]
 
 
-def _parameter_count(chunks, device) -> float:
-    from megatron.core import parallel_state
-
+def _parameter_count(chunks, device, dims: ParallelDims) -> float:
     count = torch.tensor([float(sum(p.numel() for p in _unwrapped(chunks)[0].parameters()))], device=device)
-    dist.all_reduce(count, group=parallel_state.get_model_parallel_group())
+    dist.all_reduce(count, group=dims.model_parallel_group)
     return float(count)
 
 
@@ -130,15 +119,13 @@ def resolve_recompute(config: Config, device: torch.device) -> None:
                     gpu_gib)
 
 
-def build_trainer(config: Config, device: torch.device) -> Trainer:
-    """Every part of the run on this rank; resumes from the latest checkpoint when trainer.resume allows."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+def build_trainer(config: Config, dims: ParallelDims, device: torch.device) -> Trainer:
+    """Every part of the run on this rank, in the started layout `dims` (ParallelDims.from_config of `config`);
+    resumes from the latest checkpoint when trainer.resume allows."""
     from transformers import AutoTokenizer
 
     from ..algorithms.config_check import check_algorithm_config
     from ..bridge import WeightBridge
-    from ..config.validate import model_shape
     from ..data import PromptDataset
     from ..models.common.packing import pack_sequences
     from ..rewards import build_reward_function
@@ -149,28 +136,25 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
     config = with_model_files(config)
     trainer_config, algorithm = config.trainer, config.algorithm
     resolve_recompute(config, device)
-    layout = layout_from_config(config, dist.get_world_size(), model_shape(read_hf_config(config.model.hf_path)))
-    init_model_parallel(layout)
-    # identical CPU-initialised replicated weights on every tensor-parallel rank, then per-rank streams
-    torch.manual_seed(trainer_config.seed)
-    model_parallel_cuda_manual_seed(trainer_config.seed)
+    # seeded here rather than by start_processes: the demo assets built since then on rank 0 reseed torch's generator
+    seed_ranks(trainer_config.seed)
     hf_config = read_hf_config(config.model.hf_path)
 
-    actor = build_role("actor", load_model(config, hf_config, "actor", device), config, device, config.actor.optim)
+    actor = build_role("actor", load_model(config, hf_config, "actor", device, dims), config, device, dims,
+                       config.actor.optim)
     reference = None
     if algorithm.kl_coef > 0:
-        reference = build_role("reference", load_model(config, hf_config, "actor", device), config, device,
-                               offload=config.actor.offload_reference)
+        reference = build_role("reference", load_model(config, hf_config, "actor", device, dims), config, device,
+                               dims, offload=config.actor.offload_reference)
     critic = None
     if advantage_estimator(algorithm.advantage).needs_critic:
-        critic = build_role("critic", load_model(config, hf_config, "critic", device, config.critic.hf_path), config,
-                            device, config.critic.optim)
-    data_parallel = parallel_state.get_data_parallel_world_size()
-    dp_rank = parallel_state.get_data_parallel_rank()
+        critic = build_role("critic", load_model(config, hf_config, "critic", device, dims, config.critic.hf_path),
+                            config, device, dims, config.critic.optim)
+    data_parallel, dp_rank = dims.data, dims.data_parallel_rank
     dataset = PromptDataset(config.data.train_files, config.data, config.model.hf_path,
                             config.data.prompts_per_step // data_parallel, dp_rank, data_parallel, train=True)
     trainable = {"actor": actor, **({"critic": critic} if critic else {})}
-    checkpointer = Checkpointer(os.path.join(trainer_config.run_dir, "checkpoints"), trainable, TrainerState(),
+    checkpointer = Checkpointer(os.path.join(trainer_config.run_dir, "checkpoints"), trainable, TrainerState(), dims,
                                 dataset, config.model.hf_path, trainer_config.keep_last)
     resumed = checkpointer.resume(trainer_config.resume)
     if resumed:
@@ -185,7 +169,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     sources = ExperienceSources(prompts=iter(dataset), engine=engine, reward=reward, decode=decode, positions=positions,
-                                multi_turn=build_multi_turn(config, engine, dataset.processor, decode))
+                                dims=dims, multi_turn=build_multi_turn(config, engine, dataset.processor, decode))
     probe = None
     if config.rollout.verify_weight_sync and not engine.reads_weights_by_name:
         from .refit_probe import build_refit_probe
@@ -194,13 +178,13 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
         probe_prompts = next(iter(PromptDataset(config.data.train_files, config.data, config.model.hf_path,
                                                 REFIT_PROBE_PROMPTS, 0, 1, train=False)))
         probe = build_refit_probe(probe_prompts, actor, positions, pack_sequences, config.actor.micro_batch_tokens)
-    bridge = WeightBridge(_unwrapped(actor.chunks), engine, config.rollout.sync_bucket_mb << 20, probe=probe)
+    bridge = WeightBridge(_unwrapped(actor.chunks), engine, config.rollout.sync_bucket_mb << 20, dims, probe=probe)
     tracker = build_tracker(config.logging, trainer_config.run_dir, dist.get_rank() == 0,
                             resolved_config=asdict(config))
-    parts = TrainerParts(config=config, device=device, actor=actor, reference=reference, critic=critic,
+    parts = TrainerParts(config=config, device=device, dims=dims, actor=actor, reference=reference, critic=critic,
                          sources=sources, bridge=bridge, pack_sequences=pack_sequences, tracker=tracker,
                          checkpointer=checkpointer, dataset=dataset,
-                         parameter_count=_parameter_count(actor.chunks, device))
+                         parameter_count=_parameter_count(actor.chunks, device, dims))
     trainer = Trainer(parts)
     if config.data.val_files:
         validation = PromptDataset(config.data.val_files, config.data, config.model.hf_path,
@@ -221,7 +205,7 @@ def build_trainer(config: Config, device: torch.device) -> Trainer:
             config.actor.optim.grad_clip, config.actor.micro_batch_tokens, pack_sequences, make_samples,
             trainer.normaliser, progress))
     if trainer_config.export_hf:
-        parts.export = lambda: export_hf(_unwrapped(actor.chunks), config.model.hf_path,
+        parts.export = lambda: export_hf(_unwrapped(actor.chunks), dims, config.model.hf_path,
                                          os.path.join(trainer_config.run_dir, "hf_export"))
     return trainer
 

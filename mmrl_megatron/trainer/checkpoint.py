@@ -57,11 +57,8 @@ def _set_rng_state(state: Dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _layout_signature() -> str:
-    from megatron.core import parallel_state as ps
-
-    return (f"world={dist.get_world_size()},tp={ps.get_tensor_model_parallel_world_size()},"
-            f"pp={ps.get_pipeline_model_parallel_world_size()}")
+def _layout_signature(dims) -> str:
+    return f"world={dims.world_size},tp={dims.tensor},pp={dims.pipeline}"
 
 
 def _pointer_target(root: str) -> Optional[str]:
@@ -126,12 +123,14 @@ class Checkpointer:
     """Saves and loads the run's Stateful parts: the trainable roles (name -> ModelRole: model chunks, optimizer,
     scheduler), the TrainerState and the dataset (state_dict / load_state_dict; None: no data position)."""
 
-    def __init__(self, root: str, roles: Dict[str, object], trainer_state, dataset=None,
+    def __init__(self, root: str, roles: Dict[str, object], trainer_state, dims, dataset=None,
                  hf_dir: Optional[str] = None, keep_last: int = 0):
-        """`hf_dir`: the model directory the run started from; its config, tokenizer and processor files are
-        kept in every checkpoint's hf/, so tools/checkpoint_convert/mcore_to_hf.py exports a checkpoint alone.
-        `keep_last`: checkpoints kept, the newest (0: all)."""
+        """`dims`: the run's parallel.ParallelDims (started). `hf_dir`: the model directory the run started from;
+        its config, tokenizer and processor files are kept in every checkpoint's hf/, so
+        tools/checkpoint_convert/mcore_to_hf.py exports a checkpoint alone. `keep_last`: checkpoints kept, the
+        newest (0: all)."""
         self.root = root
+        self.dims = dims
         self.roles = roles
         self.trainer_state = trainer_state
         self.dataset = dataset
@@ -152,11 +151,11 @@ class Checkpointer:
 
     def save(self) -> str:
         """Every part at the trainer state's step; collective: every rank calls it. Returns the final directory."""
-        from megatron.core import dist_checkpointing, parallel_state
+        from megatron.core import dist_checkpointing
 
         step = self.trainer_state.step
         # every model-parallel rank of a data-parallel rank reads the same rows: the first one's position is kept
-        writes_data = self.dataset is not None and parallel_state.get_model_parallel_group().rank() == 0
+        writes_data = self.dataset is not None and self.dims.model_parallel_group.rank() == 0
         final = os.path.join(self.root, f"step_{step:08d}")
         temporary = final + ".tmp"
         if dist.get_rank() == 0:
@@ -169,15 +168,15 @@ class Checkpointer:
         dist.barrier()
         state = self._sharded_state(is_loading=False)
         # rank 0's common state is the one stored; data_parallel says which data_dp files it comes with
-        data_parallel = parallel_state.get_data_parallel_world_size() if self.dataset is not None else 0
+        data_parallel = self.dims.data if self.dataset is not None else 0
         state["common"] = dict(self.trainer_state.state_dict(),
                                schedulers={n: r.scheduler.state_dict() for n, r in self.roles.items()},
-                               layout=_layout_signature(), data_parallel=data_parallel)
+                               layout=_layout_signature(self.dims), data_parallel=data_parallel)
         dist_checkpointing.save(state, temporary)
         torch.save(_rng_state(), os.path.join(temporary, f"rng_rank{dist.get_rank():05d}.pt"))
         if writes_data:
             torch.save(self.dataset.state_dict(),
-                       os.path.join(temporary, f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt"))
+                       os.path.join(temporary, f"data_dp{self.dims.data_parallel_rank:05d}.pt"))
         dist.barrier()
         if dist.get_rank() == 0:
             write_manifest(temporary)
@@ -198,7 +197,7 @@ class Checkpointer:
         Collective. A damaged or incomplete checkpoint raises CheckpointError naming the bad file, the same
         message on every rank; the roles may then hold some of its tensors, which a later load replaces, while
         the trainer state and the dataset are untouched."""
-        from megatron.core import dist_checkpointing, parallel_state
+        from megatron.core import dist_checkpointing
 
         problem = _agree(damaged_file(path) if dist.get_rank() == 0 else None)
         if problem is not None:
@@ -213,9 +212,9 @@ class Checkpointer:
             raise CheckpointError(problem)
         common = loaded["common"]
         rng, problem = None, None
-        if common.get("layout") == _layout_signature():
+        if common.get("layout") == _layout_signature(self.dims):
             rng, problem = _read_state_file(os.path.join(path, f"rng_rank{dist.get_rank():05d}.pt"))
-        data_state, data_rank = None, parallel_state.get_data_parallel_rank()
+        data_state, data_rank = None, self.dims.data_parallel_rank
         data_path = os.path.join(path, f"data_dp{data_rank:05d}.pt")
         saved_ranks = common.get("data_parallel")
         # checkpoints from before data_parallel was recorded: the file is read when it is there
@@ -265,15 +264,15 @@ class Checkpointer:
         return None
 
 
-def export_hf(model_chunks, hf_source_dir: str, out_dir: str) -> Optional[str]:
-    """Write the actor as a Hugging Face directory (weights via convert.iter_hf_tensors in the source
-    config's dtype, in transformers' shard layout, the other files copied from the source checkpoint).
-    Collective; rank 0 writes. Returns out_dir on rank 0."""
+def export_hf(model_chunks, dims, hf_source_dir: str, out_dir: str) -> Optional[str]:
+    """Write the actor (built under the parallel.ParallelDims `dims`) as a Hugging Face directory (weights via
+    convert.iter_hf_tensors in the source config's dtype, in transformers' shard layout, the other files copied
+    from the source checkpoint). Collective; rank 0 writes. Returns out_dir on rank 0."""
     from ..convert import iter_hf_tensors
     from ..convert.checkpoint_io import copy_hf_side_files, hf_files_dir, in_published_dtype, write_hf_safetensors
     from ..models.hf_config import read_hf_config
 
-    named = iter_hf_tensors(model_chunks)
+    named = iter_hf_tensors(model_chunks, dims)
     if dist.get_rank() != 0:
         for _ in named:  # the gather is collective: every rank walks it
             pass

@@ -106,12 +106,10 @@ def _mean(answers: List[ScoredAnswer], attribute: str) -> float:
     return sum(float(getattr(answer, attribute)) for answer in answers) / len(answers)
 
 
-def per_source_metrics(answers: List[ScoredAnswer], task_metrics: TaskMetrics) -> Dict[str, float]:
-    """val/<data_source>/<key> over every data-parallel rank's answers; the same on every rank. RewardError on
-    every rank when any metric returned a non-number."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_data_parallel_group()
+def per_source_metrics(answers: List[ScoredAnswer], task_metrics: TaskMetrics, dims) -> Dict[str, float]:
+    """val/<data_source>/<key> over every data-parallel rank's answers (parallel.ParallelDims `dims`); the same on
+    every rank. RewardError on every rank when any metric returned a non-number."""
+    group = dims.data_parallel_group
     gathered: List = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, answers, group=group)
     by_source: Dict[str, List[ScoredAnswer]] = defaultdict(list)
@@ -155,6 +153,6 @@ def evaluate(batches: Iterable, sources: ExperienceSources, max_new_tokens: int,
                     answers.append(score_answer(prompt, sample, sources.decode,
                                                 task_metrics.get(prompt.data_source, [])))
     metrics = reduce_across_ranks(stats, {})
-    metrics.update(per_source_metrics(answers, task_metrics))
+    metrics.update(per_source_metrics(answers, task_metrics, sources.dims))
     dist.barrier()
     return metrics

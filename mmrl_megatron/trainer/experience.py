@@ -25,7 +25,8 @@ from .positions import trajectory_positions
 
 @dataclass
 class ExperienceSources:
-    """What steps 1-3 need: the prompt stream, engine, reward function, tokenizer and position rule."""
+    """What steps 1-3 need: the prompt stream, engine, reward function, tokenizer, position rule, and the
+    layout (parallel.ParallelDims, started: which ranks share this rank's prompts)."""
 
     prompts: Iterator[list]  # yields lists of data.PromptSample for this data-parallel rank
     engine: object  # rollout.RolloutEngine
@@ -34,24 +35,21 @@ class ExperienceSources:
     # (prompt ids, response length, image_grid_thw, second_per_grid_ts) -> [3, P + R] positions
     # (trainer.build.position_rule)
     positions: Callable[..., torch.Tensor]
+    dims: object
     multi_turn: Optional[object] = None  # rollout.multi_turn.MultiTurnRollout; None: one assistant turn
 
 
-def model_parallel_share(count: int) -> range:
+def model_parallel_share(count: int, dims) -> range:
     """This rank's contiguous slice of `count` items among the ranks of its model-parallel group."""
-    from megatron.core import parallel_state
-
-    size = parallel_state.get_model_parallel_group().size()
-    rank = parallel_state.get_model_parallel_group().rank()
+    group = dims.model_parallel_group
+    size, rank = group.size(), group.rank()
     per_rank, extra = divmod(count, size)
     start = rank * per_rank + min(rank, extra)
     return range(start, start + per_rank + (rank < extra))
 
 
-def _gather_over_model_parallel(items: list) -> list:
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_model_parallel_group()
+def _gather_over_model_parallel(items: list, dims) -> list:
+    group = dims.model_parallel_group
     if group.size() == 1:
         return items
     gathered = [None] * group.size()
@@ -62,7 +60,7 @@ def _gather_over_model_parallel(items: list) -> list:
 def generate_and_score(prompts: Sequence, sources: ExperienceSources, sampling: SamplingParams,
                        overlong_buffer: int, overlong_penalty: float, group_offset: int = 0) -> List[Sample]:
     """n scored Samples per prompt, ordered by (prompt, sample); identical on all ranks of a model-parallel group."""
-    share = model_parallel_share(len(prompts))
+    share = model_parallel_share(len(prompts), sources.dims)
     mine = [prompts[i] for i in share]
     requests = [RolloutRequest(prompt_ids=p.prompt_ids, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
                                images=p.images, prompt_text=p.prompt_text, second_per_grid_ts=p.second_per_grid_ts)
@@ -79,7 +77,7 @@ def generate_and_score(prompts: Sequence, sources: ExperienceSources, sampling: 
     scored = sources.reward.score_batch(items) if items else []
     records = [(share.start + r.request_index, r.sample_index, list(r.response_ids), list(r.logprobs), r.finish_reason,
                 s.score, s.accuracy, r.turns) for r, s in zip(results, scored)]
-    records = sorted(_gather_over_model_parallel(records), key=lambda record: record[:2])
+    records = sorted(_gather_over_model_parallel(records, sources.dims), key=lambda record: record[:2])
     samples = []
     for prompt_index, _, response_ids, logprobs, finish_reason, score, accuracy, turns in records:
         prompt = prompts[prompt_index]

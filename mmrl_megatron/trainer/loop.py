@@ -36,6 +36,7 @@ class TrainingError(RuntimeError):
 class TrainerParts:
     config: Config
     device: torch.device
+    dims: object  # parallel.ParallelDims, started
     actor: ModelRole
     reference: Optional[ModelRole]
     critic: Optional[ModelRole]
@@ -62,10 +63,8 @@ class Trainer:
 
     # -- steps 1-3 -----------------------------------------------------------------------------------
     def sampling(self, step: int) -> SamplingParams:
-        from megatron.core import parallel_state
-
         rollout = self.config.rollout
-        seed = self.config.trainer.seed * 1_000_003 + step * 1_009 + parallel_state.get_data_parallel_rank()
+        seed = self.config.trainer.seed * 1_000_003 + step * 1_009 + self.parts.dims.data_parallel_rank
         return SamplingParams(n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
                               max_new_tokens=rollout.max_new_tokens, stop=list(rollout.stop), seed=seed)
 
@@ -88,9 +87,10 @@ class Trainer:
 
     def score_with_models(self, micro_batches: List[MicroBatch], on_policy: bool) -> None:
         temperature = self.config.rollout.temperature or 1.0
+        tensor_group = self.parts.dims.tensor_group
 
         def logprobs(output, micro_batch):
-            return losses.response_logprobs(output, micro_batch, temperature)
+            return losses.response_logprobs(output, micro_batch, temperature, tensor_group)
 
         if not on_policy:
             self.parts.actor.score(micro_batches, logprobs, "old_logprobs")
@@ -130,12 +130,11 @@ class Trainer:
     # -- step 6 --------------------------------------------------------------------------------------
     def normaliser(self, samples: List[Sample]) -> losses.Normaliser:
         """Global trained response tokens and sequences divided by the data-parallel size (DDP averages gradients)."""
-        from megatron.core import parallel_state
-
+        dims = self.parts.dims
         totals = torch.tensor([float(sum(s.trained_tokens for s in samples)), float(len(samples))],
                               device=self.parts.device)
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        data_parallel = parallel_state.get_data_parallel_world_size()
+        dist.all_reduce(totals, group=dims.data_parallel_group)
+        data_parallel = dims.data
         return losses.Normaliser(tokens=float(totals[0]) / data_parallel, sequences=float(totals[1]) / data_parallel)
 
     def mini_batches(self, samples: List[Sample]) -> List[List[Sample]]:
@@ -149,6 +148,7 @@ class Trainer:
         """on_policy (on_policy_update): the old-policy pass was skipped; the update keeps its own log-probs."""
         stats = {}
         temperature = self.config.rollout.temperature or 1.0
+        tensor_group = self.parts.dims.tensor_group
         budget = self.config.actor.micro_batch_tokens
         for _ in range(self.config.actor.ppo_epochs):
             for mini_batch in self.mini_batches(samples):
@@ -156,7 +156,8 @@ class Trainer:
                 normaliser = self.normaliser(mini_batch)
                 actor_stats, grad_norm, stepped = self.parts.actor.train_step(
                     micro_batches,
-                    lambda output, mb: losses.actor_loss(output, mb, self.algorithm, temperature, normaliser),
+                    lambda output, mb: losses.actor_loss(output, mb, self.algorithm, temperature, normaliser,
+                                                         tensor_group),
                     self.config.actor.optim.grad_clip, keep=("old_logprobs",) if on_policy else ())
                 self.count_nonfinite(stepped, step)
                 add_stats(stats, actor_stats)
@@ -235,9 +236,8 @@ class Trainer:
         generated = float(sum(s.trained_tokens for s in samples))
         metrics = reduce_across_ranks(stats, maxima)
         totals = torch.tensor([tokens, generated], device=self.parts.device)
-        from megatron.core import parallel_state
-
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        data_parallel_group = self.parts.dims.data_parallel_group
+        dist.all_reduce(totals, group=data_parallel_group)
         finish_reward_std(metrics)
         scoring_passes = (not on_policy) + (self.parts.reference is not None) + (self.parts.critic is not None)
         train_passes = self.config.actor.ppo_epochs * (1 + (self.parts.critic is not None))
@@ -247,7 +247,7 @@ class Trainer:
         metrics.update(times)
         metrics.update(sync_metrics)
         # every model-parallel rank of a data-parallel rank reads the same rows; each rank scores its own share
-        metrics.update(summed_counters(self.parts.dataset.metrics(), parallel_state.get_data_parallel_group()))
+        metrics.update(summed_counters(self.parts.dataset.metrics(), data_parallel_group))
         metrics.update(summed_counters(self.parts.sources.reward.metrics()))
         metrics["train/nonfinite_skips"] = float(self.state.nonfinite_skips)
         return metrics

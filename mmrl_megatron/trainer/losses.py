@@ -28,15 +28,19 @@ def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-def response_logprobs(logits: torch.Tensor, micro_batch: MicroBatch, temperature: float) -> torch.Tensor:
-    """[B, L] log-probs of the response tokens under logits / temperature (TP-sharded vocabulary)."""
+def response_logprobs(logits: torch.Tensor, micro_batch: MicroBatch, temperature: float,
+                      tensor_group) -> torch.Tensor:
+    """[B, L] log-probs of the response tokens under logits / temperature, the vocabulary sharded over
+    `tensor_group` (ParallelDims.tensor_group; None: not sharded)."""
     logprobs_fn, _ = _vocab_parallel()
-    return micro_batch.response_view(logprobs_fn(_tempered(logits, temperature), micro_batch.labels))
+    return micro_batch.response_view(logprobs_fn(_tempered(logits, temperature), micro_batch.labels,
+                                                 group=tensor_group))
 
 
-def response_entropy(logits: torch.Tensor, micro_batch: MicroBatch, temperature: float) -> torch.Tensor:
+def response_entropy(logits: torch.Tensor, micro_batch: MicroBatch, temperature: float,
+                     tensor_group) -> torch.Tensor:
     _, entropy_fn = _vocab_parallel()
-    return micro_batch.response_view(entropy_fn(_tempered(logits, temperature)))
+    return micro_batch.response_view(entropy_fn(_tempered(logits, temperature), group=tensor_group))
 
 
 def _masked_stat(values: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +56,10 @@ class Normaliser:
 
 
 def actor_loss(logits: torch.Tensor, micro_batch: MicroBatch, config: AlgorithmConfig, temperature: float,
-               normaliser: Normaliser) -> Tuple[torch.Tensor, Stats]:
+               normaliser: Normaliser, tensor_group) -> Tuple[torch.Tensor, Stats]:
+    """The policy loss (with KL and entropy terms as configured); `tensor_group` as response_logprobs'."""
     mask = micro_batch.mask
-    logprobs = response_logprobs(logits, micro_batch, temperature)
+    logprobs = response_logprobs(logits, micro_batch, temperature, tensor_group)
     on_policy = "old_logprobs" not in micro_batch.samples[0].tensors  # the trainer skipped that pass (loop.py)
     old_logprobs = logprobs.detach() if on_policy else micro_batch.stacked("old_logprobs")
     advantages = micro_batch.stacked("advantages")
@@ -80,11 +85,11 @@ def actor_loss(logits: torch.Tensor, micro_batch: MicroBatch, config: AlgorithmC
         if not config.kl_in_reward:
             loss = loss + config.kl_coef * aggregate(kl)
     if config.entropy_coef > 0:
-        entropy = response_entropy(logits, micro_batch, temperature)
+        entropy = response_entropy(logits, micro_batch, temperature, tensor_group)
         loss = loss + aggregate(algorithms.entropy_bonus_loss(entropy, config.entropy_coef))
     else:
         with torch.no_grad():
-            entropy = response_entropy(logits, micro_batch, temperature)
+            entropy = response_entropy(logits, micro_batch, temperature, tensor_group)
     stats["actor/entropy"] = _masked_stat(entropy, mask)
     return loss, stats
 
@@ -99,8 +104,9 @@ def critic_loss(values: torch.Tensor, micro_batch: MicroBatch, value_clip, norma
     return loss, {"critic/value_loss": _masked_stat(per_token, mask)}
 
 
-def supervised_loss(logits: torch.Tensor, micro_batch: MicroBatch, normaliser: Normaliser) -> Tuple[torch.Tensor, Stats]:
+def supervised_loss(logits: torch.Tensor, micro_batch: MicroBatch, normaliser: Normaliser,
+                    tensor_group) -> Tuple[torch.Tensor, Stats]:
     """Negative log-likelihood of the response tokens (the warm-up on ground-truth answers)."""
-    logprobs = response_logprobs(logits, micro_batch, 1.0)
+    logprobs = response_logprobs(logits, micro_batch, 1.0, tensor_group)
     loss = algorithms.aggregate_loss(-logprobs, micro_batch.mask, "token_mean", normaliser.tokens)
     return loss, {"loss/sft": _masked_stat(-logprobs, micro_batch.mask)}

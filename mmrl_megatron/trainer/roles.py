@@ -26,23 +26,22 @@ def _model_forward(model, micro_batch: MicroBatch):
                  prompt_mask=micro_batch.prompt_mask, output_rows=micro_batch.output_rows)
 
 
-def _micro_batches_to_run(count: int, device: torch.device) -> int:
+def _micro_batches_to_run(count: int, device: torch.device, dims) -> int:
     """`count`, or with expert parallelism the largest count of any data-parallel rank (a collective)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_expert_model_parallel_world_size() == 1:
+    if dims.expert == 1:
         return count
     most = torch.tensor([count], device=device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=dims.data_parallel_group)
     return int(most.item())
 
 
 class ModelRole:
-    """Model chunks of this pipeline stage (DDP-wrapped when trainable) plus optimizer and schedule."""
+    """Model chunks of this pipeline stage (DDP-wrapped when trainable) plus optimizer and schedule; `dims` is
+    the parallel.ParallelDims they were built under."""
 
-    def __init__(self, name: str, chunks: List[torch.nn.Module], device: torch.device, optimizer=None,
+    def __init__(self, name: str, chunks: List[torch.nn.Module], device: torch.device, dims, optimizer=None,
                  scheduler=None, offload_between_uses: bool = False):
-        self.name, self.chunks, self.device = name, chunks, device
+        self.name, self.chunks, self.device, self.dims = name, chunks, device, dims
         self.optimizer, self.scheduler = optimizer, scheduler
         self.offload_between_uses = offload_between_uses and device.type == "cuda"
         if self.offload_between_uses:
@@ -68,7 +67,7 @@ class ModelRole:
             return
 
         def finalize_after_reading_routing(model_chunks, *args, **kwargs):
-            metrics = moe_routing_metrics(model_chunks)
+            metrics = moe_routing_metrics(model_chunks, self.dims)
             self._routing_stats = {key: (value, 1.0) for key, value in metrics.items()}
             return finalize(model_chunks, *args, **kwargs)
 
@@ -80,11 +79,10 @@ class ModelRole:
                 tensor.data = tensor.data.to(device, non_blocking=True)
 
     def _schedule(self, micro_batches: List[MicroBatch], output_fn, forward_only: bool) -> List:
-        from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         placed = [mb.to(self.device) for mb in micro_batches]
-        count = _micro_batches_to_run(len(placed), self.device)
+        count = _micro_batches_to_run(len(placed), self.device, self.dims)
         batches = iter([(mb, False) for mb in placed] + [(placed[-1], True)] * (count - len(placed)))
 
         def forward_step(data_iterator, model):
@@ -104,7 +102,7 @@ class ModelRole:
         finally:
             if self.offload_between_uses:
                 self._move_parameters(torch.device("cpu"))
-        return outputs[:len(placed)] if parallel_state.is_pipeline_last_stage() else []
+        return outputs[:len(placed)] if self.dims.is_last_stage else []
 
     @torch.no_grad()
     def score(self, micro_batches: List[MicroBatch], score_fn: ScoreFn, name: str) -> None:
@@ -120,18 +118,15 @@ class ModelRole:
     def _store_per_token(self, results: List[Dict], micro_batches: List[MicroBatch], names: Sequence[str]) -> None:
         """Move the per-token outputs `names` ([B, L] per micro-batch, on the last pipeline stage) into every
         stage's samples, with one device-to-host copy for the whole pass; `results` loses those keys."""
-        from megatron.core import parallel_state
-
         for name in names:
             per_micro_batch = []
             for index, micro_batch in enumerate(micro_batches):
                 values = results[index].pop(name) if results else torch.zeros(micro_batch.mask.shape,
                                                                                  device=self.device)
                 values = values.float().to(self.device).contiguous()
-                if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                if self.dims.pipeline > 1:
                     # values exist on the last stage; every stage needs them for advantages and metrics
-                    dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                   group=parallel_state.get_pipeline_model_parallel_group())
+                    dist.broadcast(values, src=self.dims.last_stage_rank, group=self.dims.pipeline_group)
                 per_micro_batch.append(values)
             host = torch.cat([values.flatten() for values in per_micro_batch]).cpu()
             offset = 0

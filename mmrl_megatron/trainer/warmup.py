@@ -32,8 +32,9 @@ def supervised_warmup(actor, prompts: Iterator, steps: int, lr: float, grad_clip
         samples = make_samples(next(prompts))
         micro_batches = build_micro_batches(samples, token_budget, pack_sequences)
         norm = normaliser(samples)
-        stats, grad_norm, _ = actor.train_step(micro_batches, lambda output, mb: supervised_loss(output, mb, norm),
-                                               grad_clip, lr_override=lr)
+        stats, grad_norm, _ = actor.train_step(
+            micro_batches, lambda output, mb: supervised_loss(output, mb, norm, actor.dims.tensor_group), grad_clip,
+            lr_override=lr)
         last = reduce_across_ranks(stats, {})
         if step % 10 == 0 or step == steps - 1:
             logger.info("warm-up step %d/%d: loss %.4f", step + 1, steps, last.get("loss/sft", float("nan")))

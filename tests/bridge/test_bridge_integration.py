@@ -49,7 +49,7 @@ def _perturb(model, amount: float) -> None:
             parameter.add_(amount)
 
 
-def _score_on_actor(model, hf_dir: str, requests, results) -> torch.Tensor:
+def _score_on_actor(model, dims, hf_dir: str, requests, results) -> torch.Tensor:
     """The actor's per-token log-probs of the engine's responses, through the trainer's scoring path."""
     from mmrl_megatron.models.hf_config import read_hf_config
     from mmrl_megatron.models.common.packing import pack_sequences
@@ -66,9 +66,9 @@ def _score_on_actor(model, hf_dir: str, requests, results) -> torch.Tensor:
                         pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw)
         sample.position_ids = positions(sample.prompt_ids, len(sample.response_ids), sample.image_grid_thw)
         samples.append(sample)
-    role = ModelRole("actor", [model], torch.device("cpu"))
+    role = ModelRole("actor", [model], torch.device("cpu"), dims)
     role.score(build_micro_batches(samples, 4096, pack_sequences),
-               lambda logits, batch: response_logprobs(logits, batch, 1.0), "logprobs")
+               lambda logits, batch: response_logprobs(logits, batch, 1.0, dims.tensor_group), "logprobs")
     return [sample.tensors["logprobs"] for sample in samples]
 
 
@@ -80,17 +80,18 @@ def _bridge_on_layouts(hf_dir: str, requests):
 
     from mmrl_megatron.bridge import WeightBridge
     from mmrl_megatron.models import build_model_from_dir
-    from mmrl_megatron.models.checkpoint_conversion import init_conversion_ranks
+    from mmrl_megatron.parallel import ParallelDims, start_processes
     from mmrl_megatron.rollout import SamplingParams
     from mmrl_megatron.rollout.embedded import EmbeddedEngine
 
     engine = EmbeddedEngine(hf_dir, torch.device("cpu"), dtype=torch.float32) if dist.get_rank() == 0 else None
     report = []
     for step, (tensor, pipeline) in enumerate(LAYOUTS):
-        init_conversion_ranks(tensor, pipeline)
-        model = build_model_from_dir(hf_dir)
+        dims = start_processes(ParallelDims(dist.get_world_size(), tensor=tensor, pipeline=pipeline),
+                               torch.device("cpu"))
+        model = build_model_from_dir(hf_dir, dims)
         get_model_config(model).variable_seq_lengths = True
-        bridge = WeightBridge([model], engine, bucket_bytes=BUCKET_BYTES)
+        bridge = WeightBridge([model], engine, bucket_bytes=BUCKET_BYTES, dims=dims)
         first = bridge.sync()
         verified_first = bridge.verify(num_tensors=None)
         _perturb(model, 1e-3 * (step + 1))
@@ -102,7 +103,7 @@ def _bridge_on_layouts(hf_dir: str, requests):
             results[0] = engine.generate(requests, SamplingParams(n=2, temperature=1.0, max_new_tokens=6,
                                                                   seed=step))
         dist.broadcast_object_list(results, src=0)
-        actor_logprobs = _score_on_actor(model, hf_dir, requests, results[0])
+        actor_logprobs = _score_on_actor(model, dims, hf_dir, requests, results[0])
         differences = [float((torch.tensor(result.logprobs) - mine).abs().max())
                        for result, mine in zip(results[0], actor_logprobs)]
         report.append({"layout": (tensor, pipeline), "tensors": (len(verified_first), len(verified_second)),

@@ -94,8 +94,9 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(path) == config
 
 
-def test_layout_from_config_fills_derived_sizes():
-    from mmrl_megatron.parallel import ParallelLayout, layout_from_config
+def test_parallel_dims_from_config_fill_derived_sizes():
+    from mmrl_megatron.parallel import ParallelDims, ParallelLayout
 
     config = load_config(None, ["parallel.tensor=2", "parallel.pipeline=2", "data.prompts_per_step=2"])
-    assert layout_from_config(config, 8, SHAPE) == ParallelLayout(tensor=2, pipeline=2, expert_tensor=2, data=2)
+    dims = ParallelDims.from_config(config, 8, SHAPE)
+    assert dims.layout == ParallelLayout(tensor=2, pipeline=2, expert_tensor=2, data=2)

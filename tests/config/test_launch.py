@@ -41,12 +41,12 @@ def assets(tmp_path):
 def launch(assets, monkeypatch, capsys):
     """launch/train.py's main on the demo config pointed at `assets`, as global rank `rank` of `world_size`;
     returns (exit status, stderr lines). start_processes raises ProcessesStarted."""
-    import mmrl_megatron.trainer.build as build
+    import mmrl_megatron.parallel as parallel
 
-    def refuse_to_start(config):
+    def refuse_to_start(dims, device, seed=None):
         raise ProcessesStarted()
 
-    monkeypatch.setattr(build, "start_processes", refuse_to_start)
+    monkeypatch.setattr(parallel, "start_processes", refuse_to_start)
 
     def run(*overrides, config=DEMO_CONFIG, rank=0, world_size=1):
         monkeypatch.setenv("RANK", str(rank))

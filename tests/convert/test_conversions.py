@@ -14,12 +14,13 @@ from tests.cpu_ranks import run_on_cpu_ranks
 def _round_trip(hf_dir: str, mcore_dir: str, back_dir: str):
     """HF -> megatron checkpoint -> HF on one rank; returns the dtypes of the megatron model's norm weights."""
     from mmrl_megatron.models import build_model_from_dir
-    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
+    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf
+    from mmrl_megatron.parallel import ParallelDims, start_processes
 
-    init_conversion_ranks()
-    convert_hf_to_mcore(hf_dir, mcore_dir)
-    convert_mcore_to_hf(mcore_dir, back_dir)
-    model = build_model_from_dir(mcore_dir)
+    dims = start_processes(ParallelDims(world_size=1), torch.device("cpu"))
+    convert_hf_to_mcore(hf_dir, mcore_dir, dims)
+    convert_mcore_to_hf(mcore_dir, back_dir, dims)
+    model = build_model_from_dir(mcore_dir, dims)
     return {str(parameter.dtype) for name, parameter in model.named_parameters() if "layernorm" in name}
 
 

@@ -83,6 +83,7 @@ def _megatron_logprobs(model, sequences, images: bool):
 
 def _run_layouts(hf_dir):
     """Per layout: names that failed the round trip, and the text and image log-probs (from one last-stage rank)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -92,18 +93,18 @@ def _run_layouts(hf_dir):
     from mmrl_megatron.models.kimi_vl import FAMILY
     from mmrl_megatron.models.kimi_vl.hf_config import kimi_vl_config_from_dict
     from mmrl_megatron.models.kimi_vl.build import build_kimi_vl_model
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, start_processes
 
     kimi, reader = kimi_vl_config_from_dict(read_hf_config(hf_dir)), HFCheckpoint(hf_dir)
     results = {}
     for tp, pp, ep, etp in LAYOUTS:
-        layout = ParallelLayout(tensor=tp, pipeline=pp, expert=ep, expert_tensor=etp)
-        init_model_parallel(layout)
+        layout = ParallelDims(dist.get_world_size(), tensor=tp, pipeline=pp, expert=ep, expert_tensor=etp)
+        dims = start_processes(layout, torch.device("cpu"))
         model_parallel_cuda_manual_seed(0)
-        model = build_kimi_vl_model(kimi, layout)
+        model = build_kimi_vl_model(kimi, dims.layout)
         table = FAMILY.rule_table(kimi)
-        load_hf_into_model(model, hf_dir, table)
-        exported = dict(iter_hf_tensors(model, table))
+        load_hf_into_model(model, hf_dir, table, dims)
+        exported = dict(iter_hf_tensors(model, dims, table))
         wrong = sorted(set(exported) ^ reader.names())
         wrong += [name for name in sorted(reader.names()) if name in exported and not torch.equal(exported[name],
                                                                                           reader.get(name))]
@@ -181,16 +182,19 @@ def test_round_trip_and_logprob_parity_on_every_layout(tiny_dir):
 def _streamed_round_trips(conversions, misfit_dir: str, scratch: str):
     """Per (HF dir, megatron dir, HF dir back): HF -> megatron checkpoint -> HF with the streamed converters
     at TP=2, in 32 KiB chunks; then the CheckpointError message of converting misfit_dir ('' if none)."""
-    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
-    from mmrl_megatron.convert.errors import CheckpointError
+    import torch.distributed as dist
 
-    init_conversion_ranks(tensor=2, pipeline=1)
+    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf
+    from mmrl_megatron.convert.errors import CheckpointError
+    from mmrl_megatron.parallel import ParallelDims, start_processes
+
+    dims = start_processes(ParallelDims(dist.get_world_size(), tensor=2), torch.device("cpu"))
     written = []
     for hf_dir, mcore_dir, back_dir in conversions:
-        convert_hf_to_mcore(hf_dir, mcore_dir, max_chunk_bytes=32 * 1024)
-        written.append(convert_mcore_to_hf(mcore_dir, back_dir, max_chunk_bytes=32 * 1024))
+        convert_hf_to_mcore(hf_dir, mcore_dir, dims, max_chunk_bytes=32 * 1024)
+        written.append(convert_mcore_to_hf(mcore_dir, back_dir, dims, max_chunk_bytes=32 * 1024))
     try:
-        convert_hf_to_mcore(misfit_dir, scratch)
+        convert_hf_to_mcore(misfit_dir, scratch, dims)
     except CheckpointError as error:
         return written, str(error)
     return written, ""

@@ -26,12 +26,12 @@ def _build(hf_dir: str, divisible_by: int):
                        config, "actor")
 
 
-def _load_error(model, hf_dir: str) -> str:
+def _load_error(model, hf_dir: str, dims) -> str:
     from mmrl_megatron.convert import CheckpointError, load_hf_into_model
     from mmrl_megatron.models import conversion_table
 
     try:
-        load_hf_into_model(model, hf_dir, conversion_table(model))
+        load_hf_into_model(model, hf_dir, conversion_table(model), dims)
     except CheckpointError as error:
         return str(error)
     return ""
@@ -54,16 +54,16 @@ def _round_trip_on_ranks(checkpoints, scratch: str):
     from mmrl_megatron.convert import iter_hf_tensors, load_hf_into_model
 
     from mmrl_megatron.models import conversion_table
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, start_processes
 
-    init_model_parallel(ParallelLayout(tensor=2, pipeline=2))
+    dims = start_processes(ParallelDims(dist.get_world_size(), tensor=2, pipeline=2), torch.device("cpu"))
     report = {}
     for hf_dir, divisible_by in checkpoints:
         model = _build(hf_dir, divisible_by)
-        load_hf_into_model(model, hf_dir, conversion_table(model))
+        load_hf_into_model(model, hf_dir, conversion_table(model), dims)
         expected = load_file(os.path.join(hf_dir, "model.safetensors"))
         names, mismatched = [], []
-        for name, tensor in iter_hf_tensors(model):
+        for name, tensor in iter_hf_tensors(model, dims):
             names.append(name)
             if name not in expected or not torch.equal(expected[name], tensor):
                 mismatched.append(name)
@@ -75,11 +75,11 @@ def _round_trip_on_ranks(checkpoints, scratch: str):
     own = os.path.join(scratch, f"rank{dist.get_rank()}")
     report["errors"] = {
         "missing": _load_error(model, _corrupt(hf_dir, own + "_missing",
-                                               lambda t: t.pop("model.layers.3.mlp.up_proj.weight"))),
+                                               lambda t: t.pop("model.layers.3.mlp.up_proj.weight")), dims),
         "shape": _load_error(model, _corrupt(hf_dir, own + "_shape", lambda t: t.update(
-            {"visual.blocks.0.attn.qkv.bias": torch.zeros(5)}))),
+            {"visual.blocks.0.attn.qkv.bias": torch.zeros(5)})), dims),
         "unknown": _load_error(model, _corrupt(hf_dir, own + "_unknown", lambda t: t.update(
-            {"model.layers.9.extra.weight": torch.zeros(2)}))),
+            {"model.layers.9.extra.weight": torch.zeros(2)})), dims),
     }
     return report
 

@@ -18,9 +18,9 @@ def next_tokens(ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def pipeline_logprobs(model, inputs, labels, seq_length: int, micro_batch_size: int):
-    """[B, S] log-probs of `labels` on the last pipeline stage (None elsewhere), via megatron's schedule."""
-    from megatron.core import parallel_state
+def pipeline_logprobs(model, dims, inputs, labels, seq_length: int, micro_batch_size: int):
+    """[B, S] log-probs of `labels` on the last pipeline stage (None elsewhere), via megatron's schedule;
+    `dims`: the started parallel.ParallelDims the model was built under."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from mmrl_megatron.models.common.logprobs import vocab_parallel_logprobs
@@ -29,7 +29,7 @@ def pipeline_logprobs(model, inputs, labels, seq_length: int, micro_batch_size: 
         output = model(*next(data_iterator))
 
         def loss(logits):
-            logprobs = vocab_parallel_logprobs(logits, labels)
+            logprobs = vocab_parallel_logprobs(logits, labels, group=dims.tensor_group)
             return logprobs.sum() * 0, {"logprobs": logprobs.detach()}
 
         return output, loss
@@ -38,4 +38,4 @@ def pipeline_logprobs(model, inputs, labels, seq_length: int, micro_batch_size: 
         stored = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter([inputs]), model=[model], num_microbatches=1,
             seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True)
-    return stored[0]["logprobs"] if parallel_state.is_pipeline_last_stage() else None
+    return stored[0]["logprobs"] if dims.is_last_stage else None

@@ -88,13 +88,13 @@ def _count_kernel_calls(hf_dir: str, sample_counts):
     from mmrl_megatron.convert import load_hf_into_model
     from mmrl_megatron.models import conversion_table
     from mmrl_megatron.models import build_model
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, start_processes
 
     with open(os.path.join(hf_dir, "config.json")) as handle:
         config = json.load(handle)
-    init_model_parallel(ParallelLayout())
+    dims = start_processes(ParallelDims(world_size=1), torch.device("cpu"))
     model = build_model(ModelConfig(hf_path=hf_dir, dtype="float32"), config, "actor").eval()
-    load_hf_into_model(model, hf_dir, conversion_table(model))
+    load_hf_into_model(model, hf_dir, conversion_table(model), dims)
     image_sample = make_samples(config)[0]
     monkeypatch = pytest.MonkeyPatch()
     stand_in = _use_stand_in(monkeypatch, ("window_size", "scale", "enable_gqa"))

@@ -31,9 +31,11 @@ def _gpt(sequence_parallel: bool):
 
 def _full_and_selected(sequence_parallel: bool):
     from mmrl_megatron.models.common.output_rows import OutputRows
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    import torch.distributed as dist
 
-    init_model_parallel(ParallelLayout(tensor=2))
+    from mmrl_megatron.parallel import ParallelDims, start_processes
+
+    start_processes(ParallelDims(dist.get_world_size(), tensor=2), torch.device("cpu"))
     model = _gpt(sequence_parallel)
     output_rows = OutputRows(model)
     tokens = torch.randint(0, 64, (1, TOKENS), generator=torch.Generator().manual_seed(1))

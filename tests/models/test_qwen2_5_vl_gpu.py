@@ -25,7 +25,7 @@ FP32_TOLERANCE = 2e-3
 BF16_RATIO, BF16_SLACK = 1.5, 2e-3
 
 
-def _megatron_logprobs(hf_dir: str, config: dict, samples, dtype: str):
+def _megatron_logprobs(hf_dir: str, config: dict, samples, dtype: str, dims):
     """Per-sample next-token log-probs from our model in `dtype`, one packed forward."""
     from mmrl_megatron.config.schema import ModelConfig
     from mmrl_megatron.convert import load_hf_into_model
@@ -34,7 +34,7 @@ def _megatron_logprobs(hf_dir: str, config: dict, samples, dtype: str):
     from mmrl_megatron.models.common.logprobs import vocab_parallel_logprobs
 
     model = build_model(ModelConfig(hf_path=hf_dir, dtype=dtype), config, "actor").cuda().eval()
-    load_hf_into_model(model, hf_dir, conversion_table(model))
+    load_hf_into_model(model, hf_dir, conversion_table(model), dims)
     ids, positions, params, (pixels, grids) = packed(samples)
     params.cu_seqlens_q = params.cu_seqlens_kv = params.cu_seqlens_q.cuda()
     ids, positions = ids.cuda(), positions.cuda()
@@ -43,7 +43,7 @@ def _megatron_logprobs(hf_dir: str, config: dict, samples, dtype: str):
     with torch.no_grad():
         logits = model(ids, positions, params, pixel_values=pixels.cuda().to(getattr(torch, dtype)),
                        image_grid_thw=grids)
-        logprobs = vocab_parallel_logprobs(logits, labels)[0].float().cpu()
+        logprobs = vocab_parallel_logprobs(logits, labels, group=dims.tensor_group)[0].float().cpu()
     del model
     torch.cuda.empty_cache()
     starts = [0]
@@ -64,7 +64,7 @@ def test_seven_b_widths_bf16_logprobs_match_transformers(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from mmrl_megatron.models.qwen2_5_vl.tiny import build_byte_tokenizer, tiny_config, write_preprocessor_config
-    from mmrl_megatron.parallel import ParallelLayout, init_distributed, init_model_parallel, shutdown
+    from mmrl_megatron.parallel import ParallelDims, shutdown, start_processes
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -85,11 +85,10 @@ def test_seven_b_widths_bf16_logprobs_match_transformers(tmp_path):
     hf_bf16 = hf_logprobs(hf_dir, samples, torch.bfloat16, device="cuda")
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29523", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    init_distributed(torch.device("cuda", 0))
-    init_model_parallel(ParallelLayout())
+    dims = start_processes(ParallelDims(world_size=1), torch.device("cuda", 0))
     try:
-        ours_fp32 = _megatron_logprobs(hf_dir, config, samples, "float32")
-        ours_bf16 = _megatron_logprobs(hf_dir, config, samples, "bfloat16")
+        ours_fp32 = _megatron_logprobs(hf_dir, config, samples, "float32", dims)
+        ours_bf16 = _megatron_logprobs(hf_dir, config, samples, "bfloat16", dims)
     finally:
         shutdown()
     record = {"device": torch.cuda.get_device_name(0), "shape": "qwen2.5-vl-7b widths, 2 layers",

@@ -37,9 +37,11 @@ def _loss_on_layout(tp: int, pp: int) -> float:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer import TransformerConfig
 
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    import torch.distributed as dist
 
-    init_model_parallel(ParallelLayout(tensor=tp, pipeline=pp))
+    from mmrl_megatron.parallel import ParallelDims, start_processes
+
+    start_processes(ParallelDims(dist.get_world_size(), tensor=tp, pipeline=pp), torch.device("cpu"))
     model_parallel_cuda_manual_seed(1)
     config = TransformerConfig(
         num_layers=NUM_LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=2,

@@ -56,14 +56,15 @@ def test_reward_model_in_reward_function(tiny_model_dir):
 def _score_through_experience(model_dir):
     """On one CPU rank: samples scored by generate_and_score with a reward-model reward, and the same responses
     judged from the rows' own chats and images."""
-    from megatron.core import parallel_state
+    import torch
 
     from mmrl_megatron.data.processor import PromptProcessor
+    from mmrl_megatron.parallel import ParallelDims, start_processes
     from mmrl_megatron.rollout import SamplingParams
     from mmrl_megatron.trainer.experience import ExperienceSources, generate_and_score
     from tests.trainer.stand_ins import StandInEngine, positions
 
-    parallel_state.initialize_model_parallel()
+    dims = start_processes(ParallelDims(world_size=1), torch.device("cpu"))
     data_config = DataConfig(max_prompt_length=4096)
     processor = PromptProcessor(model_dir, data_config)
     rows = [make_row("How many squares?", [png(56, 56)], "1", "s"), make_row("Describe.", [png(112, 56)], "2", "s"),
@@ -71,7 +72,7 @@ def _score_through_experience(model_dir):
     prompts = [processor.process(parse_row(row), index) for index, row in enumerate(rows)]
     reward = build_reward_function(RewardConfig(function="none", reward_model=model_dir), data_config)
     sources = ExperienceSources(prompts=iter([]), engine=StandInEngine(), reward=reward,
-                                decode=processor.tokenizer.decode, positions=positions)
+                                decode=processor.tokenizer.decode, positions=positions, dims=dims)
     samples = generate_and_score(prompts, sources, SamplingParams(n=2, max_new_tokens=4, seed=3), 0, 0.0)
     own_rows = [rows[sample.group] for sample in samples]
     judged = reward.score_batch([

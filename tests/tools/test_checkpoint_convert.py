@@ -64,22 +64,26 @@ def _export_and_mismatches(mcore_dir: str, out_dir: str, hf_dir: str, bad_mcore_
     hf_dir's, export the TP=2 x PP=2 checkpoint again at TP=1 (streamed, so the TP=1 pieces are read across
     the stored TP=2 chunks), then try each misfit checkpoint, whole and streamed. Returns (names written,
     differing tensors, errors, streamed errors)."""
+    import torch.distributed as dist
+
     from mmrl_megatron.convert import iter_hf_tensors
     from mmrl_megatron.models import build_model_from_dir
-    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf, init_conversion_ranks
+    from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore, convert_mcore_to_hf
+    from mmrl_megatron.parallel import ParallelDims, start_processes
 
-    init_conversion_ranks(tensor=2, pipeline=2)
-    written = convert_mcore_to_hf(mcore_dir, out_dir, max_chunk_bytes=64 * 1024)
+    world, device = dist.get_world_size(), torch.device("cpu")
+    dims = start_processes(ParallelDims(world, tensor=2, pipeline=2), device)
+    written = convert_mcore_to_hf(mcore_dir, out_dir, dims, max_chunk_bytes=64 * 1024)
     written_at_tp2_pp2 = f"{mcore_dir}_tp2pp2"
-    convert_hf_to_mcore(hf_dir, written_at_tp2_pp2, max_chunk_bytes=64 * 1024)
-    init_conversion_ranks(tensor=1, pipeline=1)  # every rank holds the whole model: every rank must notice
+    convert_hf_to_mcore(hf_dir, written_at_tp2_pp2, dims, max_chunk_bytes=64 * 1024)
+    dims = start_processes(ParallelDims(world), device)  # every rank holds the whole model: every rank must notice
     original = load_file(os.path.join(hf_dir, "model.safetensors"))
     differing = [(path, name) for path in (mcore_dir, written_at_tp2_pp2)
-                 for name, tensor in iter_hf_tensors([build_model_from_dir(path)])
+                 for name, tensor in iter_hf_tensors([build_model_from_dir(path, dims)], dims)
                  if not torch.equal(tensor, original[name])]
-    convert_mcore_to_hf(written_at_tp2_pp2, f"{out_dir}_from_tp2pp2", max_chunk_bytes=64 * 1024)
-    errors = [_error_of(build_model_from_dir, path) for path in list(bad_mcore_dirs) + list(bad_hf_dirs)]
-    streamed_errors = [_error_of(convert_mcore_to_hf, path, f"{path}_out") for path in bad_mcore_dirs]
+    convert_mcore_to_hf(written_at_tp2_pp2, f"{out_dir}_from_tp2pp2", dims, max_chunk_bytes=64 * 1024)
+    errors = [_error_of(build_model_from_dir, path, dims) for path in list(bad_mcore_dirs) + list(bad_hf_dirs)]
+    streamed_errors = [_error_of(convert_mcore_to_hf, path, f"{path}_out", dims) for path in bad_mcore_dirs]
     return written, differing, errors, streamed_errors
 
 

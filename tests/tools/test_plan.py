@@ -268,11 +268,12 @@ def _model_state_bytes(hf_config: dict, layouts):
 
     from mmrl_megatron.config.schema import ModelConfig
     from mmrl_megatron.models import build_model
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, detect_process_place, start_processes
 
     results = []
     for tensor, pipeline in layouts:
-        init_model_parallel(ParallelLayout(tensor=tensor, pipeline=pipeline))
+        start_processes(ParallelDims(detect_process_place().world_size, tensor=tensor, pipeline=pipeline),
+                        torch.device("cpu"))
         model = build_model(ModelConfig(dtype="bfloat16"), hf_config, "actor")
         ddp = DistributedDataParallel(get_model_config(model), DistributedDataParallelConfig(grad_reduce_in_fp32=True),
                                       model)
@@ -357,7 +358,7 @@ def test_training_estimate_within_15_percent_of_measured_peak(tmp_path, recomput
     model cut to 4 layers. Appends a JSON line to $PLAN_GPU_RESULTS when set."""
     import torch.distributed as dist
 
-    from mmrl_megatron.parallel import ParallelLayout, init_distributed, init_model_parallel, shutdown
+    from mmrl_megatron.parallel import ParallelDims, shutdown, start_processes
 
     tokens = 8192
     hf_config = _small_qwen_config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=4,
@@ -370,8 +371,7 @@ def test_training_estimate_within_15_percent_of_measured_peak(tmp_path, recomput
                                    vision_fullatt_block_indexes=[3])
     (tmp_path / "config.json").write_text(json.dumps(hf_config))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    init_distributed(torch.device("cuda", 0))
-    init_model_parallel(ParallelLayout())
+    start_processes(ParallelDims(world_size=1), torch.device("cuda", 0))
     try:
         measured = _measured_training_peak(hf_config, recompute, tokens)
     finally:

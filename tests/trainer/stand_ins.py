@@ -56,13 +56,14 @@ def pack_sequences(sequences: List[List[int]]):
     return torch.tensor([t for s in sequences for t in s]).unsqueeze(0), cu_seqlens, None
 
 
-def vocab_parallel_logprobs(logits, labels):
+def vocab_parallel_logprobs(logits, labels, group=None):
+    """megatron-core's cross-entropy over its own tensor-parallel group (the `group` the trainer passes)."""
     from megatron.core import tensor_parallel
 
     return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
 
 
-def vocab_parallel_entropy(logits):
+def vocab_parallel_entropy(logits, group=None):
     from megatron.core import tensor_parallel
 
     full = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float())
@@ -164,12 +165,11 @@ def stand_in_trainer(config, resume: bool = True):
     import os
 
     import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mmrl_megatron.algorithms import advantage_estimator
     from mmrl_megatron.bridge import WeightBridge
-    from mmrl_megatron.parallel import init_model_parallel, layout_from_config
+    from mmrl_megatron.parallel import ParallelDims, start_processes
     from mmrl_megatron.trainer.build import build_role
     from mmrl_megatron.trainer.checkpoint import Checkpointer
     from mmrl_megatron.trainer.experience import ExperienceSources
@@ -178,30 +178,30 @@ def stand_in_trainer(config, resume: bool = True):
     from mmrl_megatron.trainer.tracking import build_tracker
 
     use_stand_in_logprobs()
-    init_model_parallel(layout_from_config(config, dist.get_world_size(), None))
-    model_parallel_cuda_manual_seed(config.trainer.seed)
     device = torch.device("cpu")
-    actor = build_role("actor", stand_in_model("actor"), config, device, config.actor.optim)
-    reference = build_role("reference", stand_in_model("actor"), config, device) if config.algorithm.kl_coef else None
-    critic = (build_role("critic", stand_in_model("critic", seed=1), config, device, config.critic.optim)
+    dims = start_processes(ParallelDims.from_config(config, dist.get_world_size(), None), device)
+    model_parallel_cuda_manual_seed(config.trainer.seed)
+    actor = build_role("actor", stand_in_model("actor"), config, device, dims, config.actor.optim)
+    reference = (build_role("reference", stand_in_model("actor"), config, device, dims) if config.algorithm.kl_coef
+                 else None)
+    critic = (build_role("critic", stand_in_model("critic", seed=1), config, device, dims, config.critic.optim)
               if advantage_estimator(config.algorithm.advantage).needs_critic else None)
     roles = {"actor": actor, **({"critic": critic} if critic else {})}
-    data_parallel = parallel_state.get_data_parallel_world_size()
-    dataset = StandInDataset(config.data.prompts_per_step // data_parallel, parallel_state.get_data_parallel_rank())
-    checkpointer = Checkpointer(os.path.join(config.trainer.run_dir, "checkpoints"), roles, TrainerState(), dataset,
-                                keep_last=config.trainer.keep_last)
+    dataset = StandInDataset(config.data.prompts_per_step // dims.data, dims.data_parallel_rank)
+    checkpointer = Checkpointer(os.path.join(config.trainer.run_dir, "checkpoints"), roles, TrainerState(), dims,
+                                dataset, keep_last=config.trainer.keep_last)
     checkpointer.resume("auto" if resume else "never")
     engine = StandInEngine()
 
     def export(chunks):
         return [(name, parameter.detach()) for name, parameter in chunks[0].named_parameters()]
 
-    bridge = WeightBridge([getattr(c, "module", c) for c in actor.chunks], engine, 1 << 16, export=export,
+    bridge = WeightBridge([getattr(c, "module", c) for c in actor.chunks], engine, 1 << 16, dims, export=export,
                           check_names=False)
     sources = ExperienceSources(prompts=iter(dataset), engine=engine, reward=StandInReward(),
-                                decode=lambda ids: " ".join(map(str, ids)), positions=positions)
+                                decode=lambda ids: " ".join(map(str, ids)), positions=positions, dims=dims)
     tracker = build_tracker(config.logging, config.trainer.run_dir, dist.get_rank() == 0)
-    parts = TrainerParts(config=config, device=device, actor=actor, reference=reference, critic=critic,
+    parts = TrainerParts(config=config, device=device, dims=dims, actor=actor, reference=reference, critic=critic,
                          sources=sources, bridge=bridge, pack_sequences=pack_sequences, tracker=tracker,
                          checkpointer=checkpointer, dataset=dataset, parameter_count=1.0)
     return Trainer(parts)

@@ -25,9 +25,11 @@ def _first_step(config):
     """(initial actor weights, first-step metrics without timings) of a run built by build_trainer."""
     import torch
 
+    from mmrl_megatron.parallel import ParallelDims, start_processes
     from mmrl_megatron.trainer.build import build_trainer, close_trainer
 
-    trainer = build_trainer(config, torch.device("cpu"))
+    device = torch.device("cpu")
+    trainer = build_trainer(config, start_processes(ParallelDims.from_config(config, 1, None), device), device)
     try:
         weights = {name: p.detach().numpy().copy() for name, p in trainer.parts.actor.chunks[0].named_parameters()}
         trainer.sync_weights()  # what run() does before the first step
@@ -39,18 +41,19 @@ def _first_step(config):
 
 
 def _from_hf_and_from_converted(root: str):
+    import torch
+
     from mmrl_megatron.config import load_config
     from mmrl_megatron.models.checkpoint_conversion import convert_hf_to_mcore
     from mmrl_megatron.data.format import write_rows
     from mmrl_megatron.data.synthetic import make_rows
     from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, start_processes
 
     hf_dir, mcore_dir = f"{root}/hf_model", f"{root}/mcore_model"
     build_tiny_checkpoint(hf_dir, seed=3, **TINY)
     write_rows(f"{root}/train.parquet", make_rows(8, 0, "train"))
-    init_model_parallel(ParallelLayout())
-    convert_hf_to_mcore(hf_dir, mcore_dir)
+    convert_hf_to_mcore(hf_dir, mcore_dir, start_processes(ParallelDims(world_size=1), torch.device("cpu")))
     demo = os.path.join(ROOT, "yaml_configs", "demo_cpu.yaml")
     from_hf = _first_step(load_config(demo, _overrides(root, "hf") + [f"model.hf_path={hf_dir}"]))
     os.rename(hf_dir, f"{root}/hf_model_moved")  # the second run cannot read the HF directory at all

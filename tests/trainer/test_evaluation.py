@@ -49,22 +49,24 @@ class EchoEngine:
 
 
 def _evaluate_share(plug_ins: str):
+    import torch
     import torch.distributed as dist
 
     from mmrl_megatron.config import load_config
-    from mmrl_megatron.parallel import init_model_parallel, layout_from_config
+    from mmrl_megatron.parallel import ParallelDims, start_processes
     from mmrl_megatron.rewards.task_metrics import build_task_metrics
     from mmrl_megatron.trainer.evaluation import evaluate
     from mmrl_megatron.trainer.experience import ExperienceSources
     from tests.trainer.stand_ins import StandInReward, positions
 
-    init_model_parallel(layout_from_config(load_config(None, []), dist.get_world_size(), None))
+    dims = start_processes(ParallelDims.from_config(load_config(None, []), dist.get_world_size(), None),
+                           torch.device("cpu"))
     mine = [_prompt(i) for i in range(dist.get_rank(), PROMPTS, dist.get_world_size())]
     batches = [mine[start:start + 3] for start in range(0, len(mine), 3)]  # 3 batches on rank 0, 2 on rank 1
     metrics = build_task_metrics({"a": ["bleu", "exact_match", f"{plug_ins}:words"],
                                   "b": ["rouge", f"{plug_ins}:fragile"]}, "evaluation.metrics")
     sources = ExperienceSources(prompts=iter(()), engine=EchoEngine(), reward=StandInReward(),
-                                decode=lambda ids: " ".join(map(str, ids)), positions=positions)
+                                decode=lambda ids: " ".join(map(str, ids)), positions=positions, dims=dims)
     return evaluate(batches, sources, max_new_tokens=8, temperature=1.0, samples_per_prompt=2, task_metrics=metrics)
 
 

@@ -44,7 +44,7 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch
     from mmrl_megatron.models import conversion_table
     from mmrl_megatron.models import build_model
     from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
-    from mmrl_megatron.parallel import ParallelLayout, init_distributed, init_model_parallel, shutdown
+    from mmrl_megatron.parallel import ParallelDims, shutdown, start_processes
     from mmrl_megatron.trainer import losses
 
     hf_dir = build_tiny_checkpoint(str(tmp_path / "tiny"))
@@ -52,8 +52,7 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch
         config = json.load(handle)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29527", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     device = torch.device("cuda", 0)
-    init_distributed(device)
-    init_model_parallel(ParallelLayout())
+    dims = start_processes(ParallelDims(world_size=1), device)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(0)
@@ -66,7 +65,7 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch
             return fused_rope.compiled_rotary_pos_emb(t, freqs, **kwargs)
 
         monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", counted_rope)
-        load_hf_into_model(model, hf_dir, conversion_table(model))
+        load_hf_into_model(model, hf_dir, conversion_table(model), dims)
         micro_batch = _micro_batch(config).to(device)
         micro_batch.pixel_values = micro_batch.pixel_values.to(torch.bfloat16)
         algorithm = AlgorithmConfig(kl_coef=0.01, entropy_coef=0.001)
@@ -79,8 +78,8 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch
 
         def scoring_and_update():
             with torch.no_grad():
-                scores = losses.response_logprobs(forward(), micro_batch, 1.0)
-            loss, stats = losses.actor_loss(forward(), micro_batch, algorithm, 1.0, normaliser)
+                scores = losses.response_logprobs(forward(), micro_batch, 1.0, dims.tensor_group)
+            loss, stats = losses.actor_loss(forward(), micro_batch, algorithm, 1.0, normaliser, dims.tensor_group)
             loss.backward()
             return scores, loss, stats
 

@@ -51,14 +51,12 @@ def _kimi_trainer(config):
     import os
 
     import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mmrl_megatron.bridge import WeightBridge
     from mmrl_megatron.config.validate import model_shape
     from mmrl_megatron.models.hf_config import read_hf_config
     from mmrl_megatron.models.common.packing import pack_sequences
-    from mmrl_megatron.parallel import init_model_parallel, layout_from_config
+    from mmrl_megatron.parallel import ParallelDims, start_processes
     from mmrl_megatron.rollout import build_engine
     from mmrl_megatron.trainer.build import build_role, load_model
     from mmrl_megatron.trainer.checkpoint import Checkpointer
@@ -69,23 +67,22 @@ def _kimi_trainer(config):
     from tests.trainer.stand_ins import StandInReward
 
     hf_dir = config.model.hf_path
-    init_model_parallel(layout_from_config(config, dist.get_world_size(), model_shape(read_hf_config(hf_dir))))
-    torch.manual_seed(config.trainer.seed)
-    model_parallel_cuda_manual_seed(config.trainer.seed)
     hf_config, device = read_hf_config(hf_dir), torch.device("cpu")
-    actor = build_role("actor", load_model(config, hf_config, "actor", device), config, device, config.actor.optim)
-    reference = build_role("reference", load_model(config, hf_config, "actor", device), config, device)
+    dims = start_processes(ParallelDims.from_config(config, dist.get_world_size(), model_shape(hf_config)), device,
+                           config.trainer.seed)
+    actor = build_role("actor", load_model(config, hf_config, "actor", device, dims), config, device, dims,
+                       config.actor.optim)
+    reference = build_role("reference", load_model(config, hf_config, "actor", device, dims), config, device, dims)
     engine = build_engine(config, hf_dir, device)
-    data_parallel = parallel_state.get_data_parallel_world_size()
-    dataset = ImagePrompts(config.data.prompts_per_step // data_parallel, parallel_state.get_data_parallel_rank())
+    dataset = ImagePrompts(config.data.prompts_per_step // dims.data, dims.data_parallel_rank)
     sources = ExperienceSources(prompts=iter(dataset), engine=engine, reward=StandInReward(),
                                 decode=lambda ids: " ".join(map(str, ids)),
-                                positions=position_rule(hf_config, config.model.family))
-    bridge = WeightBridge([chunk.module for chunk in actor.chunks], engine, config.rollout.sync_bucket_mb << 20)
-    parts = TrainerParts(config=config, device=device, actor=actor, reference=reference, critic=None,
+                                positions=position_rule(hf_config, config.model.family), dims=dims)
+    bridge = WeightBridge([chunk.module for chunk in actor.chunks], engine, config.rollout.sync_bucket_mb << 20, dims)
+    parts = TrainerParts(config=config, device=device, dims=dims, actor=actor, reference=reference, critic=None,
                          sources=sources, bridge=bridge, pack_sequences=pack_sequences, tracker=RecordingTracker(),
                          checkpointer=Checkpointer(os.path.join(config.trainer.run_dir, "checkpoints"),
-                                                   {"actor": actor}, TrainerState(), dataset),
+                                                   {"actor": actor}, TrainerState(), dims, dataset),
                          dataset=dataset, parameter_count=1.0)
     return Trainer(parts)
 
@@ -104,8 +101,6 @@ def _count_micro_batches(role):
 
 def _three_grpo_steps(run_dir, hf_dir):
     """Run the loop, then compare the engine's tensors with the actor's export after the final sync."""
-    from megatron.core import parallel_state
-
     from mmrl_megatron.convert import iter_hf_tensors
     from mmrl_megatron.convert.hf_checkpoint import HFCheckpoint
     from tests.trainer.stand_ins import stand_in_config
@@ -118,14 +113,15 @@ def _three_grpo_steps(run_dir, hf_dir):
     micro_batch_counts = _count_micro_batches(trainer.parts.actor)
     trainer.run()
 
-    exported = dict(iter_hf_tensors([chunk.module for chunk in trainer.parts.actor.chunks]))
+    dims = trainer.parts.dims
+    exported = dict(iter_hf_tensors([chunk.module for chunk in trainer.parts.actor.chunks], dims))
     experts = sorted(name for name in exported if ".mlp.experts." in name)
     biases = sorted(name for name in exported if name.endswith("e_score_correction_bias"))
     in_engine = trainer.parts.sources.engine.get_weights(experts + biases)
     checkpoint = HFCheckpoint(hf_dir)
     return {
         "step": trainer.state.step, "metrics": trainer.parts.tracker.steps,
-        "dp_rank": parallel_state.get_data_parallel_rank(), "micro_batch_counts": micro_batch_counts,
+        "dp_rank": dims.data_parallel_rank, "micro_batch_counts": micro_batch_counts,
         "experts": len(experts),
         "engine_differs": [name for name in experts + biases if not torch.equal(in_engine[name], exported[name])],
         "trained_experts": sum(not torch.equal(exported[name], checkpoint.get(name)) for name in experts),

@@ -29,7 +29,7 @@ def _rollout_and_score(hf_dir: str):
     from mmrl_megatron.config.validate import model_shape
     from mmrl_megatron.models.hf_config import read_hf_config
     from mmrl_megatron.models.common.packing import pack_sequences
-    from mmrl_megatron.parallel import init_model_parallel, layout_from_config
+    from mmrl_megatron.parallel import ParallelDims, start_processes
     from mmrl_megatron.rollout import build_engine
     from mmrl_megatron.rollout.multi_turn import build_multi_turn
     from mmrl_megatron.trainer import losses
@@ -42,9 +42,9 @@ def _rollout_and_score(hf_dir: str):
     config = load_config(None, [f"model.hf_path={hf_dir}", "model.dtype=float32", "data.max_prompt_length=512",
                                 "rollout.multi_turn.environment=scripted", "rollout.multi_turn.max_turns=3",
                                 "rollout.multi_turn.max_total_tokens=600"])
-    init_model_parallel(layout_from_config(config, 1, model_shape(read_hf_config(hf_dir))))
     hf_config, device = read_hf_config(hf_dir), torch.device("cpu")
-    actor = build_role("actor", load_model(config, hf_config, "actor", device), config, device)
+    dims = start_processes(ParallelDims.from_config(config, 1, model_shape(hf_config)), device)
+    actor = build_role("actor", load_model(config, hf_config, "actor", device, dims), config, device, dims)
     engine = build_engine(config, hf_dir, device)
     engine.load_checkpoint()
     processor = processor_for(hf_dir)
@@ -55,10 +55,11 @@ def _rollout_and_score(hf_dir: str):
     reward = RecordingReward()
     multi_turn = build_multi_turn(config, engine, processor, decode)
     sources = ExperienceSources(prompts=iter(()), engine=engine, reward=reward, decode=decode,
-                                positions=position_rule(hf_config), multi_turn=multi_turn)
+                                positions=position_rule(hf_config), dims=dims, multi_turn=multi_turn)
     samples = generate_and_score(scripted_prompts(processor, image_replies()), sources, stopping_sampling(), 0, 0.0)
     actor.score(build_micro_batches(samples, 700, pack_sequences),
-                lambda output, micro_batch: losses.response_logprobs(output, micro_batch, 1.0), "old_logprobs")
+                lambda output, micro_batch: losses.response_logprobs(output, micro_batch, 1.0, dims.tensor_group),
+                "old_logprobs")
     return [(s.rollout_logprobs, s.tensors["old_logprobs"].tolist(), s.loss_mask, s.image_grid_thw.shape[0],
              s.response_ids) for s in samples], reward.texts, [decode(s.response_ids) for s in samples]
 

@@ -32,10 +32,10 @@ def _samples():
 
 
 def _plain_vocab_functions():
-    def logprobs(logits, labels):
+    def logprobs(logits, labels, group=None):
         return torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
-    def entropy(logits):
+    def entropy(logits, group=None):
         logp = torch.log_softmax(logits.float(), -1)
         return -(logp.exp() * logp).sum(-1)
 
@@ -52,7 +52,8 @@ def test_no_gradient_reaches_environment_tokens(monkeypatch, loss_agg):
     logits = torch.randn(1, micro_batch.num_tokens, VOCAB, requires_grad=True)
     config = AlgorithmConfig(kl_coef=0.1, entropy_coef=0.01, loss_agg=loss_agg, tis_cap=2.0)
     generated = sum(s.trained_tokens for s in samples)
-    loss, stats = losses.actor_loss(logits, micro_batch, config, 1.0, losses.Normaliser(generated, len(samples)))
+    loss, stats = losses.actor_loss(logits, micro_batch, config, 1.0, losses.Normaliser(generated, len(samples)),
+                                    None)
     loss.backward()
     touched = logits.grad.abs().sum(-1)[0] > 0
     expected = torch.zeros(micro_batch.num_tokens, dtype=torch.bool)

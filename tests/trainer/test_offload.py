@@ -131,13 +131,12 @@ def _trained_state(device: torch.device, offload: bool, distributed: bool, exper
 
 
 def _with_and_without_offload(device_name: str, distributed: bool, experts: int = 0):
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
-
-    import torch.distributed as dist
+    from mmrl_megatron.parallel import ParallelDims, detect_process_place, start_processes
 
     # with experts, expert-parallel over every rank (megatron-core keeps expert grads apart only then)
-    init_model_parallel(ParallelLayout(data=dist.get_world_size(), expert=dist.get_world_size() if experts else 1))
+    world = detect_process_place().world_size
     device = torch.device(device_name)
+    start_processes(ParallelDims(world, expert=world if experts else 1), device)
     return _trained_state(device, False, distributed, experts), _trained_state(device, True, distributed, experts)
 
 
@@ -232,15 +231,15 @@ def _offloaded_components(switch_overrides):
 
     from tests.trainer.stand_ins import stand_in_config
 
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, start_processes
     from mmrl_megatron.trainer import offload as offloading
     from mmrl_megatron.trainer.build import build_role
 
-    init_model_parallel(ParallelLayout())
     device, results = torch.device("cpu"), []
+    dims = start_processes(ParallelDims(world_size=1), device)
     for overrides in switch_overrides:
         config = stand_in_config("unused", list(overrides))
-        actor = build_role("actor", _gpt(device), config, device, config.actor.optim)
+        actor = build_role("actor", _gpt(device), config, device, dims, config.actor.optim)
         _train_one_step(actor.chunks, actor.optimizer, actor.scheduler, torch.randint(0, 64, (2, 16)))
         hooks = offloading.rollout_offload_for(SimpleNamespace(config=config, actor=actor, critic=None))
 
@@ -287,10 +286,9 @@ def test_round_trips_between_steps_train_bit_identically_on_gpu(distributed):
 
     import torch.distributed as dist
 
-    from mmrl_megatron.parallel import init_distributed, shutdown
+    from mmrl_megatron.parallel import shutdown
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29519", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    init_distributed(torch.device("cuda", 0))
     try:
         plain, offloaded = _with_and_without_offload("cuda", distributed)
         _assert_same_training(plain, offloaded)

@@ -21,11 +21,11 @@ class _ScalarReads(TorchDispatchMode):
 
 def _grad_norm_and_reads():
     from mmrl_megatron.config.schema import OptimizerConfig
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, start_processes
     from mmrl_megatron.trainer.optim import build_optimizer, wrap_for_data_parallel
 
-    init_model_parallel(ParallelLayout())
     device = torch.device("cpu")
+    start_processes(ParallelDims(world_size=1), device)
     model = _gpt(device)
     chunks = wrap_for_data_parallel([model], model.config, use_distributed_optimizer=False)
     optimizer, _ = build_optimizer(chunks, OptimizerConfig(), 1, bf16=False, device=device)

@@ -21,7 +21,7 @@ def _probe_differences(hf_dir: str):
     from mmrl_megatron.bridge.refit_check import check_refit
     from mmrl_megatron.config import load_config
     from mmrl_megatron.models.common.packing import pack_sequences
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, start_processes
     from mmrl_megatron.rollout import build_engine
     from mmrl_megatron.trainer.build import _unwrapped, build_role, load_model
     from mmrl_megatron.models.family import position_rule
@@ -30,15 +30,16 @@ def _probe_differences(hf_dir: str):
     config = load_config(None, [f"model.hf_path={hf_dir}", "model.dtype=float32", "trainer.device=cpu"])
     with open(os.path.join(hf_dir, "config.json")) as handle:
         hf_config = json.load(handle)
-    init_model_parallel(ParallelLayout())
     device = torch.device("cpu")
-    actor = build_role("actor", load_model(config, hf_config, "actor", device), config, device, config.actor.optim)
+    dims = start_processes(ParallelDims(world_size=1), device)
+    actor = build_role("actor", load_model(config, hf_config, "actor", device, dims), config, device, dims,
+                       config.actor.optim)
     engine = build_engine(config, hf_dir, device)
     prompts = [SimpleNamespace(prompt_ids=r.prompt_ids, pixel_values=r.pixel_values, image_grid_thw=r.image_grid_thw,
                                images=[], prompt_text="", second_per_grid_ts=[])
                for r in make_requests(AutoConfig.from_pretrained(hf_dir), [[1, 4, 4], None])]
     probe = build_refit_probe(prompts, actor, position_rule(hf_config, config.model.family), pack_sequences, 4096)
-    bridge = WeightBridge(_unwrapped(actor.chunks), engine, 1 << 20, probe=probe)
+    bridge = WeightBridge(_unwrapped(actor.chunks), engine, 1 << 20, dims, probe=probe)
     bridge.sync()
     faithful = check_refit(engine, probe)
     norm = next(name for name, _ in engine.model.named_parameters() if name.endswith("language_model.norm.weight"))

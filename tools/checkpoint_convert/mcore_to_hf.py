@@ -22,12 +22,13 @@ def main(argv=None) -> None:
                         help="most of the model held in memory at once, per rank (peak is about twice this)")
     args = parser.parse_args(argv)
 
-    from mmrl_megatron.models.checkpoint_conversion import convert_mcore_to_hf, init_conversion_ranks
-    from mmrl_megatron.parallel import shutdown
+    from mmrl_megatron.models.checkpoint_conversion import convert_mcore_to_hf
+    from mmrl_megatron.parallel import ParallelDims, detect_process_place, pick_device, shutdown, start_processes
 
-    device = init_conversion_ranks(args.tp, args.pp)
+    device = pick_device()
+    dims = start_processes(ParallelDims(detect_process_place().world_size, tensor=args.tp, pipeline=args.pp), device)
     try:
-        convert_mcore_to_hf(args.mcore_dir, args.out, device, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3),
+        convert_mcore_to_hf(args.mcore_dir, args.out, dims, device, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3),
                             max_chunk_bytes=int(args.max_chunk_gb * 1024 ** 3))
     finally:
         shutdown()

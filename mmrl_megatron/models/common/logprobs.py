@@ -15,13 +15,9 @@ import torch.distributed as dist
 from ...config.schema import DEFAULT_CHUNK_TOKENS
 
 
-def _tensor_parallel_group():
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    group = parallel_state.get_tensor_model_parallel_group()
-    return group if dist.get_world_size(group) > 1 else None
+def _sharded_over(group):
+    """The group the vocabulary is split over, None when it is not split (no group, or a group of one)."""
+    return group if group is not None and dist.get_world_size(group) > 1 else None
 
 
 def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
@@ -126,13 +122,13 @@ class _VocabParallelEntropy(torch.autograd.Function):
 
 def vocab_parallel_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor,
                             chunk_tokens: int = DEFAULT_CHUNK_TOKENS, group: Optional[object] = None) -> torch.Tensor:
-    """log p(labels) [...] (fp32) from logits [..., V/TP] sharded over the TP group (default megatron's)."""
-    group = group if group is not None else _tensor_parallel_group()
-    return _VocabParallelLogprobs.apply(logits_shard, labels.long(), chunk_tokens, group)
+    """log p(labels) [...] (fp32) from logits [..., V/TP] sharded over `group` (ParallelDims.tensor_group;
+    None: the logits hold the whole vocabulary)."""
+    return _VocabParallelLogprobs.apply(logits_shard, labels.long(), chunk_tokens, _sharded_over(group))
 
 
 def vocab_parallel_entropy(logits_shard: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                            group: Optional[object] = None) -> torch.Tensor:
-    """Entropy of softmax(logits) per token [...] (fp32), logits [..., V/TP] sharded over the TP group."""
-    group = group if group is not None else _tensor_parallel_group()
-    return _VocabParallelEntropy.apply(logits_shard, chunk_tokens, group)
+    """Entropy of softmax(logits) per token [...] (fp32), logits [..., V/TP] sharded over `group` (as
+    vocab_parallel_logprobs)."""
+    return _VocabParallelEntropy.apply(logits_shard, chunk_tokens, _sharded_over(group))

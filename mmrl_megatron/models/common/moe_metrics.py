@@ -21,22 +21,20 @@ def _router_counts(model_chunks) -> List[torch.Tensor]:
     return counts
 
 
-def moe_routing_metrics(model_chunks) -> Dict[str, float]:
-    """Collective over all ranks. Load ratio of a layer = tokens of its busiest expert / mean tokens per
-    expert (1.0 is perfect balance). Returns the worst layer's ratio, the mean over layers, the
-    dropped-token fraction (0: dropless routing) and the number of MoE layers counted."""
-    from megatron.core import parallel_state
-
+def moe_routing_metrics(model_chunks, dims) -> Dict[str, float]:
+    """Collective over all ranks of the parallel.ParallelDims `dims`. Load ratio of a layer = tokens of its
+    busiest expert / mean tokens per expert (1.0 is perfect balance). Returns the worst layer's ratio, the mean
+    over layers, the dropped-token fraction (0: dropless routing) and the number of MoE layers counted."""
     counts = _router_counts(model_chunks)
     ratios = torch.zeros(2)  # (sum of ratios, layers) on this stage
     worst = torch.zeros(1)
     if counts:
         stacked = torch.stack(counts)
-        dist.all_reduce(stacked, group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
+        dist.all_reduce(stacked, group=dims.tensor_and_data_parallel_group)
         per_layer = stacked.max(dim=-1).values / stacked.mean(dim=-1).clamp_min(1e-9)
         ratios = torch.tensor([per_layer.sum().item(), float(len(counts))])
         worst = per_layer.max().reshape(1).cpu()
-    pipeline = parallel_state.get_pipeline_model_parallel_group()
+    pipeline = dims.pipeline_group
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     ratios, worst = ratios.to(device), worst.to(device)
     if dist.get_world_size(pipeline) > 1:

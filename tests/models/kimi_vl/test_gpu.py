@@ -77,7 +77,7 @@ def test_kimi_vl_a3b_widths_forward_backward_on_one_gpu():
     and backward with an image at native resolution, and give finite gradients everywhere on one GPU."""
     import torch.distributed as dist
 
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel, shutdown
+    from mmrl_megatron.parallel import ParallelDims, shutdown, start_processes
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
@@ -85,7 +85,7 @@ def test_kimi_vl_a3b_widths_forward_backward_on_one_gpu():
     if not dist.is_initialized():
         dist.init_process_group("nccl", rank=0, world_size=1)
     try:
-        init_model_parallel(ParallelLayout())
+        start_processes(ParallelDims(world_size=1), torch.device("cuda", 0))
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(0)

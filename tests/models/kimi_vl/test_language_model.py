@@ -21,9 +21,9 @@ def _train_step(rate):
     from mmrl_megatron.models import build_model
     from mmrl_megatron.models.common.moe_metrics import moe_routing_metrics
     from mmrl_megatron.models.kimi_vl.tiny import tiny_config_dict
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, start_processes
 
-    init_model_parallel(ParallelLayout())
+    dims = start_processes(ParallelDims(world_size=1), torch.device("cpu"))
     model_parallel_cuda_manual_seed(0)
     torch.manual_seed(0)
     model = build_model(ModelConfig(dtype="float32", moe_router_bias_update_rate=rate), tiny_config_dict(),
@@ -38,7 +38,7 @@ def _train_step(rate):
     torch.log_softmax(logits.float(), dim=-1)[0, :-1].gather(-1, ids[0, 1:, None]).mean().backward()
     no_grad = [name for name, param in model.named_parameters() if param.requires_grad
                and (param.grad is None or not torch.isfinite(param.grad).all() or not param.grad.abs().sum() > 0)]
-    metrics = moe_routing_metrics([model])
+    metrics = moe_routing_metrics([model], dims)
     biases = [module.expert_bias for module in model.modules() if getattr(module, "expert_bias", None) is not None]
     before = [bias.clone() for bias in biases]
     _update_router_expert_bias([model], model.config)

@@ -28,12 +28,12 @@ def _build(hf_dir: str):
     return build_model(ModelConfig(hf_path=hf_dir, dtype="float32", make_vocab_size_divisible_by=1), config, "actor")
 
 
-def _load_error(model, hf_dir: str) -> str:
+def _load_error(model, hf_dir: str, dims) -> str:
     from mmrl_megatron.convert import CheckpointError, load_hf_into_model
     from mmrl_megatron.models import conversion_table
 
     try:
-        load_hf_into_model(model, hf_dir, conversion_table(model))
+        load_hf_into_model(model, hf_dir, conversion_table(model), dims)
     except CheckpointError as error:
         return str(error)
     return ""
@@ -55,16 +55,16 @@ def _round_trip_on_ranks(checkpoints, scratch: str):
 
     from mmrl_megatron.convert import iter_hf_tensors, load_hf_into_model
     from mmrl_megatron.models import conversion_table
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, start_processes
 
-    init_model_parallel(ParallelLayout(tensor=2, pipeline=2))
+    dims = start_processes(ParallelDims(dist.get_world_size(), tensor=2, pipeline=2), torch.device("cpu"))
     report = {}
     for hf_dir in checkpoints:
         model = _build(hf_dir)
-        load_hf_into_model(model, hf_dir, conversion_table(model))
+        load_hf_into_model(model, hf_dir, conversion_table(model), dims)
         expected = load_file(os.path.join(hf_dir, "model.safetensors"))
         names, mismatched = [], []
-        for name, tensor in iter_hf_tensors(model):
+        for name, tensor in iter_hf_tensors(model, dims):
             names.append(name)
             if name not in expected or not torch.equal(expected[name], tensor):
                 mismatched.append(name)
@@ -73,9 +73,9 @@ def _round_trip_on_ranks(checkpoints, scratch: str):
     own = os.path.join(scratch, f"rank{dist.get_rank()}")
     report["errors"] = {
         "missing": _load_error(model, _corrupt(checkpoints[0], own + "_missing", lambda t: t.pop(
-            "model.language_model.layers.3.self_attn.k_norm.weight"))),
+            "model.language_model.layers.3.self_attn.k_norm.weight")), dims),
         "shape": _load_error(model, _corrupt(checkpoints[0], own + "_shape", lambda t: t.update(
-            {"model.visual.deepstack_merger_list.1.norm.bias": torch.zeros(5)}))),
+            {"model.visual.deepstack_merger_list.1.norm.bias": torch.zeros(5)})), dims),
     }
     return report
 

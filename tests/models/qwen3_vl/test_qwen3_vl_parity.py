@@ -26,7 +26,7 @@ def _layouts_on_ranks(hf_dir: str, pad_id: int):
     from mmrl_megatron.config.schema import ModelConfig
     from mmrl_megatron.convert import load_hf_into_model
     from mmrl_megatron.models import build_model, conversion_table
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, detect_process_place, start_processes
 
     config = hf_config_of(hf_dir)
     samples = make_samples(config)
@@ -34,18 +34,19 @@ def _layouts_on_ranks(hf_dir: str, pad_id: int):
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     results = {}
     for tp, pp in LAYOUTS:
-        init_model_parallel(ParallelLayout(tensor=tp, pipeline=pp))
+        dims = start_processes(ParallelDims(detect_process_place().world_size, tensor=tp, pipeline=pp),
+                               torch.device("cpu"))
         torch.manual_seed(0)
         model_parallel_cuda_manual_seed(0)
         model = build_model(ModelConfig(hf_path=hf_dir, dtype="float32", make_vocab_size_divisible_by=1), config,
                             "actor")
-        load_hf_into_model(model, hf_dir, conversion_table(model))
+        load_hf_into_model(model, hf_dir, conversion_table(model), dims)
         model.eval()
         ids, positions, params, pixels, grids = packed(samples)
-        packed_lp = pipeline_logprobs(model, (ids, positions, params, pixels, grids), next_tokens(ids),
+        packed_lp = pipeline_logprobs(model, dims, (ids, positions, params, pixels, grids), next_tokens(ids),
                                        ids.shape[1], 1)
         pad_ids, pad_positions, pixels, grids = padded(samples, pad_id)
-        padded_lp = pipeline_logprobs(model, (pad_ids, pad_positions, None, pixels, grids), next_tokens(pad_ids),
+        padded_lp = pipeline_logprobs(model, dims, (pad_ids, pad_positions, None, pixels, grids), next_tokens(pad_ids),
                                        pad_ids.shape[1], pad_ids.shape[0])
         if packed_lp is None:
             continue
