@@ -39,14 +39,16 @@ def make_video_request(config, video_grid: List[int], image_grid: List[int], sec
     return RolloutRequest(ids, pixel_values, grid, second_per_grid_ts=[second_per_grid_t])
 
 
-def _hf_vision_inputs(model, request: RolloutRequest, sequence: List[int]) -> dict:
+def _hf_vision_inputs(model, request: RolloutRequest, sequence: List[int], given: List[bool]) -> dict:
     """transformers' image and video inputs for a request whose rows are images or videos in the order of
     their spans in `sequence` (the prompt, or a whole multi-turn conversation whose environment turns bring
-    images), told apart by the pad after each vision start."""
+    images), told apart by the pad after each vision start. Only tokens the model was given (`given`, per
+    token of sequence) open spans: a sampled token may carry the vision-start id as ordinary text."""
     if request.pixel_values is None:
         return {}
     ids = torch.tensor(sequence)
-    pads = ids[1:][ids[:-1] == model.config.vision_start_token_id]
+    starts = (ids[:-1] == model.config.vision_start_token_id) & torch.tensor(given[:-1])
+    pads = ids[1:][starts]
     is_video = pads == model.config.video_token_id
     patches = request.pixel_values.split(request.image_grid_thw.prod(-1).tolist())
     inputs = {}
@@ -65,12 +67,12 @@ def hf_logits(model, request: RolloutRequest, response_ids: List[int],
     """HF's own forward over prompt + response: fp32 logits predicting each response token [R, vocab].
     `given` marks response tokens the model was given (a multi-turn conversation's environment turns)."""
     input_ids = torch.tensor([list(request.prompt_ids) + list(response_ids)], device=model.device)
-    inputs = _hf_vision_inputs(model, request, input_ids[0].tolist())
+    given_mask = [True] * len(request.prompt_ids) + list(given or [False] * len(response_ids))
+    inputs = _hf_vision_inputs(model, request, input_ids[0].tolist(), given_mask)
     # transformers >= 5.2x derives M-RoPE positions from mm_token_type_ids; earlier releases from the ids.
     # Only pads the model was given are images' or videos': generated tokens are text whatever their ids.
     if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:
-        given_tokens = torch.tensor([True] * len(request.prompt_ids) + list(given or [False] * len(response_ids)),
-                                    device=model.device)[None]
+        given_tokens = torch.tensor(given_mask, device=model.device)[None]
         inputs["mm_token_type_ids"] = ((input_ids == model.config.image_token_id).int()
                                        + 2 * (input_ids == model.config.video_token_id).int()) * given_tokens
     with torch.no_grad():

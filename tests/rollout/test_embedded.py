@@ -9,6 +9,8 @@ from mmrl_megatron.config.schema import Config, EmbeddedEngineConfig
 from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint, load_tiny_tokenizer
 from mmrl_megatron.rollout import RolloutError, RolloutRequest, SamplingParams, build_engine
 from mmrl_megatron.rollout.embedded import EmbeddedEngine
+from mmrl_megatron.models.common.kv_cache import StaticKVCache
+from mmrl_megatron.rollout.embedded.generation import GenerationRun
 from mmrl_megatron.rollout.embedded.graphs import batch_bucket, kv_bucket
 from mmrl_megatron.models.qwen2_5_vl.embedded_vision import use_fast_vision_blocks
 from mmrl_megatron.rollout.embedded.weights import iter_checkpoint_buckets
@@ -133,6 +135,31 @@ def test_continuous_batching_matches_roomy_batch_when_sequences_end_early(checkp
     squeezed = tight.generate(requests * 2, sampling)[:len(roomy)]
     assert {len(r.response_ids) for r in roomy} != {12}  # some sequences really did end early
     for a, b in zip(squeezed, roomy):
+        assert (a.request_index, a.sample_index, a.response_ids, a.finish_reason) == \
+            (b.request_index, b.sample_index, b.response_ids, b.finish_reason)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
+def test_long_tail_moves_down_to_low_slots_and_keeps_every_result(checkpoint, requests, monkeypatch):
+    """Per-request budgets make a long tail: when the sequences still running would fit a smaller batch bucket,
+    they move down to the low slots (cache and sampling state), and every result equals the same call decoded
+    without moving (every step over the slots up to the highest running one)."""
+    budgets = [12, 2, 3, 2]
+    tailed = [dataclasses.replace(request, max_new_tokens=budget) for request, budget in zip(requests * 2, budgets)]
+    sampling = _sampling(n=2, temperature=1.0, max_new_tokens=5)
+    engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=8)
+    engine.load_checkpoint()
+    with monkeypatch.context() as patch:
+        patch.setattr(GenerationRun, "_compacted", lambda run, active: active)
+        expected = engine.generate(tailed, sampling)
+    moves = []
+    original = StaticKVCache.move_slots
+    monkeypatch.setattr(StaticKVCache, "move_slots",
+                        lambda cache, sources, targets: (moves.append(sources.tolist()), original(cache, sources, targets)))
+    moved = engine.generate(tailed, sampling)
+    assert moves  # the 12-token request's samples were left in high slots and moved down
+    assert [len(r.response_ids) for r in moved] == [budget for budget in budgets for _ in range(2)]
+    for a, b in zip(moved, expected):
         assert (a.request_index, a.sample_index, a.response_ids, a.finish_reason) == \
             (b.request_index, b.sample_index, b.response_ids, b.finish_reason)
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)

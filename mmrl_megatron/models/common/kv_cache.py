@@ -43,6 +43,16 @@ class StaticKVCache:
         self.cache_lens = torch.zeros(geometry.slots, dtype=torch.long, device=device)
         self.rope_deltas = torch.zeros(geometry.slots, dtype=torch.long, device=device)
 
+    def move_slots(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Move the sequences in slots `sources` to the free slots `targets` (keys, values and slot state);
+        the sources are left empty (length 0)."""
+        for layer in range(self.geometry.num_layers):
+            self.keys[layer][targets] = self.keys[layer][sources]
+            self.values[layer][targets] = self.values[layer][sources]
+        for state in (self.last_token, self.cache_lens, self.rope_deltas):
+            state[targets] = state[sources]
+        self.cache_lens[sources] = 0
+
     def fits(self, geometry: CacheGeometry) -> bool:
         """Whether this cache can serve `geometry` (same model, at least as many slots and tokens)."""
         own = self.geometry

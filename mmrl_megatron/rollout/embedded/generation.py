@@ -17,6 +17,7 @@ from ...models.common.kv_cache import StaticKVCache
 from ..sampling import sequence_seeds
 from ..types import RolloutResult, SamplingParams
 from .prompts import PreparedPrompt, collate_prefill
+from .graphs import batch_bucket
 from .slot_sampler import SlotSampler
 from .stopping import LENGTH, STOP, StopRules
 
@@ -99,13 +100,31 @@ class GenerationRun:
         self._check_finished(slot_list, slots)
 
     def _decode_step(self) -> None:
-        active = [slot for slot, sequence in enumerate(self.running) if sequence is not None]
+        active = self._compacted([slot for slot, sequence in enumerate(self.running) if sequence is not None])
         batch = active[-1] + 1
         kv_len = max(self.running[slot].cache_len for slot in active) + 1
         self.step(batch, kv_len)
         for slot in active:
             self.running[slot].cache_len += 1
         self._check_finished(active, torch.tensor(active, device=self.device))
+
+    def _compacted(self, active: List[int]) -> List[int]:
+        """The running slots, moved down to [0, len(active)) when that shrinks the step's batch bucket.
+
+        A step covers slots [0, highest running + 1): without moving, one long response left in a high slot
+        keeps every step of a long-tailed batch at full width (on an H200, 3B, the tail of an RL-shaped call
+        ran at the 256-slot step cost with a handful of sequences running)."""
+        slots = self.cache.geometry.slots
+        if batch_bucket(active[-1] + 1, slots) <= batch_bucket(len(active), slots):
+            return active
+        targets = [slot for slot in range(len(active)) if self.running[slot] is None]
+        sources = [slot for slot in active if slot >= len(active)]
+        source_index, target_index = (torch.tensor(slots_, device=self.device) for slots_ in (sources, targets))
+        self.cache.move_slots(source_index, target_index)
+        self.sampler.move_slots(source_index, target_index)
+        for source, target in zip(sources, targets):
+            self.running[target], self.running[source] = self.running[source], None
+        return list(range(len(active)))
 
     def _check_finished(self, slot_list: List[int], slots: torch.Tensor) -> None:
         """Retire the sequences in slot_list (`slots` on the device) that their last sampled token ended."""

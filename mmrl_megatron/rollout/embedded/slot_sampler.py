@@ -27,8 +27,12 @@ class SlotSampler:
         self.logprobs = torch.zeros(slots, width, dtype=torch.float32, device=device)
         self.rows = torch.arange(slots, device=device)
 
-    def fits(self, slots: int, width: int) -> bool:
-        return self.tokens.shape[0] >= slots and self.tokens.shape[1] >= width
+    def move_slots(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Move the sampling state of slots `sources` to `targets`; the sources become inactive."""
+        for state in (self.seeds, self.counters, self.budgets, self.active, self.tokens, self.logprobs):
+            state[targets] = state[sources]
+        self.active[sources] = False
+        self.counters[sources] = 0
 
     def accept(self, logits: torch.Tensor, rows: torch.Tensor, sampling: SamplingParams,
                cache: StaticKVCache) -> None:
