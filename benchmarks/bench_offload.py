@@ -238,9 +238,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else 80.0
     plans = {offload: estimate(config, dims, 1, gpu_gib) for offload, config in configs.items()}
 
-    setup_s, role = _timed(lambda: build_role("actor", build_model(configs[True].model, hf_config, "actor").to(device),
-                                              configs[True], device, parallel_dims, configs[True].actor.optim),
-                        device)
+    setup_s, role = _timed(lambda: build_role(
+        "actor", build_model(configs[True].model, hf_config, parallel_dims, "actor").to(device), configs[True],
+        device, parallel_dims, configs[True].actor.optim), device)
     # the colocated engine's weights, held for the whole step (rollout.embedded.offload_weights=false)
     engine_weights = torch.ones(int(plans[True].stages[0].rollout["engine weights"]) // 2, dtype=torch.bfloat16,
                                 device=device)

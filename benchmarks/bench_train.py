@@ -215,7 +215,7 @@ def build_our_actor(config: dict, dtype: str, device: torch.device, dims):
     from mmrl_megatron.trainer.build import build_role
 
     model_config = ModelConfig(dtype=dtype, attention_backend="sdpa", freeze_vision_tower=True, freeze_merger=True)
-    model = build_model(model_config, config, "actor").to(device)
+    model = build_model(model_config, config, dims, "actor").to(device)
     # copies: on the CPU .cpu() would alias the parameters, which our optimizer then updates in place
     weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in iter_hf_tensors(model, dims)
                if not name.startswith("visual.")}

@@ -19,10 +19,6 @@ LAYERS = [{"trainer"}, {"rollout", "bridge", "algorithms", "rewards", "data"}, {
 RANK = {package: depth for depth, packages in enumerate(LAYERS) for package in packages}
 CONFIG_READER = "models/hf_config.py"
 PARALLEL_STATE = "megatron.core.parallel_state"
-# Being restructured in another branch when ParallelDims arrived; they still read megatron's groups themselves.
-# The integrator threads a ParallelDims into the families' build and removes this list.
-PARALLEL_STATE_READERS_LEFT = {f"models/{family}/{part}.py" for family in ("qwen2_5_vl", "qwen3_vl", "kimi_vl")
-                               for part in ("model", "build")}
 
 
 def _modules():
@@ -119,7 +115,7 @@ def _parallel_state_imports(node) -> bool:
 
 def parallel_state_readers():
     return [f"mmrl_megatron/{relative}:{node.lineno}" for relative, tree in _modules()
-            if relative.split(os.sep)[0] != "parallel" and relative not in PARALLEL_STATE_READERS_LEFT
+            if relative.split(os.sep)[0] != "parallel"
             for node in ast.walk(tree)
             if isinstance(node, (ast.Import, ast.ImportFrom)) and _parallel_state_imports(node)]
 
@@ -140,7 +136,7 @@ def test_config_json_is_read_in_one_place():
 
 
 def test_parallel_state_is_read_only_in_parallel():
-    """Invariant: outside parallel/ (and the files listed as left) no module imports megatron's parallel_state;
+    """Invariant: outside parallel/ no module imports megatron's parallel_state;
     ranks, sizes and groups come from the ParallelDims passed in."""
     assert parallel_state_readers() == []
 

@@ -4,8 +4,9 @@
     python tools/plan.py --config yaml_configs/grpo_qwen25vl_7b.yaml --model /ckpt/Qwen2.5-VL-7B-Instruct
 
 The model's dimensions come from --model (a checkpoint directory, a config.json or a built-in name:
-qwen2.5-vl-3b/7b/32b/72b, kimi-vl-a3b), else from model.hf_path (its config.json when present, else the
-built-in shape its name contains), so no checkpoint is needed. Exit status: 0 fits, 1 does not, 2 error.
+qwen2.5-vl-3b/7b/32b/72b, kimi-vl-a3b, qwen3-vl-2b/4b/8b/32b), else from model.hf_path (its config.json when
+present, else the built-in shape its name contains), so no checkpoint is needed. Exit status: 0 fits, 1 does
+not, 2 error.
 """
 import argparse
 import sys

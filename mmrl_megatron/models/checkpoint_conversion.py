@@ -63,7 +63,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dims, device: Optional[torch.
     (collective over every rank of the started parallel.ParallelDims `dims`), holding at most one chunk of
     max_chunk_bytes of the model at a time."""
     _prepare_output_dir(out_dir)
-    model = build_meta_model(hf_dir)
+    model = build_meta_model(hf_dir, dims)
     count = 0
     for index, chunk in _streamed_chunks(model, max_chunk_bytes):
         with allocated(chunk, device or torch.device("cpu")):
@@ -135,7 +135,7 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, dims, device: Optional[tor
     problem = damaged_file(mcore_dir)
     if problem is not None:
         raise CheckpointError(problem)
-    model = build_meta_model(mcore_dir)
+    model = build_meta_model(mcore_dir, dims)
     prefix = model_key_prefix(mcore_dir, model.sharded_state_dict())
     whole = model.sharded_state_dict(prefix=prefix)
     check_tensor_parallel_entries(whole, dims)

@@ -38,7 +38,8 @@ class ModelFamily:
     """Everything that differs between model families, each part a function of the parsed config.
 
     geometry(hf_config) -> the family's typed view of config.json (flat 4.x or nested 5.x layouts).
-    build(model_config, geometry, role) -> this pipeline stage's megatron module (after parallel.start_processes).
+    build(model_config, geometry, dims, role) -> this rank's pipeline stage of the started parallel.ParallelDims
+    `dims`, a megatron module.
     conversion_rules(geometry, role) -> List[convert.rules.Rule]; aliases: (stored, canonical) HF prefixes.
     positions(geometry) -> PositionRule, the position ids the model scores with.
     media, load_image_processor(model_dir, data_config), load_video_processor (None: no videos).
@@ -50,7 +51,7 @@ class ModelFamily:
 
     model_type: str
     geometry: Callable[[Mapping], Any]
-    build: Callable[[Any, Any, str], torch.nn.Module]
+    build: Callable[[Any, Any, Any, str], torch.nn.Module]
     conversion_rules: Callable[[Any, str], List]
     positions: Callable[[Any], PositionRule]
     media: MediaMarkup

@@ -12,7 +12,7 @@ from ..config.schema import Config, ParallelConfig
 from ..config.validate import ModelShape, validate_layout, validate_parallel
 
 # the megatron-core groups the project uses, by their ProcessGroupCollection names
-_GROUP_NAMES = ("tp", "pp", "mp", "expt_tp", "dp", "tp_dp_cp")
+_GROUP_NAMES = ("tp", "pp", "mp", "expt_tp", "tp_ep", "dp", "tp_dp_cp")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,11 @@ class ParallelDims:
     def expert_tensor_group(self):
         """The ranks a routed expert's weights are split over."""
         return self._group("expt_tp")
+
+    @property
+    def expert_tensor_and_expert_group(self):
+        """Expert-tensor x expert-parallel ranks: what megatron's all-gather token dispatcher gathers over."""
+        return self._group("tp_ep")
 
     @property
     def pipeline_group(self):

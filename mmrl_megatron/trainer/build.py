@@ -66,7 +66,7 @@ def load_model(config: Config, hf_config, role: str, device: torch.device, dims:
     directory), else model.mcore_checkpoint (an actor's weights: not the critic's), else model.hf_path."""
     from ..models import build_model, load_model_weights
 
-    model = build_model(config.model, hf_config, role)
+    model = build_model(config.model, hf_config, dims, role)
     model.to(device)
     checkpoint = config.model.mcore_checkpoint if role != "critic" else None
     load_model_weights(model, hf_path or checkpoint or config.model.hf_path, dims)

@@ -101,7 +101,7 @@ def _run_layouts(hf_dir):
         layout = ParallelDims(dist.get_world_size(), tensor=tp, pipeline=pp, expert=ep, expert_tensor=etp)
         dims = start_processes(layout, torch.device("cpu"))
         model_parallel_cuda_manual_seed(0)
-        model = build_kimi_vl_model(kimi, dims.layout)
+        model = build_kimi_vl_model(kimi, dims)
         table = FAMILY.rule_table(kimi)
         load_hf_into_model(model, hf_dir, table, dims)
         exported = dict(iter_hf_tensors(model, dims, table))

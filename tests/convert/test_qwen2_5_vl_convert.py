@@ -12,7 +12,7 @@ from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
 from tests.cpu_ranks import run_on_cpu_ranks
 
 
-def _build(hf_dir: str, divisible_by: int):
+def _build(hf_dir: str, divisible_by: int, dims):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mmrl_megatron.config.schema import ModelConfig
@@ -23,7 +23,7 @@ def _build(hf_dir: str, divisible_by: int):
     with open(os.path.join(hf_dir, "config.json")) as handle:
         config = json.load(handle)
     return build_model(ModelConfig(hf_path=hf_dir, dtype="float32", make_vocab_size_divisible_by=divisible_by),
-                       config, "actor")
+                       config, dims, "actor")
 
 
 def _load_error(model, hf_dir: str, dims) -> str:
@@ -59,7 +59,7 @@ def _round_trip_on_ranks(checkpoints, scratch: str):
     dims = start_processes(ParallelDims(dist.get_world_size(), tensor=2, pipeline=2), torch.device("cpu"))
     report = {}
     for hf_dir, divisible_by in checkpoints:
-        model = _build(hf_dir, divisible_by)
+        model = _build(hf_dir, divisible_by, dims)
         load_hf_into_model(model, hf_dir, conversion_table(model), dims)
         expected = load_file(os.path.join(hf_dir, "model.safetensors"))
         names, mismatched = [], []
@@ -71,7 +71,7 @@ def _round_trip_on_ranks(checkpoints, scratch: str):
                               vocab_rows=model.language_model.embedding.word_embeddings.weight.shape[0]
                               if model.pre_process else None)
     hf_dir = checkpoints[0][0]
-    model = _build(hf_dir, checkpoints[0][1])
+    model = _build(hf_dir, checkpoints[0][1], dims)
     own = os.path.join(scratch, f"rank{dist.get_rank()}")
     report["errors"] = {
         "missing": _load_error(model, _corrupt(hf_dir, own + "_missing",

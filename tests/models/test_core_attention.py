@@ -93,7 +93,7 @@ def _count_kernel_calls(hf_dir: str, sample_counts):
     with open(os.path.join(hf_dir, "config.json")) as handle:
         config = json.load(handle)
     dims = start_processes(ParallelDims(world_size=1), torch.device("cpu"))
-    model = build_model(ModelConfig(hf_path=hf_dir, dtype="float32"), config, "actor").eval()
+    model = build_model(ModelConfig(hf_path=hf_dir, dtype="float32"), config, dims, "actor").eval()
     load_hf_into_model(model, hf_dir, conversion_table(model), dims)
     image_sample = make_samples(config)[0]
     monkeypatch = pytest.MonkeyPatch()

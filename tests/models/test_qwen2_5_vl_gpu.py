@@ -33,7 +33,7 @@ def _megatron_logprobs(hf_dir: str, config: dict, samples, dtype: str, dims):
     from mmrl_megatron.models import build_model
     from mmrl_megatron.models.common.logprobs import vocab_parallel_logprobs
 
-    model = build_model(ModelConfig(hf_path=hf_dir, dtype=dtype), config, "actor").cuda().eval()
+    model = build_model(ModelConfig(hf_path=hf_dir, dtype=dtype), config, dims, "actor").cuda().eval()
     load_hf_into_model(model, hf_dir, conversion_table(model), dims)
     ids, positions, params, (pixels, grids) = packed(samples)
     params.cu_seqlens_q = params.cu_seqlens_kv = params.cu_seqlens_q.cuda()

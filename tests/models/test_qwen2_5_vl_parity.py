@@ -36,7 +36,7 @@ def _layouts_on_ranks(hf_dir: str, pad_id: int):
         torch.manual_seed(0)
         model_parallel_cuda_manual_seed(0)
         model = build_model(ModelConfig(hf_path=hf_dir, dtype="float32", make_vocab_size_divisible_by=1), config,
-                            "actor")
+                            dims, "actor")
         load_hf_into_model(model, hf_dir, conversion_table(model), dims)
         model.eval()
         ids, positions, params, (pixels, grids) = packed(samples)

@@ -25,14 +25,14 @@ def _tiny(family):
     return config, tokenizer.convert_tokens_to_ids("<|image_pad|>"), torch.randn(16, row)
 
 
-def _model(family, config, **model_config):
+def _model(family, config, dims, **model_config):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mmrl_megatron.config.schema import ModelConfig
     from mmrl_megatron.models import build_model
 
     model_parallel_cuda_manual_seed(0)
-    return build_model(ModelConfig(dtype="float32", **model_config), config, "actor")
+    return build_model(ModelConfig(dtype="float32", **model_config), config, dims, "actor")
 
 
 def _pad_error(model, pad_id, pixels, pads, response_pads=0):
@@ -52,14 +52,14 @@ def _pad_error(model, pad_id, pixels, pads, response_pads=0):
 
 
 def _check_families():
-    from mmrl_megatron.parallel import ParallelLayout, init_model_parallel
+    from mmrl_megatron.parallel import ParallelDims, start_processes
 
-    init_model_parallel(ParallelLayout())
+    dims = start_processes(ParallelDims(world_size=1), torch.device("cpu"))
     found = {}
     for family in FAMILIES:
         config, pad_id, pixels = _tiny(family)
-        frozen = _model(family, config, freeze_vision_tower=True, freeze_merger=True)
-        trainable = _model(family, config)
+        frozen = _model(family, config, dims, freeze_vision_tower=True, freeze_merger=True)
+        trainable = _model(family, config, dims)
         model = trainable.eval()
         found[family] = dict(
             frozen=sorted(name for name, param in frozen.named_parameters() if not param.requires_grad),

@@ -72,7 +72,8 @@ def _dims_and_megatron():
                 data=(dims.data, dims.data_parallel_rank), expert_tensor=dims.expert_tensor,
                 groups=[dist.get_process_group_ranks(group) for group in (
                     dims.tensor_group, dims.pipeline_group, dims.model_parallel_group, dims.data_parallel_group,
-                    dims.expert_tensor_group, dims.tensor_and_data_parallel_group)])
+                    dims.expert_tensor_group, dims.expert_tensor_and_expert_group,
+                    dims.tensor_and_data_parallel_group)])
     theirs = dict(
         tensor=(ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()),
         pipeline=(ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()),
@@ -82,6 +83,7 @@ def _dims_and_megatron():
         groups=[dist.get_process_group_ranks(group) for group in (
             ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
             ps.get_model_parallel_group(), ps.get_data_parallel_group(), ps.get_expert_tensor_parallel_group(),
+            ps.get_expert_tensor_and_model_parallel_group(),
             ps.get_tensor_and_data_parallel_group(with_context_parallel=True))])
     return refused, ours, theirs
 

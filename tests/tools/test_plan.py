@@ -262,7 +262,6 @@ def _small_qwen_config(**overrides) -> dict:
 def _model_state_bytes(hf_config: dict, layouts):
     """On each rank, for each (tensor, pipeline) layout: (pipeline rank, bytes of the built actor's
     parameters, bytes of megatron DDP's fp32 gradient buffers)."""
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.utils import get_model_config
 
@@ -272,14 +271,14 @@ def _model_state_bytes(hf_config: dict, layouts):
 
     results = []
     for tensor, pipeline in layouts:
-        start_processes(ParallelDims(detect_process_place().world_size, tensor=tensor, pipeline=pipeline),
-                        torch.device("cpu"))
-        model = build_model(ModelConfig(dtype="bfloat16"), hf_config, "actor")
+        dims = start_processes(ParallelDims(detect_process_place().world_size, tensor=tensor, pipeline=pipeline),
+                               torch.device("cpu"))
+        model = build_model(ModelConfig(dtype="bfloat16"), hf_config, dims, "actor")
         ddp = DistributedDataParallel(get_model_config(model), DistributedDataParallelConfig(grad_reduce_in_fp32=True),
                                       model)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         gradients = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers + ddp.expert_parallel_buffers)
-        results.append((parallel_state.get_pipeline_model_parallel_rank(), weights, gradients))
+        results.append((dims.pipeline_rank, weights, gradients))
     return results
 
 
@@ -308,7 +307,7 @@ def test_weights_and_gradient_buffers_equal_what_megatron_allocates(tmp_path):
             assert planned.training["gradient buffers"] == pytest.approx(gradients, rel=0.01), (tensor, pipeline)
 
 
-def _measured_training_peak(hf_config: dict, recompute: str, tokens: int, steps: int = 2) -> int:
+def _measured_training_peak(hf_config: dict, recompute: str, tokens: int, dims, steps: int = 2) -> int:
     """Peak bytes this run allocates on the GPU over `steps` actor updates (the last `steps - 1` measured, so the
     optimizer states exist): bf16 model, megatron DDP with fp32 grads, distributed Adam, one packed
     micro-batch of `tokens` tokens, chunked vocab-parallel log-probs as the loss."""
@@ -324,7 +323,7 @@ def _measured_training_peak(hf_config: dict, recompute: str, tokens: int, steps:
     gc.collect()  # what earlier tests in this process left behind is not this run's memory
     torch.cuda.empty_cache()
     baseline = torch.cuda.memory_allocated()
-    model = build_model(ModelConfig(dtype="bfloat16", recompute=recompute), hf_config, "actor").cuda()
+    model = build_model(ModelConfig(dtype="bfloat16", recompute=recompute), hf_config, dims, "actor").cuda()
     ddp = DistributedDataParallel(get_model_config(model), DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-6, bf16=True,
@@ -371,9 +370,9 @@ def test_training_estimate_within_15_percent_of_measured_peak(tmp_path, recomput
                                    vision_fullatt_block_indexes=[3])
     (tmp_path / "config.json").write_text(json.dumps(hf_config))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    start_processes(ParallelDims(world_size=1), torch.device("cuda", 0))
+    dims = start_processes(ParallelDims(world_size=1), torch.device("cuda", 0))
     try:
-        measured = _measured_training_peak(hf_config, recompute, tokens)
+        measured = _measured_training_peak(hf_config, recompute, tokens, dims)
     finally:
         shutdown()
     assert not dist.is_initialized()

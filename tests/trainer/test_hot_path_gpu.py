@@ -57,7 +57,7 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch
 
     model_parallel_cuda_manual_seed(0)
     try:
-        model = build_model(ModelConfig(hf_path=hf_dir, dtype="bfloat16"), config, "actor").cuda()
+        model = build_model(ModelConfig(hf_path=hf_dir, dtype="bfloat16"), config, dims, "actor").cuda()
         rope_calls = []
 
         def counted_rope(t, freqs, **kwargs):

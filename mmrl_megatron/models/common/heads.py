@@ -5,7 +5,6 @@ A head has `ties_embeddings` (may the output layer share the embedding's weight)
 (put its module on a last-stage GPTModel) and `finish(output)` (the GPTModel's output -> the stage's output).
 """
 import torch
-from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
 from ..errors import ModelError
@@ -19,19 +18,20 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
 
 class LogitsHead:
     """GPTModel's own (TP-sharded) output layer: logits [b, s, padded_vocab / TP] with the columns at and past
-    `vocab_size` at -inf, since they only pad the vocabulary to a TP multiple and are not tokens."""
+    `vocab_size` at -inf, since they only pad the vocabulary to a TP multiple and are not tokens. `tensor_rank`
+    says which vocabulary shard this rank's columns are."""
 
     ties_embeddings = True
 
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
+    def __init__(self, vocab_size: int, tensor_rank: int) -> None:
+        self.vocab_size, self.tensor_rank = vocab_size, tensor_rank
 
     def install(self, language_model) -> None:
         """Nothing to add: the output layer is the projection."""
 
     def finish(self, logits: torch.Tensor) -> torch.Tensor:
         shard = logits.shape[-1]
-        real = self.vocab_size - parallel_state.get_tensor_model_parallel_rank() * shard
+        real = self.vocab_size - self.tensor_rank * shard
         if real >= shard:
             return logits
         return logits.masked_fill(torch.arange(shard, device=logits.device) >= real, float("-inf"))
@@ -64,10 +64,11 @@ class CriticHead:
         return values.squeeze(-1)
 
 
-def head_for_role(role: str, vocab_size: int):
-    """The head of `role` ("actor", "reference": logits over `vocab_size` tokens; "critic": values)."""
+def head_for_role(role: str, vocab_size: int, dims):
+    """The head of `role` ("actor", "reference": logits over `vocab_size` tokens split over the started
+    parallel.ParallelDims `dims`' tensor ranks; "critic": values)."""
     if role == "critic":
         return CriticHead()
     if role in ("actor", "reference"):
-        return LogitsHead(vocab_size)
+        return LogitsHead(vocab_size, dims.tensor_rank)
     raise ModelError(f"role must be actor, reference or critic, got {role!r}")

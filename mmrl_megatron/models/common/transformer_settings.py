@@ -2,7 +2,6 @@
 defaults of Qwen's language models and vision towers."""
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 
 from .compile_limits import allow_compiled_variants
 from .fused_rope import fused_rope_available
@@ -17,17 +16,17 @@ def recompute_settings(recompute: str) -> dict:
                 recompute_num_layers=1 if recompute == "full" else None)
 
 
-def dense_settings(model_config, fused: bool) -> dict:
-    """Settings shared by a dense language model and its vision tower; `fused`: Transformer Engine on a GPU."""
+def dense_settings(model_config, tensor_parallel: int, fused: bool) -> dict:
+    """Settings shared by a dense language model and its vision tower, split over `tensor_parallel` ranks;
+    `fused`: Transformer Engine on a GPU."""
     dtype = DTYPES[model_config.dtype]
-    tensor = parallel_state.get_tensor_model_parallel_world_size()
     # megatron-core's SwiGLU and bias-dropout-add fusions are torch.compile'd: one kernel each way instead of
     # an eager chain, and the SwiGLU keeps only its input for backward. On GPUs only (Triton compiles them).
     compiled = torch.cuda.is_available()
     if compiled:
         allow_compiled_variants()
     return dict(
-        tensor_model_parallel_size=tensor, params_dtype=dtype, pipeline_dtype=dtype,
+        tensor_model_parallel_size=tensor_parallel, params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not torch.cuda.is_available(),
         bias_activation_fusion=compiled, masked_softmax_fusion=fused, persist_layer_norm=fused,

@@ -20,12 +20,13 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
+from ...parallel import ParallelDims
 from ..errors import ModelError
 from .image_placement import place_image_features
 from .output_rows import OutputRows
@@ -70,7 +71,10 @@ class VisionSpec:
 
 
 class VisionLanguageModel(MegatronModule):
-    """forward(input_ids [b, s], position_ids [3, b, s] (read by "mrope" language models only),
+    """The stage of `dims` (a started parallel.ParallelDims) this rank holds: the first stage embeds and encodes
+    images, the last applies the head.
+
+    forward(input_ids [b, s], position_ids [3, b, s] (read by "mrope" language models only),
     packed_seq_params, pixel_values, image_grid_thw, prompt_mask, output_rows).
 
     Last stage: the head's output, logits [b, s, padded_vocab / TP] with the padding columns at -inf, or values
@@ -84,11 +88,11 @@ class VisionLanguageModel(MegatronModule):
     (output_rows.py). An MoE or sequence-parallel decoder may grow the packed stream by one padding sequence
     (_stream_length); its outputs are cut off again, so callers see s positions."""
 
-    def __init__(self, language: LanguageSpec, vision: VisionSpec, head) -> None:
+    def __init__(self, language: LanguageSpec, vision: VisionSpec, head, dims: ParallelDims) -> None:
         super().__init__(config=language.config)
-        self.language, self.vision, self.head = language, vision, head
-        self.pre_process = parallel_state.is_pipeline_first_stage()
-        self.post_process = parallel_state.is_pipeline_last_stage()
+        self.language, self.vision, self.head, self.dims = language, vision, head, dims
+        self.pre_process = dims.is_first_stage
+        self.post_process = dims.is_last_stage
         self.model_type = ModelType.encoder_or_decoder  # what megatron-core's pipeline schedules look for
         self.language_model = GPTModel(
             config=language.config, transformer_layer_spec=language.layer_spec, vocab_size=language.vocab_size,
@@ -189,8 +193,7 @@ class VisionLanguageModel(MegatronModule):
         batch, length = pads.shape
         whole = place_image_features(embeddings.new_zeros(batch, length, embeddings.shape[-1]), pads, features)
         chunk = tensor_parallel.scatter_to_sequence_parallel_region(whole.transpose(0, 1).contiguous())
-        mask = pads.transpose(0, 1).unsqueeze(-1).chunk(self.config.tensor_model_parallel_size, dim=0)[
-            parallel_state.get_tensor_model_parallel_rank()]
+        mask = pads.transpose(0, 1).unsqueeze(-1).chunk(self.dims.tensor, dim=0)[self.dims.tensor_rank]
         return torch.where(mask, chunk, embeddings)
 
     def _stream_length(self, length: int) -> int:
@@ -200,13 +203,12 @@ class VisionLanguageModel(MegatronModule):
         splits the stream over TP: a multiple of TP. Every pipeline stage computes the same."""
         config = self.config
         if config.num_moe_experts and config.moe_token_dispatcher_type == "allgather":
-            group = parallel_state.get_expert_tensor_and_model_parallel_group()
+            group = self.dims.expert_tensor_and_expert_group
             if dist.get_world_size(group) > 1:
                 device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
                 longest = torch.tensor([length], device=device)
                 dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
                 length = int(longest.item())
         if config.sequence_parallel:
-            tensor = config.tensor_model_parallel_size
-            length = -(-length // tensor) * tensor
+            length = -(-length // self.dims.tensor) * self.dims.tensor
         return length

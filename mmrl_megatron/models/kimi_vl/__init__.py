@@ -10,10 +10,10 @@ def _geometry(hf_config):
     return kimi_vl_config_from_dict(dict(hf_config))
 
 
-def _build(model_config, kimi, role):
+def _build(model_config, kimi, dims, role):
     from .build import build_kimi_vl
 
-    return build_kimi_vl(model_config, kimi, role)
+    return build_kimi_vl(model_config, kimi, dims, role)
 
 
 def _conversion_rules(kimi, role):

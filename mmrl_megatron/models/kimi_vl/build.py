@@ -2,8 +2,8 @@
 the megatron-core MLA/MoE language model (language_model.py). The stage module is common/vlm.py's, composed
 from these specs; the media placeholders take the projector's rows."""
 import torch
-from megatron.core import parallel_state
 
+from ...parallel import ParallelDims
 from ..common.heads import LogitsHead
 from ..common.transformer_settings import DTYPES
 from ..common.vlm import VisionLanguageModel, VisionSpec
@@ -33,29 +33,21 @@ def vision_spec(kimi: KimiVLConfig, params_dtype: torch.dtype) -> VisionSpec:
                       projector_parameters=("multi_modal_projector",))
 
 
-def build_kimi_vl_model(kimi: KimiVLConfig, layout, params_dtype: torch.dtype = torch.float32,
+def build_kimi_vl_model(kimi: KimiVLConfig, dims: ParallelDims, params_dtype: torch.dtype = torch.float32,
                         bias_update_rate: float = 0.0, recompute: str = "none") -> VisionLanguageModel:
-    """This pipeline stage's Kimi-VL, ending in logits; call after init_model_parallel(layout)."""
-    config = language_transformer_config(kimi.text, layout, params_dtype, bias_update_rate, recompute=recompute)
+    """This rank's pipeline stage of `dims` (started) of Kimi-VL, ending in logits."""
+    config = language_transformer_config(kimi.text, dims.layout, params_dtype, bias_update_rate, recompute=recompute)
     return VisionLanguageModel(language_spec(kimi.text, config), vision_spec(kimi, params_dtype),
-                               LogitsHead(kimi.text.vocab_size))
+                               LogitsHead(kimi.text.vocab_size, dims.tensor_rank), dims)
 
 
-def build_kimi_vl(model_config, kimi: KimiVLConfig, role: str) -> VisionLanguageModel:
-    """FAMILY.build for model_type kimi_vl: roles "actor" and "reference" (logits).
+def build_kimi_vl(model_config, kimi: KimiVLConfig, dims: ParallelDims, role: str) -> VisionLanguageModel:
+    """FAMILY.build for model_type kimi_vl: roles "actor" and "reference" (logits), on the started `dims`.
 
-    model_config is config.ModelConfig (dtype, recompute, freezing, moe_router_bias_update_rate); the
-    layout is read from megatron's groups, so call after init_model_parallel."""
-    from ...parallel import ParallelLayout
-
+    model_config is config.ModelConfig (dtype, recompute, freezing, moe_router_bias_update_rate)."""
     if role == "critic":
         raise ModelError("Kimi-VL has no critic head yet: use a critic-free estimator (GRPO, RLOO, REINFORCE++)")
-    layout = ParallelLayout(
-        tensor=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline=parallel_state.get_pipeline_model_parallel_world_size(),
-        expert=parallel_state.get_expert_model_parallel_world_size(),
-        expert_tensor=parallel_state.get_expert_tensor_parallel_world_size())
-    model = build_kimi_vl_model(kimi, layout, DTYPES[model_config.dtype],
+    model = build_kimi_vl_model(kimi, dims, DTYPES[model_config.dtype],
                                 model_config.moe_router_bias_update_rate, model_config.recompute)
     model.freeze_vision(model_config.freeze_vision_tower, model_config.freeze_merger)
     return model

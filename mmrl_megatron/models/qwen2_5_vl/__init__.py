@@ -11,10 +11,10 @@ def _geometry(hf_config):
     return read_shape(hf_config)
 
 
-def _build(model_config, shape, role):
+def _build(model_config, shape, dims, role):
     from .build import build_qwen2_5_vl
 
-    return build_qwen2_5_vl(model_config, shape, role)
+    return build_qwen2_5_vl(model_config, shape, dims, role)
 
 
 def _conversion_rules(shape, role):

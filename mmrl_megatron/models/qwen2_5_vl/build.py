@@ -6,9 +6,9 @@ embeddings before the decoder (a video's frames are patches of the same tower, t
 patch). The stage module is common/vlm.py's, composed from these specs.
 """
 import torch
-from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
+from ...parallel import ParallelDims
 from ..common.heads import head_for_role, padded_vocab_size
 from ..common.specs import decoder_spec, layer_spec, resolve_attention_backend
 from ..common.transformer_settings import dense_settings
@@ -17,25 +17,24 @@ from .hf_config import Qwen25VLShape
 from .vision import VisionModel
 
 
-def language_config(shape: Qwen25VLShape, model_config, fused: bool) -> TransformerConfig:
+def language_config(shape: Qwen25VLShape, model_config, dims: ParallelDims, fused: bool) -> TransformerConfig:
     text = shape.text
     return TransformerConfig(
         num_layers=text.num_layers, hidden_size=text.hidden_size, ffn_hidden_size=text.intermediate_size,
         num_attention_heads=text.num_heads, num_query_groups=text.num_kv_heads, kv_channels=text.head_dim,
         layernorm_epsilon=text.rms_norm_eps, add_bias_linear=False, add_qkv_bias=True,
-        mrope_section=text.mrope_section,
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        **dense_settings(model_config, fused))
+        mrope_section=text.mrope_section, pipeline_model_parallel_size=dims.pipeline,
+        **dense_settings(model_config, dims.tensor, fused))
 
 
-def vision_config(shape: Qwen25VLShape, model_config, fused: bool) -> TransformerConfig:
+def vision_config(shape: Qwen25VLShape, model_config, dims: ParallelDims, fused: bool) -> TransformerConfig:
     """The tower lives whole on the first pipeline stage, so it sees a pipeline size of 1."""
     vision = shape.vision
     return TransformerConfig(
         num_layers=vision.depth, hidden_size=vision.hidden_size, ffn_hidden_size=vision.intermediate_size,
         num_attention_heads=vision.num_heads, num_query_groups=vision.num_heads, kv_channels=vision.head_dim,
         layernorm_epsilon=1e-6, add_bias_linear=True, add_qkv_bias=True, pipeline_model_parallel_size=1,
-        **dense_settings(model_config, fused))
+        **dense_settings(model_config, dims.tensor, fused))
 
 
 def _encode(modules, pixel_values, image_grid_thw, pads):
@@ -52,19 +51,18 @@ def vision_spec(shape: Qwen25VLShape, config: TransformerConfig, backend: str) -
         projector_parameters=("vision_model.merger",))
 
 
-def build_qwen2_5_vl(model_config, shape: Qwen25VLShape, role: str) -> VisionLanguageModel:
-    """This stage's model for role "actor"/"reference" (logits) or "critic" (values); after init_model_parallel."""
+def build_qwen2_5_vl(model_config, shape: Qwen25VLShape, dims: ParallelDims, role: str) -> VisionLanguageModel:
+    """This rank's stage of `dims` (started) for role "actor"/"reference" (logits) or "critic" (values)."""
     backend = resolve_attention_backend(model_config.attention_backend)
     fused = backend == "te" and torch.cuda.is_available()
-    tensor = parallel_state.get_tensor_model_parallel_world_size()
     text = shape.text
-    config = language_config(shape, model_config, fused)
+    config = language_config(shape, model_config, dims, fused)
     language = LanguageSpec(
         config=config, layer_spec=decoder_spec(backend, config),
-        vocab_size=padded_vocab_size(text.vocab_size, model_config.make_vocab_size_divisible_by, tensor),
+        vocab_size=padded_vocab_size(text.vocab_size, model_config.make_vocab_size_divisible_by, dims.tensor),
         max_sequence_length=text.max_position_embeddings, position_embedding_type="mrope",
         rotary_base=text.rope_theta, tie_word_embeddings=text.tie_word_embeddings)
-    model = VisionLanguageModel(language, vision_spec(shape, vision_config(shape, model_config, fused), backend),
-                                head_for_role(role, text.vocab_size))
+    vision = vision_spec(shape, vision_config(shape, model_config, dims, fused), backend)
+    model = VisionLanguageModel(language, vision, head_for_role(role, text.vocab_size, dims), dims)
     model.freeze_vision(model_config.freeze_vision_tower, model_config.freeze_merger)
     return model

@@ -10,17 +10,16 @@ from .conversion import ALIASES
 from .shapes import NAMED_SHAPES
 
 
-
 def _geometry(hf_config):
     from .geometry import read_geometry
 
     return read_geometry(hf_config)
 
 
-def _build(model_config, geometry, role):
+def _build(model_config, geometry, dims, role):
     from .build import build_qwen3_vl
 
-    return build_qwen3_vl(model_config, geometry, role)
+    return build_qwen3_vl(model_config, geometry, dims, role)
 
 
 def _conversion_rules(geometry, role):

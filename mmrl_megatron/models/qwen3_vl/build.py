@@ -9,10 +9,10 @@ these specs.
 """
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
+from ...parallel import ParallelDims
 from ..common.heads import head_for_role, padded_vocab_size
 from ..common.specs import resolve_attention_backend
 from ..common.transformer_settings import dense_settings
@@ -27,22 +27,22 @@ from .vision import VisionModel
 VISION_ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
 
 
-def language_config(geometry: Qwen3VLGeometry, model_config, fused: bool) -> TransformerConfig:
+def language_config(geometry: Qwen3VLGeometry, model_config, dims: ParallelDims, fused: bool) -> TransformerConfig:
     text = geometry.text
     return TransformerConfig(
         num_layers=text.num_layers, hidden_size=text.hidden_size, ffn_hidden_size=text.intermediate_size,
         num_attention_heads=text.num_heads, num_query_groups=text.num_kv_heads, kv_channels=text.head_dim,
         layernorm_epsilon=text.rms_norm_eps, add_bias_linear=False, add_qkv_bias=False, qk_layernorm=True,
-        mrope_section=list(text.mrope_section),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        **dense_settings(model_config, fused))
+        mrope_section=list(text.mrope_section), pipeline_model_parallel_size=dims.pipeline,
+        **dense_settings(model_config, dims.tensor, fused))
 
 
-def vision_config(geometry: Qwen3VLGeometry, model_config, fused: bool) -> TransformerConfig:
+def vision_config(geometry: Qwen3VLGeometry, model_config, dims: ParallelDims, fused: bool) -> TransformerConfig:
     """The tower lives whole on the first pipeline stage, so it sees a pipeline size of 1."""
     vision = geometry.vision
-    settings = dict(dense_settings(model_config, fused), normalization="LayerNorm", gated_linear_unit=False,
-                    activation_func=VISION_ACTIVATIONS[vision.hidden_act], bias_activation_fusion=False)
+    settings = dict(dense_settings(model_config, dims.tensor, fused), normalization="LayerNorm",
+                    gated_linear_unit=False, activation_func=VISION_ACTIVATIONS[vision.hidden_act],
+                    bias_activation_fusion=False)
     return TransformerConfig(
         num_layers=vision.depth, hidden_size=vision.hidden_size, ffn_hidden_size=vision.intermediate_size,
         num_attention_heads=vision.num_heads, num_query_groups=vision.num_heads, kv_channels=vision.head_dim,
@@ -52,7 +52,7 @@ def vision_config(geometry: Qwen3VLGeometry, model_config, fused: bool) -> Trans
 
 def _check_deepstack_on_first_stage(geometry: Qwen3VLGeometry, config: TransformerConfig) -> None:
     """The tower's DeepStack features exist on the first stage only, so the layers they feed must be there."""
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    if config.pipeline_model_parallel_size == 1:
         return
     first_stage_layers = get_num_layers_to_build(config, pp_rank=0)
     if first_stage_layers < geometry.deepstack_layers:
@@ -79,22 +79,21 @@ def vision_spec(geometry: Qwen3VLGeometry, config: TransformerConfig, backend: s
         projector_parameters=("vision_model.merger", "vision_model.deepstack_merger_list"))
 
 
-def build_qwen3_vl(model_config, geometry: Qwen3VLGeometry, role: str) -> VisionLanguageModel:
-    """This stage's model for role "actor"/"reference" (logits) or "critic" (values); after init_model_parallel."""
+def build_qwen3_vl(model_config, geometry: Qwen3VLGeometry, dims: ParallelDims, role: str) -> VisionLanguageModel:
+    """This rank's stage of `dims` (started) for role "actor"/"reference" (logits) or "critic" (values)."""
     backend = resolve_attention_backend(model_config.attention_backend)
     fused = backend == "te" and torch.cuda.is_available()
-    tensor = parallel_state.get_tensor_model_parallel_world_size()
     text = geometry.text
-    config = language_config(geometry, model_config, fused)
+    config = language_config(geometry, model_config, dims, fused)
     _check_deepstack_on_first_stage(geometry, config)
     language = LanguageSpec(
         config=config, layer_spec=language_decoder_spec(backend, config),
-        vocab_size=padded_vocab_size(text.vocab_size, model_config.make_vocab_size_divisible_by, tensor),
+        vocab_size=padded_vocab_size(text.vocab_size, model_config.make_vocab_size_divisible_by, dims.tensor),
         max_sequence_length=text.max_position_embeddings, position_embedding_type="mrope",
         rotary_base=text.rope_theta, tie_word_embeddings=text.tie_word_embeddings,
         rotary_embedding=lambda: InterleavedMultimodalRotaryEmbedding(
             kv_channels=text.head_dim, rotary_percent=1.0, rotary_base=text.rope_theta))
-    model = VisionLanguageModel(language, vision_spec(geometry, vision_config(geometry, model_config, fused), backend),
-                                head_for_role(role, text.vocab_size))
+    vision = vision_spec(geometry, vision_config(geometry, model_config, dims, fused), backend)
+    model = VisionLanguageModel(language, vision, head_for_role(role, text.vocab_size, dims), dims)
     model.freeze_vision(model_config.freeze_vision_tower, model_config.freeze_merger)
     return model

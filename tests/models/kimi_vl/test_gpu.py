@@ -25,7 +25,7 @@ SEQUENCE_TOKENS = 2048
 SEQUENCES = 2
 
 
-def forward_backward(overrides: dict, image_grid, sequence_tokens: int, sequences: int, device: torch.device):
+def forward_backward(overrides: dict, image_grid, sequence_tokens: int, sequences: int, device: torch.device, dims):
     """One bf16 (fp32 on CPU) forward/backward of the Kimi-VL model on packed sequences, the first holding an image;
     returns (loss, whether every trainable parameter got a finite gradient, seconds of the timed step, peak
     GPU bytes or 0)."""
@@ -36,7 +36,7 @@ def forward_backward(overrides: dict, image_grid, sequence_tokens: int, sequence
     from mmrl_megatron.models.kimi_vl.tiny import MEDIA_PLACEHOLDER_TOKEN_ID, tiny_config_dict
 
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    model = build_model(ModelConfig(dtype=dtype), tiny_config_dict(**overrides), "actor")
+    model = build_model(ModelConfig(dtype=dtype), tiny_config_dict(**overrides), dims, "actor")
     model.train()
     rows, cols = image_grid
     image_tokens = rows * cols // 4
@@ -85,12 +85,12 @@ def test_kimi_vl_a3b_widths_forward_backward_on_one_gpu():
     if not dist.is_initialized():
         dist.init_process_group("nccl", rank=0, world_size=1)
     try:
-        start_processes(ParallelDims(world_size=1), torch.device("cuda", 0))
+        dims = start_processes(ParallelDims(world_size=1), torch.device("cuda", 0))
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(0)
         loss, gradients_finite, seconds, peak = forward_backward(A3B_WIDTHS, IMAGE_GRID, SEQUENCE_TOKENS, SEQUENCES,
-                                                                 torch.device("cuda"))
+                                                                 torch.device("cuda"), dims)
     finally:
         shutdown()
     assert torch.isfinite(loss)

@@ -27,7 +27,7 @@ def _train_step(rate):
     model_parallel_cuda_manual_seed(0)
     torch.manual_seed(0)
     model = build_model(ModelConfig(dtype="float32", moe_router_bias_update_rate=rate), tiny_config_dict(),
-                        "actor")
+                        dims, "actor")
     model.train()
     ids = torch.tensor([token for sequence in SEQUENCES for token in sequence]).unsqueeze(0)
     bounds = torch.tensor([0, len(SEQUENCES[0]), ids.shape[1]], dtype=torch.int32)

@@ -15,7 +15,7 @@ from tests.cpu_ranks import run_on_cpu_ranks
 pytestmark = pytest.mark.slow  # about 60 s on 2 cores: one 4-rank run (spawning and importing dominate)
 
 
-def _build(hf_dir: str):
+def _build(hf_dir: str, dims):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mmrl_megatron.config.schema import ModelConfig
@@ -25,7 +25,8 @@ def _build(hf_dir: str):
     model_parallel_cuda_manual_seed(0)
     with open(os.path.join(hf_dir, "config.json")) as handle:
         config = json.load(handle)
-    return build_model(ModelConfig(hf_path=hf_dir, dtype="float32", make_vocab_size_divisible_by=1), config, "actor")
+    return build_model(ModelConfig(hf_path=hf_dir, dtype="float32", make_vocab_size_divisible_by=1), config, dims,
+                       "actor")
 
 
 def _load_error(model, hf_dir: str, dims) -> str:
@@ -60,7 +61,7 @@ def _round_trip_on_ranks(checkpoints, scratch: str):
     dims = start_processes(ParallelDims(dist.get_world_size(), tensor=2, pipeline=2), torch.device("cpu"))
     report = {}
     for hf_dir in checkpoints:
-        model = _build(hf_dir)
+        model = _build(hf_dir, dims)
         load_hf_into_model(model, hf_dir, conversion_table(model), dims)
         expected = load_file(os.path.join(hf_dir, "model.safetensors"))
         names, mismatched = [], []
@@ -69,7 +70,7 @@ def _round_trip_on_ranks(checkpoints, scratch: str):
             if name not in expected or not torch.equal(expected[name], tensor):
                 mismatched.append(name)
         report[hf_dir] = dict(names=names, mismatched=mismatched, missing=sorted(set(expected) - set(names)))
-    model = _build(checkpoints[0])
+    model = _build(checkpoints[0], dims)
     own = os.path.join(scratch, f"rank{dist.get_rank()}")
     report["errors"] = {
         "missing": _load_error(model, _corrupt(checkpoints[0], own + "_missing", lambda t: t.pop(
