@@ -24,8 +24,8 @@ def _join_job(device: torch.device, timeout_minutes: int = 30) -> ProcessPlace:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if dist.is_initialized():
         return place
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda":  # "cuda" without an index is the current device
+        torch.cuda.set_device(device if device.index is not None else torch.cuda.current_device())
     os.environ.setdefault("MASTER_ADDR", place.master_addr)
     os.environ.setdefault("MASTER_PORT", str(place.master_port))
     dist.init_process_group(

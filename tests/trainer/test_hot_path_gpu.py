@@ -11,22 +11,24 @@ import torch
 
 from tests.models.qwen_inputs import make_samples
 
+RESPONSE_TOKENS = 6
+
 
 def _micro_batch(config):
-    """Two samples (one with two images, one text-only) split into prompt + 6-token response, with every
-    per-token tensor the update reads, packed as the trainer packs them."""
+    """The shared test samples (two images, text only, a video and an image) split into prompt + 6-token
+    response, with every per-token tensor the update reads, packed as the trainer packs them."""
     from mmrl_megatron.models.common.packing import pack_sequences
     from mmrl_megatron.trainer.batch import Sample, build_micro_batch
 
     samples = []
     for index, sample in enumerate(make_samples(config)):
         ids = sample.ids.tolist()
-        trained = Sample(prompt_ids=ids[:-6], response_ids=ids[-6:], group=0, rollout_logprobs=[-1.0] * 6,
+        trained = Sample(prompt_ids=ids[:-RESPONSE_TOKENS], response_ids=ids[-RESPONSE_TOKENS:], group=0, rollout_logprobs=[-1.0] * RESPONSE_TOKENS,
                          pixel_values=sample.pixel_values, image_grid_thw=sample.grid_thw,
                          position_ids=sample.positions)
         for name in ("old_logprobs", "ref_logprobs", "rollout_logprobs"):
-            trained.tensors[name] = torch.full((6,), -1.0)
-        trained.tensors["advantages"] = torch.full((6,), 0.5 - index)
+            trained.tensors[name] = torch.full((RESPONSE_TOKENS,), -1.0)
+        trained.tensors["advantages"] = torch.full((RESPONSE_TOKENS,), 0.5 - index)
         samples.append(trained)
     return build_micro_batch(samples, pack_sequences)
 
@@ -69,7 +71,8 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch
         micro_batch = _micro_batch(config).to(device)
         micro_batch.pixel_values = micro_batch.pixel_values.to(torch.bfloat16)
         algorithm = AlgorithmConfig(kl_coef=0.01, entropy_coef=0.001)
-        normaliser = losses.Normaliser(tokens=12.0, sequences=2.0)
+        response_tokens = float(RESPONSE_TOKENS * len(micro_batch.samples))
+        normaliser = losses.Normaliser(tokens=response_tokens, sequences=float(len(micro_batch.samples)))
 
         def forward():
             return model(micro_batch.input_ids, micro_batch.position_ids, micro_batch.packed_seq_params,
@@ -93,7 +96,7 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch
             torch.cuda.set_sync_debug_mode("default")
         assert torch.isfinite(scores).all() and torch.isfinite(loss)
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
-        assert stats["actor/entropy"][1].item() == 12.0
+        assert stats["actor/entropy"][1].item() == response_tokens
         layers = config["text_config"]["num_hidden_layers"] + config["vision_config"]["depth"]
         assert len(rope_calls) == 2 * 2 * 2 * layers  # two runs of two forwards, query and key per layer
     finally:
