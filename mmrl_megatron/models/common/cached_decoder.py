@@ -5,7 +5,8 @@ cached keys/values. A family's decoder supplies the layer loop (`_run_layers`) a
 attention keeps in the cache (models/<family>/embedded.py hold the families' decoders). The weights, norms, projections, rotary embeddings and vision towers are transformers' (or
 the project's) modules; only the attention around the cache is ours, because HF's cache classes and mask
 builders allocate and branch per step, which prevents CUDA-graph capture. Numerics follow HF's layers
-(same modules in the same order), so log-probs match a plain HF forward pass.
+(the same weights and arithmetic in the same order; decode_layer.py fuses the elementwise steps on GPUs), so
+log-probs match a plain HF forward pass.
 """
 from typing import Optional
 

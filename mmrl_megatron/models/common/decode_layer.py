@@ -2,12 +2,12 @@
 over transformers' own weights, for the embedded engine's prefill and decode.
 
 The arithmetic is HF's layer's (Qwen2_5_VLDecoderLayer, Qwen3VLTextDecoderLayer), written out so that its
-elementwise work runs fused on a GPU: a decode step at batch 256 is a few hundred small kernels per token,
-and HF's modules spend about 45 of them per layer (the norm alone is seven: upcast, square, mean, add,
-rsqrt, multiply, downcast), each a pass over the hidden states that costs more than its arithmetic. Here
-the norms are torch's fused rms_norm (bf16 weights, as the checkpoints and the trainer's norms keep them),
-and the rotary embedding and the SwiGLU are one compiled kernel each on CUDA (eager on the CPU, the exact
-path the parity tests compare). About 18 kernels per layer remain, most of them the GEMMs.
+elementwise work runs fused on a GPU: HF's modules run each step as chains of small kernels (the norm alone
+is seven: upcast, square, mean, add, rsqrt, multiply, downcast), each a pass over the hidden states that
+costs more than its arithmetic. Here the norms are torch's fused rms_norm (bf16 weights, as the checkpoints
+and the trainer's norms keep them), and the rotary embedding and the SwiGLU are one compiled kernel each on
+CUDA (eager on the CPU, the exact path the parity tests compare). On an H200 (3B, 256 prompts, 16 new
+tokens) one generate call launched 37,446 kernels through HF's modules and 20,526 through these.
 """
 import functools
 from typing import Callable

@@ -16,8 +16,8 @@ from ...models.common.cached_decoder import CachedDecoder
 from ...models.common.kv_cache import StaticKVCache
 from ..sampling import sequence_seeds
 from ..types import RolloutResult, SamplingParams
-from .prompts import PreparedPrompt, collate_prefill
 from .graphs import batch_bucket
+from .prompts import PreparedPrompt, collate_prefill
 from .slot_sampler import SlotSampler
 from .stopping import LENGTH, STOP, StopRules
 

@@ -2,8 +2,9 @@
 
 Fixed storage is what lets one CUDA graph hold a whole decode step: the model's forward, the draw, the
 log-prob and the bookkeeping (counters, the cache's next token and length). Replayed, a step is one launch
-and one small read of the finish flags; eager, the same step was some eighty launches of sampling and
-indexing kernels between forwards, about a fifth of an H200 decode step at batch 256.
+and one small read of the finish flags; with the draw outside the graph it was some eighty more launches
+between forwards (on an H200, 3B at batch 256: 9.1 ms per step in the call against 7.2 ms for the forward
+replayed alone).
 """
 import torch
 
@@ -16,7 +17,8 @@ class SlotSampler:
     """Per slot: `seeds` (its sample's stream), `counters` (tokens sampled so far), `budgets` (its
     max_new_tokens), `active` (a sequence is running there), and the sampled `tokens` and `logprobs`
     [slots, width]. Slots that are not active are sampled too when a step covers them (a graph's batch
-    bucket), with their counters, lengths and cache untouched."""
+    bucket): their counters and cache lengths stay, their next token and first recorded token are
+    overwritten (admission sets both again)."""
 
     def __init__(self, slots: int, width: int, device: torch.device) -> None:
         self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
