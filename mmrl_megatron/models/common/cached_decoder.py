@@ -2,9 +2,10 @@
 
 `CachedDecoder` holds what every family shares: the masks, the cache writes and the attention over
 cached keys/values. A family's decoder supplies the layer loop (`_run_layers`) and says what its
-attention keeps in the cache (models/<family>/embedded.py hold the families' decoders). The weights, norms, projections, rotary embeddings and vision towers are transformers' (or
-the project's) modules; only the attention around the cache is ours, because HF's cache classes and mask
-builders allocate and branch per step, which prevents CUDA-graph capture. Numerics follow HF's layers
+attention keeps in the cache (models/<family>/embedded.py hold the families' decoders). The weights,
+projections, rotary tables and vision towers are transformers' (or the project's) modules; the attention
+around the cache is ours, because HF's cache classes and mask builders allocate and branch per step, which
+prevents CUDA-graph capture, and so is the Qwen layer body (decode_layer.py). Numerics follow HF's layers
 (the same weights and arithmetic in the same order; decode_layer.py fuses the elementwise steps on GPUs), so
 log-probs match a plain HF forward pass.
 """
