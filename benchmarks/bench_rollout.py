@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py (it adds the repository)
 
-from common import profile_summary  # noqa: E402
+from common import profile_summary, significant  # noqa: E402
 from mmrl_megatron.rollout import RolloutRequest, SamplingParams  # noqa: E402
 from mmrl_megatron.rollout.embedded import EmbeddedEngine  # noqa: E402
 
@@ -242,7 +242,7 @@ def run_workload(name: str, args, device: torch.device, dtype: torch.dtype) -> D
                new_tokens=args.new_tokens, engine_seconds=round(engine_seconds, 3),
                engine_tokens_per_s=round(new_tokens / engine_seconds, 1), prefill_seconds=round(prefill_seconds, 3),
                decode_ms_per_step=round(1000 * (engine_seconds - prefill_seconds) / max(args.new_tokens - 1, 1), 3),
-               decode_floor_fraction=round(floor / max(engine_seconds - prefill_seconds, 1e-9), 3))
+               decode_floor_fraction=significant(floor / max(engine_seconds - prefill_seconds, 1e-9), 3))
     if args.profile:
         row["profile"] = profile_engine(engine, requests, device)
     engine.shutdown()

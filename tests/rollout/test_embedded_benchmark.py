@@ -6,13 +6,18 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench
 
 
 def test_quick_benchmark_times_engine_and_hf_generate(capsys):
-    """--quick times both workloads (text, image) for the engine and HF generate and prints a RESULTS.md row each."""
+    """--quick times the three workloads (text, image, RL-shaped) for the engine and HF generate (and the RL one
+    for the engine's static batches) and prints a RESULTS.md row each."""
     spec = importlib.util.spec_from_file_location("bench_rollout", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--quick"])
-    assert [row["workload"] for row in rows] == ["text", "image"]
+    assert [row["workload"] for row in rows] == ["text", "image", "rl"]
     for row in rows:
         assert row["engine_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and row["speedup"] > 0
     assert rows[1]["prompt_tokens"] > rows[0]["prompt_tokens"]  # the image pads are in the prompt
-    assert capsys.readouterr().out.count("| cpu |") == 2
+    assert 0 < rows[0]["decode_floor_fraction"] and 0 < rows[1]["decode_floor_fraction"]
+    rl = rows[2]
+    assert rl["static_tokens_per_s"] > 0 and rl["speedup_over_static"] > 0
+    assert rl["new_tokens"] == rl["samples"] * rl["mean_new_tokens"] * rl["prompts"]  # every drawn length, exactly
+    assert capsys.readouterr().out.count("| cpu |") == 3
