@@ -34,6 +34,15 @@ def test_generate_payload_fields_and_types():
     assert "image_data" not in generate_payload(RolloutRequest(prompt_ids=[1]), sampling, rid="r1")
 
 
+def test_a_request_budget_overrides_the_calls_max_new_tokens():
+    """A request's own max_new_tokens goes as its sampling_params.max_new_tokens; without one the call's applies."""
+    sampling = SamplingParams(max_new_tokens=64)
+    budgeted = generate_payload(RolloutRequest(prompt_ids=[1], max_new_tokens=9), sampling, rid="r0")
+    check_request("/generate", budgeted)
+    assert budgeted["sampling_params"]["max_new_tokens"] == 9
+    assert generate_payload(RolloutRequest(prompt_ids=[1]), sampling, rid="r1")["sampling_params"]["max_new_tokens"] == 64
+
+
 def test_video_prompts_are_refused_not_sent_without_their_videos():
     """A video prompt (second_per_grid_ts set) raises RolloutError naming the embedded backend: SGLang would
     otherwise get the video pads without the frames the trainer scored."""
