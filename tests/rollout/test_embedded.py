@@ -165,6 +165,23 @@ def test_long_tail_moves_down_to_low_slots_and_keeps_every_result(checkpoint, re
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
 
 
+def test_static_batches_give_the_continuous_results(checkpoint, requests):
+    """With continuous batching off, a batch is admitted only once the previous one has finished (fewer
+    decode-step sequences at a time), and every result equals the continuous run's."""
+    sampling = _sampling(n=2, temperature=1.0, max_new_tokens=6)
+    tailed = [dataclasses.replace(request, max_new_tokens=budget) for request, budget in zip(requests, [6, 2, 4])]
+    runs = {}
+    for continuous in (True, False):
+        engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=4,
+                                settings=EmbeddedEngineConfig(continuous_batching=continuous))
+        engine.load_checkpoint()
+        runs[continuous] = engine.generate(tailed, sampling)
+    for a, b in zip(runs[False], runs[True]):
+        assert (a.request_index, a.sample_index, a.response_ids, a.finish_reason) == \
+            (b.request_index, b.sample_index, b.response_ids, b.finish_reason)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
 def test_bucketed_decode_as_graphs_replay_it_matches_exact_decode(engine, requests, monkeypatch):
     """Decoding whole batch and KV-length buckets, as a captured CUDA graph replays it (idle slots and
     unused cache positions included, masked), gives the same rollout as the exact-size step."""
