@@ -1,5 +1,5 @@
 """Qwen2.5-VL on megatron-core in bf16 on one GPU, with the real 7B widths and 2 layers, scores the test batch
-(two images of different sizes in one sample, one text-only sample) as transformers does.
+(two images of different sizes in one sample, one text-only sample, a video with an image) as transformers does.
 
 The oracle is transformers' Qwen2_5_VLForConditionalGeneration in fp32 on the same weights. bf16 rounding
 makes any implementation differ from it; the bar is that ours differs no more than transformers' own bf16
