@@ -1,6 +1,7 @@
 """Run a test body on N CPU ranks (gloo), each a fresh spawned process with megatron-core's CUDA
 calls redirected to the CPU; the body's return values come back to the test, failures with tracebacks."""
 import os
+import pickle
 import socket
 import traceback
 
@@ -28,7 +29,9 @@ def _rank_main(rank, world_size, port, body, args, results):
         enable_cpu_execution()
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
-            results.put((rank, "ok", body(*args)))
+            # by value: torch's queue pickler shares tensors through a socket the child closes when it exits,
+            # which raced the parent's read (FileNotFoundError in multiprocessing's resource_sharer)
+            results.put((rank, "ok", pickle.dumps(body(*args))))
         finally:
             from mmrl_megatron.parallel import shutdown
 
@@ -53,7 +56,7 @@ def run_on_cpu_ranks(world_size: int, body, *args):
         for _ in processes:
             rank, status, value = results.get(timeout=RANK_TIMEOUT_S)
             if status == "ok":
-                collected[rank] = value
+                collected[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
                 break
