@@ -220,7 +220,7 @@ def _models(name: str, args, device: torch.device, dtype: torch.dtype):
     return config, model, engine
 
 
-def _header(name: str, args, config, device: torch.device, dtype: torch.dtype) -> Dict:
+def _header(name: str, args, device: torch.device, dtype: torch.dtype) -> Dict:
     return dict(workload=name, shape="tiny" if args.quick else WORKLOADS[name],
                 device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
                 dtype=str(dtype).replace("torch.", ""))
@@ -238,7 +238,7 @@ def run_workload(name: str, args, device: torch.device, dtype: torch.dtype) -> D
     new_tokens = args.requests * args.new_tokens
     prompt_tokens = len(requests[0].prompt_ids)
     floor = decode_floor_seconds(config, args.requests, prompt_tokens, args.new_tokens, copy_bandwidth(device))
-    row = dict(_header(name, args, config, device, dtype), requests=args.requests, prompt_tokens=prompt_tokens,
+    row = dict(_header(name, args, device, dtype), requests=args.requests, prompt_tokens=prompt_tokens,
                new_tokens=args.new_tokens, engine_seconds=round(engine_seconds, 3),
                engine_tokens_per_s=round(new_tokens / engine_seconds, 1), prefill_seconds=round(prefill_seconds, 3),
                decode_ms_per_step=round(1000 * (engine_seconds - prefill_seconds) / max(args.new_tokens - 1, 1), 3),
@@ -273,7 +273,7 @@ def run_rl_workload(args, device: torch.device, dtype: torch.dtype) -> Dict:
                 zip(make_requests(config, prompts, 8 if args.quick else RL_PROMPT_TOKENS,
                                   56 if args.quick else args.image_size), lengths)]
     produced = samples * sum(lengths)
-    row = dict(_header("rl", args, config, device, dtype), prompts=prompts, samples=samples,
+    row = dict(_header("rl", args, device, dtype), prompts=prompts, samples=samples,
                prompt_tokens=len(requests[0].prompt_ids), max_new_tokens=longest, mean_new_tokens=round(
                    sum(lengths) / prompts, 1), new_tokens=produced)
     for mode, continuous in (("engine", True), ("static", False)):
