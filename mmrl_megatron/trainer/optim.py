@@ -12,18 +12,22 @@ from typing import List, Tuple
 import torch
 
 from ..config.schema import OptimizerConfig
+from .wgrad_fusion import fuse_weight_gradient_accumulation
 
 DECAY_STYLE = {"constant": "constant", "linear": "linear", "cosine": "cosine"}
 
 
 def wrap_for_data_parallel(model_chunks: List[torch.nn.Module], transformer_config, use_distributed_optimizer: bool):
-    """megatron-core DDP around each chunk: contiguous fp32 grad buffers reduced across data-parallel ranks."""
+    """megatron-core DDP around each chunk: contiguous fp32 grad buffers reduced across data-parallel ranks,
+    into which the linear layers' weight-gradient GEMMs accumulate directly on a GPU (wgrad_fusion.py)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=use_distributed_optimizer)
     transformer_config.finalize_model_grads_func = finalize_model_grads
-    return [DistributedDataParallel(transformer_config, ddp_config, chunk) for chunk in model_chunks]
+    chunks = [DistributedDataParallel(transformer_config, ddp_config, chunk) for chunk in model_chunks]
+    fuse_weight_gradient_accumulation(chunks)
+    return chunks
 
 
 def distributed_optimizer_allowed(config: OptimizerConfig, device: torch.device) -> bool:
