@@ -8,8 +8,9 @@ Workloads (random weights, sampled at temperature 1):
          answers common, long ones rare). Both sides produce exactly the drawn lengths: the engine through
          per-request max_new_tokens, HF generate through a logits processor that forces end-of-sequence at the
          drawn length and forbids it before. Timed three ways in one run: the engine (continuous batching),
-         the engine with static batches (rollout.embedded.continuous_batching=false: a batch is admitted only
-         when the previous one has finished, so every batch runs as long as its longest response), and HF.
+         the engine with static batches (rollout.embedded.continuous_batching=false: a batch fills the
+         empty cache and every step covers its full width until its longest response ends, as HF generate
+         batches; the next is admitted only then), and HF.
 Defaults: 256 requests x 256 prompt + 256 new tokens (issue 6's acceptance workload); rl 64 x 5 up to 2048.
 The decode bandwidth floor: per step the weights plus every running sequence's cached keys/values are read
 once, at the copy bandwidth measured in this run; `decode_floor_fraction` is the floor's decode time over

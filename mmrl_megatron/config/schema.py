@@ -102,7 +102,8 @@ class EmbeddedEngineConfig:
     offload_weights: bool = False  # release_memory also moves the engine's weights to CPU
     prefill_tokens: int = 16384  # padded prompt tokens per batched prefill (bounds activation memory)
     cache_tokens: int = 0  # KV-cache length per sequence; 0: grow to the longest prompt + max_new_tokens
-    # False: static batches (a batch is admitted only when the previous one has finished), for comparison
+    # False: static batches, for comparison (a batch fills the empty cache and is decoded at its full width until
+    # its longest response ends, as HF generate batches; the next is admitted only then)
     continuous_batching: bool = True
 
 

@@ -166,16 +166,29 @@ def test_long_tail_moves_down_to_low_slots_and_keeps_every_result(checkpoint, re
 
 
 def test_static_batches_give_the_continuous_results(checkpoint, requests):
-    """With continuous batching off, a batch is admitted only once the previous one has finished (fewer
-    decode-step sequences at a time), and every result equals the continuous run's."""
+    """With continuous batching off, a batch fills the empty cache and every one of its decode steps covers
+    its full width until its longest response ends (padded, as HF generate batches); the next batch is
+    admitted only then, and every result equals the continuous run's."""
     sampling = _sampling(n=2, temperature=1.0, max_new_tokens=6)
     tailed = [dataclasses.replace(request, max_new_tokens=budget) for request, budget in zip(requests, [6, 2, 4])]
-    runs = {}
+    runs, widths = {}, {}
     for continuous in (True, False):
         engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=4,
                                 settings=EmbeddedEngineConfig(continuous_batching=continuous))
         engine.load_checkpoint()
+        exact_step = engine._decode_step
+        widths[continuous] = []
+
+        def recorded_step(cache, params, exact_step=exact_step, widths=widths[continuous]):
+            step = exact_step(cache, params)
+            return lambda batch, kv_len: (widths.append(batch), step(batch, kv_len))[1]
+
+        engine._decode_step = recorded_step
         runs[continuous] = engine.generate(tailed, sampling)
+    # static: requests 0-1 (budgets 6, 2) fill the 4 slots for 5 steps (the first token comes from the prefill),
+    # then request 2 (budget 4) runs alone on 2 slots for 3 steps
+    assert widths[False] == [4] * 5 + [2] * 3
+    assert len(widths[True]) < len(widths[False])
     for a, b in zip(runs[False], runs[True]):
         assert (a.request_index, a.sample_index, a.response_ids, a.finish_reason) == \
             (b.request_index, b.sample_index, b.response_ids, b.finish_reason)

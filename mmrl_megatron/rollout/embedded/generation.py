@@ -4,7 +4,9 @@ Requests wait in order; whenever enough slots are free for all n samples of the 
 their prompts are prefilled together (once per prompt; the n samples copy its keys/values) and join
 the running batch. Every decode step advances all running sequences by one token; a sequence that
 finishes frees its slot at once, and the next waiting prompt takes it. With continuous batching off
-(static batches, the baseline the benchmark compares with) prompts are admitted only into an empty batch.
+(static batches, the baseline the benchmark compares with, as Hugging Face generate batches) prompts fill
+an empty cache, and the batch is decoded at its full width, padded to its longest response, before the
+next is admitted.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ class GenerationRun:
         self.continuous = continuous  # False: a batch is admitted only once the previous one has finished
         self.device = cache.last_token.device
         self.running: List[Optional[_Running]] = [None] * cache.geometry.slots
+        self.static_width = 0  # static batches: the slots the current batch was admitted into
         self.results: List[RolloutResult] = []
 
     def run(self, prompts: Sequence[PreparedPrompt]) -> List[RolloutResult]:
@@ -62,9 +65,15 @@ class GenerationRun:
         return sorted(self.results, key=lambda result: (result.request_index, result.sample_index))
 
     def _admit(self, waiting: Deque[PreparedPrompt]) -> None:
-        """Prefill as many waiting prompts as free slots and the prefill token budget allow."""
-        if not self.continuous and any(self.running):
-            return
+        if self.continuous:
+            self._admit_group(waiting)
+        elif not any(self.running):
+            self.static_width = 0
+            while waiting and self._admit_group(waiting):
+                pass
+
+    def _admit_group(self, waiting: Deque[PreparedPrompt]) -> bool:
+        """Prefill as many waiting prompts as free slots and the prefill token budget allow; whether any were."""
         n = self.sampling.n
         free = [slot for slot, sequence in enumerate(self.running) if sequence is None]
         group: List[PreparedPrompt] = []
@@ -76,7 +85,7 @@ class GenerationRun:
             longest = candidate_longest
             group.append(waiting.popleft())
         if not group:
-            return
+            return False
         batch = collate_prefill(group, self.device, self.pixel_dtype)
         slot_list = free[:n * len(group)]
         slots = torch.tensor(slot_list, device=self.device)
@@ -97,11 +106,17 @@ class GenerationRun:
             prompt = group[position // n]
             self.running[slot] = _Running(prompt.request_index, position % n, prompt.length, [])
         sampler.accept(logits[rows], slots, self.sampling, self.cache)
+        self.static_width = max(self.static_width, slot_list[-1] + 1)
         self._check_finished(slot_list, slots)
+        return True
 
     def _decode_step(self) -> None:
-        active = self._compacted([slot for slot, sequence in enumerate(self.running) if sequence is not None])
-        batch = active[-1] + 1
+        active = [slot for slot, sequence in enumerate(self.running) if sequence is not None]
+        if self.continuous:
+            active = self._compacted(active)
+            batch = active[-1] + 1
+        else:  # padded: finished sequences keep their rows in the step until the batch's longest ends
+            batch = self.static_width
         kv_len = max(self.running[slot].cache_len for slot in active) + 1
         self.step(batch, kv_len)
         for slot in active:
