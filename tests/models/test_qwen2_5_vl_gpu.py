@@ -86,6 +86,9 @@ def test_seven_b_widths_bf16_logprobs_match_transformers(tmp_path):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29523", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dims = start_processes(ParallelDims(world_size=1), torch.device("cuda", 0))
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(0)  # megatron's weight init forks its CUDA RNG tracker
     try:
         ours_fp32 = _megatron_logprobs(hf_dir, config, samples, "float32", dims)
         ours_bf16 = _megatron_logprobs(hf_dir, config, samples, "bfloat16", dims)
