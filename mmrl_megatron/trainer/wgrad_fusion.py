@@ -43,12 +43,21 @@ def fusable_layers(chunks: Iterable[torch.nn.Module]) -> List[torch.nn.Module]:
             and module.weight.requires_grad and hasattr(module.weight, "main_grad")]
 
 
+def _kernels_available() -> bool:
+    """apex's extension, or torch's mixed-dtype addmm (newer than the oldest torch setup.py allows)."""
+    from megatron.core.tensor_parallel import layers
+
+    return (getattr(layers, "fused_weight_gradient_mlp_cuda", None) is not None
+            or "dtype_out" in torch.ops.aten.addmm.overloads())
+
+
 def fuse_weight_gradient_accumulation(chunks: Iterable[torch.nn.Module]) -> int:
     """Fuse the weight-gradient accumulation of the fusable layers whose weights are on a GPU (the CPU has
-    no mixed-dtype GEMM); returns how many layers were fused."""
+    no mixed-dtype GEMM); returns how many layers were fused (0 where no kernel is available)."""
     layers = [module for module in fusable_layers(chunks) if module.weight.is_cuda]
-    if layers:
-        _install_kernels()
+    if not layers or not _kernels_available():
+        return 0
+    _install_kernels()
     for module in layers:
         module.gradient_accumulation_fusion = True
     return len(layers)

@@ -96,6 +96,9 @@ def test_seven_b_widths_bf16_logprobs_match_transformers(tmp_path):
         shutdown()
     record = {"device": torch.cuda.get_device_name(0), "shape": "qwen2.5-vl-7b widths, 2 layers",
               "ours_fp32_max_abs": max(float((a - b).abs().max()) for a, b in zip(ours_fp32, reference)),
+              # per sample (two images / text only / video + image): the largest fp32 difference and its position
+              "ours_fp32_worst_per_sample": [(float((a - b).abs().max()), int((a - b).abs().argmax()))
+                                             for a, b in zip(ours_fp32, reference)],
               "ours_bf16_mean_abs": _mean_abs(ours_bf16, reference),
               "hf_bf16_mean_abs": _mean_abs(hf_bf16, reference),
               "ours_bf16_max_abs": max(float((a - b).abs().max()) for a, b in zip(ours_bf16, reference)),
