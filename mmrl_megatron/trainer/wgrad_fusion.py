@@ -25,13 +25,18 @@ def _accumulate_into_fp32(input: torch.Tensor, grad_output: torch.Tensor, main_g
     torch.addmm(main_grad, grad_output.t(), input, out_dtype=torch.float32, out=main_grad)
 
 
-def _install_kernels() -> None:
-    """Where apex is absent, the module megatron-core's linear layers read the extension from gets ours: the
-    fp32 entry only, as trainer/optim.py's DDP always keeps fp32 gradient buffers."""
+def _install_kernels() -> bool:
+    """Whether megatron-core's linear layers have a kernel to call: apex's extension, or, where apex is absent,
+    ours under its name in the module they read it from (the fp32 entry only, as trainer/optim.py's DDP always
+    keeps fp32 gradient buffers), given torch's mixed-dtype addmm (newer than the oldest torch setup.py allows)."""
     from megatron.core.tensor_parallel import layers
 
-    if getattr(layers, "fused_weight_gradient_mlp_cuda", None) is None:
-        layers.fused_weight_gradient_mlp_cuda = SimpleNamespace(wgrad_gemm_accum_fp32=_accumulate_into_fp32)
+    if getattr(layers, "fused_weight_gradient_mlp_cuda", None) is not None:
+        return True
+    if "dtype_out" not in torch.ops.aten.addmm.overloads():
+        return False
+    layers.fused_weight_gradient_mlp_cuda = SimpleNamespace(wgrad_gemm_accum_fp32=_accumulate_into_fp32)
+    return True
 
 
 def fusable_layers(chunks: Iterable[torch.nn.Module]) -> List[torch.nn.Module]:
@@ -43,21 +48,12 @@ def fusable_layers(chunks: Iterable[torch.nn.Module]) -> List[torch.nn.Module]:
             and module.weight.requires_grad and hasattr(module.weight, "main_grad")]
 
 
-def _kernels_available() -> bool:
-    """apex's extension, or torch's mixed-dtype addmm (newer than the oldest torch setup.py allows)."""
-    from megatron.core.tensor_parallel import layers
-
-    return (getattr(layers, "fused_weight_gradient_mlp_cuda", None) is not None
-            or "dtype_out" in torch.ops.aten.addmm.overloads())
-
-
 def fuse_weight_gradient_accumulation(chunks: Iterable[torch.nn.Module]) -> int:
     """Fuse the weight-gradient accumulation of the fusable layers whose weights are on a GPU (the CPU has
     no mixed-dtype GEMM); returns how many layers were fused (0 where no kernel is available)."""
     layers = [module for module in fusable_layers(chunks) if module.weight.is_cuda]
-    if not layers or not _kernels_available():
+    if not layers or not _install_kernels():
         return 0
-    _install_kernels()
     for module in layers:
         module.gradient_accumulation_fusion = True
     return len(layers)

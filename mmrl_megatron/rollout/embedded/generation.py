@@ -68,12 +68,14 @@ class GenerationRun:
         if self.continuous:
             self._admit_group(waiting)
         elif not any(self.running):
+            # the cache is empty, so the batch takes slots [0, static_width) group by group
             self.static_width = 0
-            while waiting and self._admit_group(waiting):
-                pass
+            while waiting and (admitted := self._admit_group(waiting)):
+                self.static_width += admitted
 
-    def _admit_group(self, waiting: Deque[PreparedPrompt]) -> bool:
-        """Prefill as many waiting prompts as free slots and the prefill token budget allow; whether any were."""
+    def _admit_group(self, waiting: Deque[PreparedPrompt]) -> int:
+        """Prefill as many waiting prompts as free slots and the prefill token budget allow, into the lowest free
+        slots; returns how many slots they took."""
         n = self.sampling.n
         free = [slot for slot, sequence in enumerate(self.running) if sequence is None]
         group: List[PreparedPrompt] = []
@@ -85,7 +87,7 @@ class GenerationRun:
             longest = candidate_longest
             group.append(waiting.popleft())
         if not group:
-            return False
+            return 0
         batch = collate_prefill(group, self.device, self.pixel_dtype)
         slot_list = free[:n * len(group)]
         slots = torch.tensor(slot_list, device=self.device)
@@ -106,9 +108,8 @@ class GenerationRun:
             prompt = group[position // n]
             self.running[slot] = _Running(prompt.request_index, position % n, prompt.length, [])
         sampler.accept(logits[rows], slots, self.sampling, self.cache)
-        self.static_width = max(self.static_width, slot_list[-1] + 1)
         self._check_finished(slot_list, slots)
-        return True
+        return len(slot_list)
 
     def _decode_step(self) -> None:
         active = [slot for slot, sequence in enumerate(self.running) if sequence is not None]
