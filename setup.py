@@ -43,7 +43,10 @@ setup(
                  # the evaluation sink test reads the offline wandb run back with `wandb leet inspect`
                  "wandb>=0.31",
                  # the video tests encode their clips with PyAV and compare frame sampling with qwen-vl-utils'
-                 PYAV, "qwen-vl-utils==0.0.14"],
+                 PYAV, "qwen-vl-utils==0.0.14",
+                 # the fused log-prob kernels' tests run them in Triton's CPU interpreter (TRITON_INTERPRET=1);
+                 # on GPUs torch's CUDA wheels bring Triton themselves
+                 "triton>=3.2"],
         # encoded video clips in the `videos` column (frame lists need nothing more)
         "video": [PYAV],
         # Transformer Engine needs a CUDA build matched to torch; apex has no PyPI wheel (the PyPI

@@ -1,25 +1,28 @@
-"""Log-prob pass: this project's chunked vocab-parallel log-probs (models/common/logprobs.py) against the
-naive full-vocabulary fp32 log_softmax, on the same logits, forward and backward.
+"""Log-prob pass: this project's vocab-parallel log-probs and entropy (models/common/logprobs.py: the Triton
+kernels of fused_logprobs.py on a GPU) against its chunked eager path and the naive full-vocabulary fp32
+log_softmax, on the same logits, forward and backward.
 
 Workload (default, the Qwen2.5-VL-3B output layer): 16,384 tokens of hidden 2048 through a 151,936-token
 vocabulary; the bf16 logits [T, V] (4.6 GiB) are computed once, before anything is measured. Per method:
-  forward   log p(label) per token (fp32)
-  backward  the gradient w.r.t. the logits of a per-token-weighted sum (what a policy loss asks for)
+  forward   log p(label) and the entropy per token (fp32), as the actor's loss takes them
+  backward  the gradient w.r.t. the logits of a per-token-weighted sum of the log-probs (a policy loss;
+            the entropy is a statistic unless an entropy bonus is configured)
 Memory is reported as what each phase adds over the memory in use once the logits exist (peak during the
 phase minus that baseline). The naive path holds an fp32 [T, V] log-softmax (9.3 GiB at 16k tokens); the
-chunked one at most one fp32 chunk of chunk_tokens rows. Target (issue 9): the forward adds at most 2 GiB.
+chunked one at most one fp32 chunk of chunk_tokens rows; the fused kernels none. Target (issue 9): the
+forward adds at most 2 GiB.
 
     python benchmarks/bench_logprob.py                    # on a GPU
     python benchmarks/bench_logprob.py --quick            # tiny shapes on the CPU (the smoke test runs it)
     python benchmarks/bench_logprob.py --quick --device cuda   # the same tiny run on a GPU, seconds
 
-Prints one JSON line (both methods, their ratios, the largest log-prob difference between them) and a
-markdown row for benchmarks/RESULTS.md.
+Prints one JSON line (every method, ours' ratios to the others, the largest log-prob and entropy differences
+from the naive path) and a markdown row for benchmarks/RESULTS.md.
 """
 import argparse
 import json
 import statistics
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -27,15 +30,17 @@ from common import (GIB, PeakMemory, PhaseClock, allocated_bytes, command_line, 
                     pick_device, utc_date)
 
 # common (imported first) puts the repository root on sys.path
-from mmrl_megatron.models.common.logprobs import DEFAULT_CHUNK_TOKENS, vocab_parallel_logprobs
+from mmrl_megatron.models.common.logprobs import (DEFAULT_CHUNK_TOKENS, eager_logprobs_and_entropy,
+                                                  vocab_parallel_logprobs_and_entropy)
 
-LogprobFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LogprobFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 TARGET_FORWARD_ADDED_GIB = 2.0
 
 
-def naive_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def naive_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The baseline a user writes first: fp32 log_softmax over the whole vocabulary, then gather."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, labels[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
 def make_inputs(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -51,16 +56,17 @@ def make_inputs(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device
 
 
 def _forward_backward(logprob_fn: LogprobFn, logits, labels, token_weights, clock: PhaseClock):
-    """(log-probs, peak bytes of the forward, peak bytes of the backward), timing both phases on `clock`."""
+    """((log-probs, entropy), peak bytes of the forward, peak bytes of the backward), timing both phases on
+    `clock`."""
     with PeakMemory(logits.device) as forward_memory:
         clock.mark("forward")
-        logprobs = logprob_fn(logits, labels)
+        logprobs, entropy = logprob_fn(logits, labels)
         clock.stop()
     with PeakMemory(logits.device) as backward_memory:
         clock.mark("backward")
         torch.autograd.grad((logprobs * token_weights).sum(), logits)
         clock.stop()
-    return logprobs.detach(), forward_memory.peak_bytes, backward_memory.peak_bytes
+    return (logprobs.detach(), entropy.detach()), forward_memory.peak_bytes, backward_memory.peak_bytes
 
 
 def measure(logprob_fn: LogprobFn, logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor,
@@ -80,7 +86,7 @@ def measure(logprob_fn: LogprobFn, logits: torch.Tensor, labels: torch.Tensor, t
         forward_peak, backward_peak = max(forward_peak, forward_bytes), max(backward_peak, backward_bytes)
     return dict(forward_ms=1e3 * statistics.median(forward), backward_ms=1e3 * statistics.median(backward),
                 forward_added_gib=max(forward_peak - baseline, 0) / GIB,
-                backward_added_gib=max(backward_peak - baseline, 0) / GIB, logprobs=logprobs)
+                backward_added_gib=max(backward_peak - baseline, 0) / GIB, values=logprobs)
 
 
 def _ratio(numerator: float, denominator: float) -> Optional[float]:
@@ -90,20 +96,25 @@ def _ratio(numerator: float, denominator: float) -> Optional[float]:
 def run(args, device: torch.device) -> Dict:
     dtype = getattr(torch, args.dtype)
     logits, labels, token_weights = make_inputs(args.tokens, args.vocab, args.hidden, dtype, device)
-    methods = {"chunked": lambda x, y: vocab_parallel_logprobs(x, y, chunk_tokens=args.chunk_tokens),
+    methods = {"ours": lambda x, y: vocab_parallel_logprobs_and_entropy(x, y, chunk_tokens=args.chunk_tokens),
+               "chunked": lambda x, y: eager_logprobs_and_entropy(x, y, chunk_tokens=args.chunk_tokens),
                "naive": naive_logprobs}
     results = {name: measure(fn, logits, labels, token_weights, args.repeats) for name, fn in methods.items()}
-    difference = float((results["chunked"].pop("logprobs") - results["naive"].pop("logprobs")).abs().max())
+    values = {name: figures.pop("values") for name, figures in results.items()}
+    differences = {f"{name}_max_abs_{kind}_difference": float((mine - reference).abs().max())
+                   for name in ("ours", "chunked")
+                   for kind, mine, reference in zip(("logprob", "entropy"), values[name], values["naive"])}
     row = dict(benchmark="logprob", device=device_name(device), dtype=args.dtype, tokens=args.tokens,
                vocab=args.vocab, hidden=args.hidden, chunk_tokens=args.chunk_tokens,
                logits_gib=round(logits.numel() * logits.element_size() / GIB, 3),
-               max_abs_logprob_difference=difference, target_forward_added_gib=TARGET_FORWARD_ADDED_GIB)
+               target_forward_added_gib=TARGET_FORWARD_ADDED_GIB, **differences)
     for name, figures in results.items():
         row.update({f"{name}_{key}": round(value, 3) for key, value in figures.items()})
-    chunked, naive = results["chunked"], results["naive"]
-    row.update(forward_speedup=_ratio(naive["forward_ms"], chunked["forward_ms"]),
-               backward_speedup=_ratio(naive["backward_ms"], chunked["backward_ms"]),
-               forward_memory_ratio=_ratio(naive["forward_added_gib"], chunked["forward_added_gib"]))
+    ours = results["ours"]
+    for name in ("chunked", "naive"):
+        row.update({f"forward_speedup_over_{name}": _ratio(results[name]["forward_ms"], ours["forward_ms"]),
+                    f"backward_speedup_over_{name}": _ratio(results[name]["backward_ms"], ours["backward_ms"])})
+    row["forward_memory_ratio"] = _ratio(results["naive"]["forward_added_gib"], ours["forward_added_gib"])
     return row
 
 
@@ -114,10 +125,12 @@ def results_row(row: Dict, argv: Optional[List[str]]) -> str:
 
     return markdown_row([
         utc_date(), row["device"],
-        f"log-probs {row['tokens']} x {row['vocab']} ({row['dtype']} logits, chunks of {row['chunk_tokens']})",
-        f"chunked: {figures('chunked')}", f"naive fp32 log_softmax: {figures('naive')}",
-        f"{row['forward_speedup']}x fwd, {row['backward_speedup']}x bwd, "
-        f"{row['forward_memory_ratio']}x less fwd memory (target: fwd adds <= {TARGET_FORWARD_ADDED_GIB} GiB)",
+        f"log-probs + entropy {row['tokens']} x {row['vocab']} ({row['dtype']} logits, chunks of {row['chunk_tokens']})",
+        f"ours: {figures('ours')}",
+        f"chunked eager: {figures('chunked')}; naive fp32 log_softmax: {figures('naive')}",
+        f"{row['forward_speedup_over_chunked']}x fwd / {row['backward_speedup_over_chunked']}x bwd over chunked, "
+        f"{row['forward_speedup_over_naive']}x / {row['backward_speedup_over_naive']}x over naive, "
+        f"{row['forward_memory_ratio']}x less fwd memory than naive (target: fwd adds <= {TARGET_FORWARD_ADDED_GIB} GiB)",
         f"`{command_line('bench_logprob.py', argv)}`"])
 
 

@@ -44,7 +44,7 @@ import torch
 
 from common import (GIB, PeakMemory, PhaseClock, allocated_bytes, command_line, device_name,
                     init_single_process_megatron, markdown_row, matmul_peak_flops, pick_device, profile_call,
-                    synchronize, utc_date)
+                    profile_summary, synchronize, utc_date)
 
 from bench_rollout import build_config  # the published geometries, kept in one place
 
@@ -194,11 +194,14 @@ def measure_steps(step: Callable[[], float], clock: PhaseClock, device: torch.de
 
 
 def profile_one_step(step: Callable[[], float], device: torch.device, profile_dir: str, name: str) -> None:
-    """<name>.json.gz (Chrome trace) and <name>'s operator table appended to profile.txt. A profiler
-    failure is reported there and on stderr but does not cost the run its measurements."""
+    """<name>.json.gz (Chrome trace), and appended to profile.txt: <name>'s operator table and its
+    profile_summary (kernels, host synchronisations, GPU-busy share, the longest GPU idle stretches with what
+    the host did in them). A profiler failure is reported there and on stderr but does not cost the run its
+    measurements."""
     os.makedirs(profile_dir, exist_ok=True)
     try:
         table = profile_call(step, device, os.path.join(profile_dir, f"{name}.json.gz"))
+        table += "\n" + json.dumps(profile_summary(step, device))
     except Exception as error:  # noqa: BLE001  (the timings already taken matter more than the profile)
         table = f"profiling failed: {error!r}"
         print(f"bench_train: {name}: {table}", file=sys.stderr)

@@ -239,6 +239,24 @@ def _busy_seconds(intervals: List[Tuple[float, float]]) -> float:
     return busy
 
 
+def _idle_gaps(kernels, host_events, top: int) -> List[Dict[str, object]]:
+    """The `top` longest stretches with no kernel running (ms), each with the host operators that began in it
+    (most frequent first): what the GPU waited for."""
+    import collections
+
+    spans = sorted((k.time_range.start, k.time_range.end) for k in kernels)
+    gaps, reach = [], None
+    for start, end in spans:
+        if reach is not None and start > reach:
+            gaps.append((start - reach, reach, start))
+        reach = end if reach is None else max(reach, end)
+    found = []
+    for length, begin, end in sorted(gaps, reverse=True)[:top]:
+        names = collections.Counter(e.name for e in host_events if begin <= e.time_range.start < end)
+        found.append({"ms": round(length / 1e3, 3), "host": dict(names.most_common(4))})
+    return found
+
+
 def scalar_read_sites(call: Callable[[], object], top: int = 5) -> Dict[str, int]:
     """Run `call` once and count where its scalar reads (`.item()`, `.tolist()`, `float(t)`: each one a host
     synchronisation on a GPU) come from: the innermost frames outside torch, most frequent first."""
@@ -273,12 +291,14 @@ def _top_operators(profiler, top: int) -> Dict[str, float]:
 def profile_summary(call: Callable[[], object], device: torch.device, top: int = 12) -> Dict[str, object]:
     """Run `call` once under torch.profiler and summarise what a hot path is judged by: wall seconds, kernels
     launched, host synchronisations (stream/device/event waits) and scalar reads (`.item()`, `.tolist()`,
-    `float(t)`), the share of the wall time some kernel was running, and the kernels and the operators with
-    most device time. A first run says where the scalar reads come from (scalar_read_sites) and warms up the profiled one."""
+    `float(t)`), the share of the wall time some kernel was running, the kernels and the operators with
+    most device time, and the longest idle stretches of the GPU with what the host began in them. A first run
+    warms up the profiled one; a last one says where the scalar reads come from (scalar_read_sites: its
+    dispatch mode makes torch.compile'd kernels run eagerly, so it must not be the profiled run's warm-up)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    sites = scalar_read_sites(call)
+    call()
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
@@ -290,6 +310,7 @@ def profile_summary(call: Callable[[], object], device: torch.device, top: int =
     events = profiler.events()
     kernels = [event for event in events if event.device_type == DeviceType.CUDA]
     busy = _busy_seconds([(k.time_range.start / 1e6, k.time_range.end / 1e6) for k in kernels])
+    host_events = [event for event in events if event.device_type == DeviceType.CPU]
     device_time: Dict[str, float] = {}
     for kernel in kernels:
         device_time[kernel.name] = device_time.get(kernel.name, 0.0) + kernel.time_range.elapsed_us() / 1e6
@@ -301,5 +322,6 @@ def profile_summary(call: Callable[[], object], device: torch.device, top: int =
         "top_kernels_s": {name[:80]: round(seconds, 4) for name, seconds in
                           sorted(device_time.items(), key=lambda item: -item[1])[:top]},
         "top_operators_s": _top_operators(profiler, top),
-        "scalar_read_sites": sites,
+        "largest_idle_gaps": _idle_gaps(kernels, host_events, top),
+        "scalar_read_sites": scalar_read_sites(call),
     }

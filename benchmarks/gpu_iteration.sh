@@ -15,7 +15,7 @@ python3 -c 'import torch, inspect; from torch.nn.attention.varlen import varlen_
   | tee "$out/versions.txt"
 echo "== gpu tests"
 timeout 200 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/models/test_core_attention.py \
-  tests/models/test_fused_rope.py tests/trainer/test_hot_path_gpu.py tests/trainer/test_wgrad_fusion.py \
+  tests/models/test_fused_rope.py tests/models/test_fused_logprobs.py tests/trainer/test_hot_path_gpu.py tests/trainer/test_wgrad_fusion.py \
   tests/models/test_qwen2_5_vl_gpu.py > "$out/gpu_tests.log" 2>&1
 echo "== gpu tests exit $?"
 tail -n 30 "$out/gpu_tests.log"

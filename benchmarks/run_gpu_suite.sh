@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure in benchmarks/RESULTS.md, in two parts that each fit a 10-minute call on one GPU:
-#   bash benchmarks/run_gpu_suite.sh tests-rollout OUT_DIR   # pytest -m gpu, bench_rollout, bench_sync, bench_logprob
+#   bash benchmarks/run_gpu_suite.sh tests-rollout OUT_DIR   # pytest -m gpu, bench_rollout, bench_sync, bench_logprob, bench_attention
 #   bash benchmarks/run_gpu_suite.sh train-step OUT_DIR      # bench_train (with a profile), bench_step
 # Each command has its own time limit and writes its log to OUT_DIR as it goes, so one slow or failing
 # part leaves the others' figures. Packages the machine lacks are installed first from .whl/ when present
@@ -34,6 +34,7 @@ case $part in
     run 180 bench_rollout python3 benchmarks/bench_rollout.py
     run 90 bench_sync python3 benchmarks/bench_sync.py
     run 45 bench_logprob python3 benchmarks/bench_logprob.py
+    run 40 bench_attention python3 benchmarks/bench_attention.py
     ;;
   train-step)
     run 270 bench_train python3 benchmarks/bench_train.py --profile-dir "$out"

@@ -20,7 +20,7 @@ Stats = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 def _vocab_parallel():
     from ..models.common import logprobs
 
-    return logprobs.vocab_parallel_logprobs, logprobs.vocab_parallel_entropy
+    return logprobs.vocab_parallel_logprobs, logprobs.vocab_parallel_logprobs_and_entropy
 
 
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -37,10 +37,12 @@ def response_logprobs(logits: torch.Tensor, micro_batch: MicroBatch, temperature
                                                  group=tensor_group))
 
 
-def response_entropy(logits: torch.Tensor, micro_batch: MicroBatch, temperature: float,
-                     tensor_group) -> torch.Tensor:
-    _, entropy_fn = _vocab_parallel()
-    return micro_batch.response_view(entropy_fn(_tempered(logits, temperature), group=tensor_group))
+def response_logprobs_and_entropy(logits: torch.Tensor, micro_batch: MicroBatch, temperature: float,
+                                  tensor_group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """([B, L] log-probs, [B, L] entropy) of the response positions, from one set of passes over the logits."""
+    _, both_fn = _vocab_parallel()
+    logprobs, entropy = both_fn(_tempered(logits, temperature), micro_batch.labels, group=tensor_group)
+    return micro_batch.response_view(logprobs), micro_batch.response_view(entropy)
 
 
 def _masked_stat(values: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +61,7 @@ def actor_loss(logits: torch.Tensor, micro_batch: MicroBatch, config: AlgorithmC
                normaliser: Normaliser, tensor_group) -> Tuple[torch.Tensor, Stats]:
     """The policy loss (with KL and entropy terms as configured); `tensor_group` as response_logprobs'."""
     mask = micro_batch.mask
-    logprobs = response_logprobs(logits, micro_batch, temperature, tensor_group)
+    logprobs, entropy = response_logprobs_and_entropy(logits, micro_batch, temperature, tensor_group)
     on_policy = "old_logprobs" not in micro_batch.samples[0].tensors  # the trainer skipped that pass (loop.py)
     old_logprobs = logprobs.detach() if on_policy else micro_batch.stacked("old_logprobs")
     advantages = micro_batch.stacked("advantages")
@@ -85,11 +87,7 @@ def actor_loss(logits: torch.Tensor, micro_batch: MicroBatch, config: AlgorithmC
         if not config.kl_in_reward:
             loss = loss + config.kl_coef * aggregate(kl)
     if config.entropy_coef > 0:
-        entropy = response_entropy(logits, micro_batch, temperature, tensor_group)
         loss = loss + aggregate(algorithms.entropy_bonus_loss(entropy, config.entropy_coef))
-    else:
-        with torch.no_grad():
-            entropy = response_entropy(logits, micro_batch, temperature, tensor_group)
     stats["actor/entropy"] = _masked_stat(entropy, mask)
     return loss, stats
 

@@ -1,4 +1,4 @@
-"""The training and log-prob benchmarks' --quick runs (tiny shapes, CPU): they run end to end, measure
+"""The training, log-prob and attention benchmarks' --quick runs (tiny shapes, CPU): they run end to end, measure
 both sides of their comparison on the same work, and report figures a RESULTS.md row can trust."""
 import json
 import math
@@ -36,9 +36,9 @@ def profile_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quick_runs(profile_dir):
-    """Both benchmarks' --quick runs, side by side (each is single-threaded: two cores, half the wait)."""
+    """The benchmarks' --quick runs, side by side (each is single-threaded: two cores, a shorter wait)."""
     processes = [_start_quick_run("bench_train.py", "--profile-dir", str(profile_dir)),
-                 _start_quick_run("bench_logprob.py")]
+                 _start_quick_run("bench_logprob.py"), _start_quick_run("bench_attention.py")]
     try:
         return tuple(_finish_quick_run(process) for process in processes)
     finally:
@@ -57,6 +57,11 @@ def logprob_run(quick_runs):
     return quick_runs[1]
 
 
+@pytest.fixture(scope="module")
+def attention_run(quick_runs):
+    return quick_runs[2]
+
+
 def test_train_reports_both_sides_of_both_workloads(train_run):
     """Invariant: each workload row has positive, finite throughput, MFU, step and phase times for ours and
     HF, finite non-negative peak memory, and a markdown row."""
@@ -72,11 +77,14 @@ def test_train_reports_both_sides_of_both_workloads(train_run):
 
 
 def test_train_profiles_one_step_per_side_and_workload(train_run, profile_dir):
-    """Invariant: --profile-dir leaves a Chrome trace per side and workload and their operator tables."""
+    """Invariant: --profile-dir leaves a Chrome trace per side and workload, their operator tables and their
+    summaries (with the GPU's idle stretches, none on the CPU)."""
     names = {f"{side}_{workload}" for side in ("ours", "hf") for workload in ("fixed", "variable")}
     assert {path.name for path in profile_dir.glob("*.json.gz")} == {f"{name}.json.gz" for name in names}
     tables = (profile_dir / "profile.txt").read_text()
     assert all(f"== {name}:" in tables for name in names)
+    summaries = [json.loads(line) for line in tables.splitlines() if line.startswith("{")]
+    assert len(summaries) == len(names) and all(s["largest_idle_gaps"] == [] and s["kernels"] == 0 for s in summaries)
 
 
 def test_train_speedup_is_the_quotient_of_the_throughputs(train_run):
@@ -98,22 +106,39 @@ def test_train_sides_start_from_the_same_model_and_tokens(train_run):
     assert variable["ours_micro_batches"] < variable["hf_micro_batches"]  # packing fills micro-batches
 
 
-def test_logprob_reports_time_and_memory_of_both_methods(logprob_run):
+def test_logprob_reports_time_and_memory_of_every_method(logprob_run):
     """Invariant: forward and backward times are positive and finite, the added memory finite and
-    non-negative, and the chunked log-probs equal the naive ones."""
+    non-negative, and ours' and the chunked log-probs and entropies equal the naive ones."""
     (row,), markdown = logprob_run
     assert len(markdown) == 1
-    for method in ("chunked", "naive"):
+    for method in ("ours", "chunked", "naive"):
         assert _positive_finite(row[f"{method}_forward_ms"]) and _positive_finite(row[f"{method}_backward_ms"])
         for phase in ("forward", "backward"):
             added = row[f"{method}_{phase}_added_gib"]
             assert math.isfinite(added) and added >= 0
-    assert row["max_abs_logprob_difference"] < 1e-4
+    for method in ("ours", "chunked"):
+        assert row[f"{method}_max_abs_logprob_difference"] < 1e-4
+        assert row[f"{method}_max_abs_entropy_difference"] < 1e-4
     assert row["chunk_tokens"] < row["tokens"]  # the quick run crosses chunk boundaries
 
 
 def test_logprob_speedups_are_quotients_of_the_times(logprob_run):
-    """Invariant: the reported ratios are naive / chunked milliseconds."""
+    """Invariant: the reported ratios are the other method's milliseconds over ours'."""
     (row,), _ = logprob_run
-    assert row["forward_speedup"] == pytest.approx(row["naive_forward_ms"] / row["chunked_forward_ms"], abs=1e-3)
-    assert row["backward_speedup"] == pytest.approx(row["naive_backward_ms"] / row["chunked_backward_ms"], abs=1e-3)
+    for name in ("chunked", "naive"):
+        for phase in ("forward", "backward"):
+            assert row[f"{phase}_speedup_over_{name}"] == pytest.approx(
+                row[f"{name}_{phase}_ms"] / row[f"ours_{phase}_ms"], abs=1e-3)
+
+
+def test_attention_reports_every_workload_with_the_exact_result(attention_run):
+    """Invariant: each workload's row times ours and the per-sequence loop on the same tensors, ours' output
+    equals the loop's (fp32 on the CPU), and the speedups are the loop's milliseconds over ours'."""
+    rows, markdown = attention_run
+    assert [row["workload"] for row in rows] == ["fixed", "ragged", "windows", "images"] and len(markdown) == 4
+    for row in rows:
+        assert row["ours_max_abs_difference"] < 1e-5
+        for phase in ("forward", "forward_backward"):
+            assert _positive_finite(row[f"ours_{phase}_ms"])
+            assert row[f"{phase}_speedup_over_segments"] == pytest.approx(
+                row[f"segments_{phase}_ms"] / row[f"ours_{phase}_ms"], abs=2e-3)

@@ -118,21 +118,44 @@ def _count_kernel_calls(hf_dir: str, sample_counts):
 def test_packed_attention_calls_do_not_grow_with_the_number_of_sequences(tmp_path):
     """Invariant (issue 15, acceptance 5): a forward of the model issues one attention kernel per layer of the
     language model and of the vision tower (whose windows and images are sequences too), for 1 packed sample
-    or 6, and no per-sequence SDPA."""
+    or 6: the varlen kernel, or one batched SDPA where the layer's sequences share a length (the identical
+    samples here, the windows of equal images), never one SDPA per sequence."""
     from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
 
     hf_dir = build_tiny_checkpoint(str(tmp_path / "tiny"))
     [(counts, language_layers, vision_layers)] = run_on_cpu_ranks(1, _count_kernel_calls, hf_dir, [1, 6])
-    assert counts == [(language_layers + vision_layers, 0)] * 2
+    assert [varlen + sdpa for varlen, sdpa in counts] == [language_layers + vision_layers] * 2
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sequences_of_one_length_run_as_one_batched_sdpa(monkeypatch, causal):
+    """Invariant: packed sequences that all have one length (empty ones aside) of at least BATCHED_MIN_LENGTH
+    skip the varlen kernel for one batched SDPA with the per-sequence path's result, GQA and MLA's narrower
+    values included; shorter ones keep the varlen kernel."""
+    generator = torch.Generator().manual_seed(0)
+    bounds = [0, 6, 6, 12, 18]
+    params = packed_segments(bounds)
+    query = torch.randn(18, 4, 16, generator=generator)
+    key = torch.randn(18, 2, 16, generator=generator)
+    value = torch.randn(18, 2, 12, generator=generator)
+    module = _attention(causal)
+    exact = module(query, key, value, None, packed_seq_params=params)
+    stand_in = _use_stand_in(monkeypatch, ("window_size", "scale", "enable_gqa"))
+    assert core_attention.common_length(bounds) == 6 and core_attention.common_length([0, 6, 11]) is None
+    for shortest_batched, varlen_calls in ((6, 0), (7, 1)):
+        monkeypatch.setattr(core_attention, "BATCHED_MIN_LENGTH", shortest_batched)
+        assert torch.allclose(module(query, key, value, None, packed_seq_params=params), exact, atol=1e-6)
+        assert stand_in.calls == varlen_calls
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[700, 1, 2048, 311, 96], [2048, 2048]], ids=["ragged", "one-length"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_torch_varlen_kernel_matches_the_exact_path_on_gpu(causal):
-    """Invariant: torch's own varlen kernel (bf16, GQA, MLA's narrower values) gives the per-sequence SDPA's
-    output and input gradients within bf16 rounding (max abs 2e-2 on unit-scale inputs)."""
+def test_torch_packed_kernels_match_the_exact_path_on_gpu(causal, lengths):
+    """Invariant: torch's own kernels (varlen for ragged lengths, the batched SDPA for one length; bf16, GQA,
+    MLA's narrower values) give the per-sequence SDPA's output and input gradients within bf16 rounding
+    (max abs 2e-2 on unit-scale inputs)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
-    lengths = [700, 1, 2048, 311, 96]
     params = packed_segments([0] + torch.tensor(lengths).cumsum(0).tolist(), "cuda")
     total = sum(lengths)
 

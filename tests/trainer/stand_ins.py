@@ -74,7 +74,10 @@ def vocab_parallel_entropy(logits, group=None):
 def use_stand_in_logprobs() -> None:
     from mmrl_megatron.trainer import losses
 
-    losses._vocab_parallel = lambda: (vocab_parallel_logprobs, vocab_parallel_entropy)
+    def both(logits, labels, group=None):
+        return vocab_parallel_logprobs(logits, labels, group), vocab_parallel_entropy(logits, group)
+
+    losses._vocab_parallel = lambda: (vocab_parallel_logprobs, both)
 
 
 class StandInEngine(RolloutEngine):

@@ -35,11 +35,11 @@ def _plain_vocab_functions():
     def logprobs(logits, labels, group=None):
         return torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
-    def entropy(logits, group=None):
+    def logprobs_and_entropy(logits, labels, group=None):
         logp = torch.log_softmax(logits.float(), -1)
-        return -(logp.exp() * logp).sum(-1)
+        return logprobs(logits, labels), -(logp.exp() * logp).sum(-1)
 
-    return logprobs, entropy
+    return logprobs, logprobs_and_entropy
 
 
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])

@@ -5,9 +5,15 @@ speed on an H100) and rejects packed sequences, so our specs put this module in 
 
 Packed input costs a constant number of kernels per layer, whatever the number of sequences: on a GPU
 in bf16/fp16, one call of torch's variable-length flash attention (`torch.nn.attention.varlen`; on an
-H200 4.4x the per-sequence SDPA loop for 18 sequences, forward + backward). Elsewhere (the CPU, fp32,
-attention dropout) each sequence is one SDPA call: the exact reference path. Lengths come from the
-host-side boundaries (packing.PackedSegments), never from the device.
+H200 4.4x the per-sequence SDPA loop for 18 sequences, forward + backward), or, when every sequence has
+the same length (fixed-length packing, equal images in a vision tower), one batched SDPA over
+[sequences, heads, length, d], which torch dispatches to cuDNN's fused attention on Hopper: on an H200
+1.4-1.6x the varlen kernel forward + backward for 2 x 2,048 tokens and 1.4x for 16 images of 1,024
+patches (bench_attention.py, RESULTS.md 2026-12-02). torch 2.11's own cuDNN ragged path is no
+alternative for training: its backward sizes a buffer by the head width instead of the longest sequence
+(pytorch#186142, fixed after 2.11). Elsewhere (the CPU, fp32, attention dropout) each sequence is one
+SDPA call: the exact reference path. Lengths come from the host-side boundaries
+(packing.PackedSegments), never from the device.
 """
 import functools
 import inspect
@@ -41,6 +47,39 @@ def packed_kernel(query: torch.Tensor, dropout: float) -> str:
     if query.is_cuda and query.dtype in VARLEN_DTYPES and dropout == 0.0 and _varlen_attention() is not None:
         return "varlen"
     return "segments"
+
+
+def common_length(bounds) -> Optional[int]:
+    """The length every non-empty sequence between host-side `bounds` has, or None if they differ."""
+    lengths = {end - start for start, end in zip(bounds[:-1], bounds[1:]) if end > start}
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def batched_attention(query, key, value, length: int, causal: bool, scale: float) -> torch.Tensor:
+    """[t, heads, d] packed sequences that all have `length` tokens as one batched SDPA -> [t, heads, d_value]."""
+    count = query.shape[0] // length
+
+    def batch(tensor):  # [t, h, d] -> [count, h, length, d], a view
+        return tensor.view(count, length, *tensor.shape[1:]).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(batch(query), batch(key), batch(value), is_causal=causal, scale=scale,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).reshape(query.shape[0], query.shape[1], value.shape[-1])
+
+
+# Below this length the batched SDPA was slower: on an H200, 256 windows of 64 patches (the vision tower's)
+# took 0.20 ms forward against varlen's 0.14-0.17 (bench_attention.py, RESULTS.md 2026-12-02). torch's own
+# cuDNN varlen selection draws the same line (it declines max_q <= 128).
+BATCHED_MIN_LENGTH = 129
+
+
+def packed_attention(query, key, value, params: PackedSeqParams, causal: bool, scale: float) -> torch.Tensor:
+    """[t, heads, d] packed sequences through one GPU kernel call -> [t, heads, d_value]: the batched SDPA
+    when they share one length of at least BATCHED_MIN_LENGTH, else the varlen kernel."""
+    length = common_length(as_packed_segments(params).bounds)
+    if length is not None and length >= BATCHED_MIN_LENGTH:
+        return batched_attention(query, key, value, length, causal, scale)
+    return varlen_attention(query, key, value, params, causal, scale)
 
 
 def varlen_attention(query, key, value, params: PackedSeqParams, causal: bool, scale: float) -> torch.Tensor:
@@ -114,7 +153,7 @@ class TorchCoreAttention(MegatronModule):
         """[t, heads, d] packed sequences: attention never crosses a boundary -> [t, heads * d_value]."""
         dropout = self.dropout if self.training else 0.0
         if packed_kernel(query, dropout) == "varlen":
-            out = varlen_attention(query, key, value, params, causal, self.softmax_scale)
+            out = packed_attention(query, key, value, params, causal, self.softmax_scale)
             return out.reshape(out.shape[0], -1)
         bounds = as_packed_segments(params).bounds
         outputs = []

@@ -5,9 +5,12 @@ Tokens are processed in chunks, and backward recomputes each chunk's softmax fro
 `chunk_tokens` tokens at a time, forward or backward. Padding columns at -inf (models mask them)
 contribute nothing. Written here rather than taken from megatron-core because its
 vocab_parallel_cross_entropy keeps an fp32 softmax of the whole micro-batch for backward and has no
-entropy.
+entropy. On a GPU both come from one set of Triton passes instead (fused_logprobs.py); the chunked eager
+path here is the exact reference, and what the CPU runs.
 """
-from typing import Optional
+import functools
+import importlib.util
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -120,10 +123,42 @@ class _VocabParallelEntropy(torch.autograd.Function):
         return grad_logits.view(logits.shape), None, None
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _fused(logits: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these logits (CUDA tensors, where torch's CUDA builds bring Triton)."""
+    return logits.is_cuda and _triton_installed()
+
+
+def vocab_parallel_logprobs_and_entropy(logits_shard: torch.Tensor, labels: torch.Tensor,
+                                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                                        group: Optional[object] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log p(labels) [...], entropy [...]), fp32 and differentiable, from logits [..., V/TP] sharded over
+    `group` (ParallelDims.tensor_group; None: the logits hold the whole vocabulary)."""
+    if _fused(logits_shard):
+        from .fused_logprobs import fused_logprobs_and_entropy
+
+        return fused_logprobs_and_entropy(logits_shard, labels, _sharded_over(group))
+    return eager_logprobs_and_entropy(logits_shard, labels, chunk_tokens, group)
+
+
+def eager_logprobs_and_entropy(logits_shard: torch.Tensor, labels: torch.Tensor,
+                               chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                               group: Optional[object] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """vocab_parallel_logprobs_and_entropy through the chunked eager path on any device (the reference)."""
+    group = _sharded_over(group)
+    return (_VocabParallelLogprobs.apply(logits_shard, labels.long(), chunk_tokens, group),
+            _VocabParallelEntropy.apply(logits_shard, chunk_tokens, group))
+
+
 def vocab_parallel_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor,
                             chunk_tokens: int = DEFAULT_CHUNK_TOKENS, group: Optional[object] = None) -> torch.Tensor:
-    """log p(labels) [...] (fp32) from logits [..., V/TP] sharded over `group` (ParallelDims.tensor_group;
-    None: the logits hold the whole vocabulary)."""
+    """log p(labels) [...] (fp32) from logits [..., V/TP] sharded over `group` (as above)."""
+    if _fused(logits_shard):  # the entropy comes in the same passes
+        return vocab_parallel_logprobs_and_entropy(logits_shard, labels, chunk_tokens, group)[0]
     return _VocabParallelLogprobs.apply(logits_shard, labels.long(), chunk_tokens, _sharded_over(group))
 
 

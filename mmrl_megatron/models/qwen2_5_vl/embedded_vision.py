@@ -3,8 +3,8 @@
 Without flash-attention, transformers runs the tower's attention as one SDPA call per window (a
 448x448 image has 16 windows, so a batch of 256 images costs about 115,000 calls over the 28 window
 layers), which makes the vision tower, not decoding, the cost of a multimodal rollout. On a GPU every
-window and image is one sequence of a single variable-length flash call (core_attention.varlen_attention,
-the trainer's kernel); elsewhere windows of equal length stack into one batched SDPA call (the exact path).
+window and image is one sequence of a single attention call (core_attention.packed_attention,
+the trainer's kernels); elsewhere windows of equal length stack into one batched SDPA call (the exact path).
 The block's norms, its fp32 rotary embedding and its SwiGLU run fused as in the language model
 (decode_layer.py) instead of as HF's chains of full passes over [patches, 1280] tensors.
 The math is HF's: same projections, rotary embedding, scale and per-window softmax.
@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-from ..common.core_attention import packed_kernel, varlen_attention
+from ..common.core_attention import packed_attention, packed_kernel
 from ..common.decode_layer import check_swiglu, fused, rms_norm, swiglu
 from ..common.packing import packed_segments
 
@@ -53,7 +53,7 @@ def _grouped_vision_attention_forward(self, hidden_states, cu_seqlens, position_
     if packed_kernel(query, dropout=0.0) == "varlen":
         # one host read of the window boundaries per layer (HF hands them over on the device)
         segments = packed_segments(cu_seqlens.tolist(), query.device)
-        attended = varlen_attention(query, key, value, segments, causal=False, scale=self.scaling)
+        attended = packed_attention(query, key, value, segments, causal=False, scale=self.scaling)
     else:
         attended = length_grouped_attention(query, key, value, cu_seqlens, self.scaling)
     return self.proj(attended.reshape(length, -1))
