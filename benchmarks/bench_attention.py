@@ -15,15 +15,15 @@ Prints one JSON line per workload (milliseconds per method, ours' speedups, the 
 the per-sequence loop) and a markdown row each for benchmarks/RESULTS.md.
 """
 import argparse
-import json
 import math
 import statistics
+import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from common import command_line, device_name, markdown_row, pick_device, synchronize, utc_date
+from common import command_line, device_name, markdown_row, pick_device, print_rows, synchronize, utc_date
 
 # common (imported first) puts the repository root on sys.path
 from mmrl_megatron.models.common.core_attention import packed_attention, packed_kernel, varlen_attention
@@ -63,20 +63,20 @@ def ours_attention(query, key, value, params, causal, scale):
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: kernel selection, plans
+    """Median milliseconds of `fn` over `repeats` after one warm-up (kernel selection, plans): CUDA events on
+    a GPU, the wall clock elsewhere."""
+    fn()
     times = []
     for _ in range(repeats):
         synchronize(device)
-        start = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
-        end = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
-        if start is not None:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             synchronize(device)
             times.append(start.elapsed_time(end))
         else:
-            import time
             begin = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - begin))
@@ -90,7 +90,8 @@ def run_workload(name: str, spec: Dict, device: torch.device, dtype: torch.dtype
     generator = torch.Generator(device).manual_seed(0)
     shapes = [(total, spec["heads"], spec["width"]), (total, spec["groups"], spec["width"]),
               (total, spec["groups"], spec["width"])]
-    tensors = [torch.randn(*shape, device=device, dtype=dtype, generator=generator).requires_grad_() for shape in shapes]
+    tensors = [torch.randn(*shape, device=device, dtype=dtype, generator=generator).requires_grad_()
+               for shape in shapes]
     scale = spec["width"] ** -0.5
     methods = {"ours": ours_attention, "varlen": varlen_attention, "segments": segments_attention}
     if device.type != "cuda":
@@ -124,9 +125,11 @@ def results_row(row: Dict, argv: Optional[List[str]]) -> str:
     return markdown_row([
         utc_date(), row["device"],
         f"attention {row['workload']}: {row['sequences']} sequences, {row['tokens']} tokens, "
-        f"{row['heads']}/{row['kv_heads']} heads of {row['head_dim']}, {'causal' if row['causal'] else 'bidirectional'}",
+        f"{row['heads']}/{row['kv_heads']} heads of {row['head_dim']}, "
+        f"{'causal' if row['causal'] else 'bidirectional'}",
         f"ours: fwd {row['ours_forward_ms']} ms, fwd+bwd {row['ours_forward_backward_ms']} ms",
-        "; ".join(f"{m}: fwd {row[f'{m}_forward_ms']} ms, fwd+bwd {row[f'{m}_forward_backward_ms']} ms" for m in others),
+        "; ".join(f"{m}: fwd {row[f'{m}_forward_ms']} ms, fwd+bwd {row[f'{m}_forward_backward_ms']} ms"
+                  for m in others),
         "; ".join(f"{row[f'forward_speedup_over_{m}']}x / {row[f'forward_backward_speedup_over_{m}']}x over {m}"
                   for m in others),
         f"`{command_line('bench_attention.py', argv)}`"])
@@ -142,10 +145,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = [run_workload(name, spec, device, dtype, 2 if args.quick else args.repeats)
             for name, spec in workloads(args.quick).items()]
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    for row in rows:
-        print(results_row(row, argv))
+    print_rows(rows, results_row, argv)
     return rows
 
 

@@ -125,12 +125,14 @@ def results_row(row: Dict, argv: Optional[List[str]]) -> str:
 
     return markdown_row([
         utc_date(), row["device"],
-        f"log-probs + entropy {row['tokens']} x {row['vocab']} ({row['dtype']} logits, chunks of {row['chunk_tokens']})",
+        f"log-probs + entropy {row['tokens']} x {row['vocab']} "
+        f"({row['dtype']} logits, chunks of {row['chunk_tokens']})",
         f"ours: {figures('ours')}",
         f"chunked eager: {figures('chunked')}; naive fp32 log_softmax: {figures('naive')}",
         f"{row['forward_speedup_over_chunked']}x fwd / {row['backward_speedup_over_chunked']}x bwd over chunked, "
         f"{row['forward_speedup_over_naive']}x / {row['backward_speedup_over_naive']}x over naive, "
-        f"{row['forward_memory_ratio']}x less fwd memory than naive (target: fwd adds <= {TARGET_FORWARD_ADDED_GIB} GiB)",
+        f"{row['forward_memory_ratio']}x less fwd memory than naive "
+        f"(target: fwd adds <= {TARGET_FORWARD_ADDED_GIB} GiB)",
         f"`{command_line('bench_logprob.py', argv)}`"])
 
 

@@ -44,7 +44,7 @@ import torch
 
 from common import (GIB, PeakMemory, PhaseClock, allocated_bytes, command_line, device_name,
                     init_single_process_megatron, markdown_row, matmul_peak_flops, pick_device, profile_call,
-                    profile_summary, synchronize, utc_date)
+                    print_rows, profile_summary, synchronize, utc_date)
 
 from bench_rollout import build_config  # the published geometries, kept in one place
 
@@ -425,10 +425,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         rows = run(args, device, dims)
     finally:
         shutdown()
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    for row in rows:
-        print(results_row(row, argv))
+    print_rows(rows, results_row, argv)
     return rows
 
 

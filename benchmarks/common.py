@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks: device choice, a single-process megatron-core start, the measured
 bf16 matmul peak (the MFU denominator), device-timeline phase timing, peak memory and RESULTS.md rows."""
 import datetime
+import json
 import os
 import socket
 import sys
@@ -219,6 +220,15 @@ def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
     """The command that reproduces this run, for the RESULTS.md row."""
     arguments = list(argv if argv is not None else sys.argv[1:])
     return " ".join([f"python benchmarks/{script}"] + arguments)
+
+
+def print_rows(rows: Sequence[Dict], results_row: Callable[[Dict, Optional[Sequence[str]]], str],
+               argv: Optional[Sequence[str]]) -> None:
+    """Each row as a JSON line, then each as its RESULTS.md markdown row."""
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    for row in rows:
+        print(results_row(row, argv))
 
 
 def markdown_row(cells: Sequence[object]) -> str:

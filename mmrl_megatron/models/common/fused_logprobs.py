@@ -2,11 +2,11 @@
 
 The eager path (logprobs.py) runs log-probs and entropy as separate chains of full-width fp32 passes over
 [tokens, V/TP] (casts, max, subtract, exp, sums, and their backward): on an H200 about 85 ms of a 0.77 s
-update step for 3B-model micro-batches of 3,072 response positions over 151,936 columns. These kernels
-took 2.6 ms forward and 2.9 ms backward for 16,384 x 151,936 bf16 logits where the eager path took 89 and
-37 ms (bench_logprob.py, RESULTS.md 2026-12-02). Here each row of the logits, in their own dtype, is read twice forward (its maximum; then
-sum e^(x-m), sum e^(x-m)(x-m) and the label's logit, m the maximum over the whole vocabulary) and once
-backward (reading the logits, writing their gradient), and nothing of full width is ever fp32. Written
+update step for 3B-model micro-batches of 3,072 response positions over 151,936 columns. Here each row of
+the logits, in their own dtype, is read twice forward (its maximum; then sum e^(x-m), sum e^(x-m)(x-m) and
+the label's logit, m the maximum over the whole vocabulary) and once backward (reading the logits, writing
+their gradient), and nothing of full width is ever fp32: 2.6 ms forward and 2.9 ms backward for 16,384 x
+151,936 bf16 logits where the eager path took 89 and 37 ms (bench_logprob.py, RESULTS.md 2026-12-02). Written
 here because no library kernel gives log-probs and entropy with their gradients over a vocabulary split
 over tensor-parallel ranks (liger-kernel's fused cross-entropy has no entropy and no sharded vocabulary).
 
