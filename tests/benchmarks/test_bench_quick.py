@@ -1,5 +1,5 @@
-"""The training, log-prob and attention benchmarks' --quick runs (tiny shapes, CPU): they run end to end, measure
-both sides of their comparison on the same work, and report figures a RESULTS.md row can trust."""
+"""The training, log-prob and attention benchmarks' --quick runs (tiny shapes, CPU): they run end to end,
+measure both sides of their comparison on the same work, and report figures a RESULTS.md row can trust."""
 import json
 import math
 import os
@@ -84,7 +84,8 @@ def test_train_profiles_one_step_per_side_and_workload(train_run, profile_dir):
     tables = (profile_dir / "profile.txt").read_text()
     assert all(f"== {name}:" in tables for name in names)
     summaries = [json.loads(line) for line in tables.splitlines() if line.startswith("{")]
-    assert len(summaries) == len(names) and all(s["largest_idle_gaps"] == [] and s["kernels"] == 0 for s in summaries)
+    assert len(summaries) == len(names)
+    assert all(summary["largest_idle_gaps"] == [] and summary["kernels"] == 0 for summary in summaries)
 
 
 def test_train_speedup_is_the_quotient_of_the_throughputs(train_run):

@@ -118,8 +118,8 @@ def _count_kernel_calls(hf_dir: str, sample_counts):
 def test_packed_attention_calls_do_not_grow_with_the_number_of_sequences(tmp_path):
     """Invariant (issue 15, acceptance 5): a forward of the model issues one attention kernel per layer of the
     language model and of the vision tower (whose windows and images are sequences too), for 1 packed sample
-    or 6: the varlen kernel, or one batched SDPA where the layer's sequences share a length (the identical
-    samples here, the windows of equal images), never one SDPA per sequence."""
+    or 6: the varlen kernel, or one batched SDPA where the layer's sequences share a length past
+    BATCHED_MIN_LENGTH, never one SDPA per sequence."""
     from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
 
     hf_dir = build_tiny_checkpoint(str(tmp_path / "tiny"))
