@@ -21,12 +21,11 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from common import command_line, device_name, markdown_row, pick_device, print_rows, synchronize, utc_date
 
 # common (imported first) puts the repository root on sys.path
-from mmrl_megatron.models.common.core_attention import packed_attention, packed_kernel, varlen_attention
+from mmrl_megatron.models.common.core_attention import packed_core_attention, sequence_attention, varlen_attention
 from mmrl_megatron.models.common.packing import packed_segments
 
 
@@ -47,19 +46,14 @@ def workloads(quick: bool) -> Dict[str, Dict]:
     }
 
 
+def ours_attention(query, key, value, params, causal, scale):
+    """What TorchCoreAttention runs for packed input at inference: its GPU kernels, or the per-sequence loop."""
+    return packed_core_attention(query, key, value, params, causal, scale, dropout=0.0)
+
+
 def segments_attention(query, key, value, params, causal, scale):
     """The exact reference: one SDPA per sequence."""
-    bounds = params.bounds
-    pieces = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (query, key, value)),
-                                             is_causal=causal, scale=scale, enable_gqa=key.shape[1] != query.shape[1])
-              for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat([piece.transpose(0, 1) for piece in pieces])
-
-
-def ours_attention(query, key, value, params, causal, scale):
-    """What TorchCoreAttention runs for packed input: its GPU kernels, or the per-sequence loop elsewhere."""
-    kernel = packed_attention if packed_kernel(query, dropout=0.0) == "varlen" else segments_attention
-    return kernel(query, key, value, params, causal, scale)
+    return sequence_attention(query, key, value, params.bounds, causal, scale, dropout=0.0)
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:

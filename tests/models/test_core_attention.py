@@ -141,7 +141,7 @@ def test_sequences_of_one_length_run_as_one_batched_sdpa(monkeypatch, causal):
     module = _attention(causal)
     exact = module(query, key, value, None, packed_seq_params=params)
     stand_in = _use_stand_in(monkeypatch, ("window_size", "scale", "enable_gqa"))
-    assert core_attention.common_length(bounds) == 6 and core_attention.common_length([0, 6, 11]) is None
+    assert params.common_length == 6 and packed_segments([0, 6, 11]).common_length is None
     for shortest_batched, varlen_calls in ((6, 0), (7, 1)):
         monkeypatch.setattr(core_attention, "BATCHED_MIN_LENGTH", shortest_batched)
         assert torch.allclose(module(query, key, value, None, packed_seq_params=params), exact, atol=1e-6)

@@ -49,12 +49,6 @@ def packed_kernel(query: torch.Tensor, dropout: float) -> str:
     return "segments"
 
 
-def common_length(bounds) -> Optional[int]:
-    """The length every non-empty sequence between host-side `bounds` has, or None if they differ."""
-    lengths = {end - start for start, end in zip(bounds[:-1], bounds[1:]) if end > start}
-    return lengths.pop() if len(lengths) == 1 else None
-
-
 def batched_attention(query, key, value, length: int, causal: bool, scale: float) -> torch.Tensor:
     """[t, heads, d] packed sequences that all have `length` tokens as one batched SDPA -> [t, heads, d_value]."""
     count = query.shape[0] // length
@@ -76,10 +70,33 @@ BATCHED_MIN_LENGTH = 129
 def packed_attention(query, key, value, params: PackedSeqParams, causal: bool, scale: float) -> torch.Tensor:
     """[t, heads, d] packed sequences through one GPU kernel call -> [t, heads, d_value]: the batched SDPA
     when they share one length of at least BATCHED_MIN_LENGTH, else the varlen kernel."""
-    length = common_length(as_packed_segments(params).bounds)
+    length = as_packed_segments(params).common_length
     if length is not None and length >= BATCHED_MIN_LENGTH:
         return batched_attention(query, key, value, length, causal, scale)
     return varlen_attention(query, key, value, params, causal, scale)
+
+
+def sequence_attention(query, key, value, bounds, causal: bool, scale: float, dropout: float) -> torch.Tensor:
+    """[t, heads, d] packed sequences between host-side `bounds`, one SDPA each (the exact path)
+    -> [t, heads, d_value]."""
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        piece = [x[start:end].transpose(0, 1).unsqueeze(0) for x in (query, key, value)]
+        attended = F.scaled_dot_product_attention(*piece, dropout_p=dropout, is_causal=causal, scale=scale,
+                                                  enable_gqa=key.shape[1] != query.shape[1])
+        outputs.append(attended[0].transpose(0, 1))
+    return torch.cat(outputs, dim=0)
+
+
+def packed_core_attention(query, key, value, params: PackedSeqParams, causal: bool, scale: float,
+                          dropout: float) -> torch.Tensor:
+    """[t, heads, d] packed sequences -> [t, heads, d_value]: one GPU kernel call (packed_attention) where
+    packed_kernel allows, else one SDPA per sequence."""
+    if packed_kernel(query, dropout) == "varlen":
+        return packed_attention(query, key, value, params, causal, scale)
+    return sequence_attention(query, key, value, as_packed_segments(params).bounds, causal, scale, dropout)
 
 
 def varlen_attention(query, key, value, params: PackedSeqParams, causal: bool, scale: float) -> torch.Tensor:
@@ -151,16 +168,6 @@ class TorchCoreAttention(MegatronModule):
 
     def _packed(self, query, key, value, causal: bool, params: PackedSeqParams):
         """[t, heads, d] packed sequences: attention never crosses a boundary -> [t, heads * d_value]."""
-        dropout = self.dropout if self.training else 0.0
-        if packed_kernel(query, dropout) == "varlen":
-            out = packed_attention(query, key, value, params, causal, self.softmax_scale)
-            return out.reshape(out.shape[0], -1)
-        bounds = as_packed_segments(params).bounds
-        outputs = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end == start:
-                continue
-            piece = [x[start:end].transpose(0, 1).unsqueeze(0) for x in (query, key, value)]
-            outputs.append(self._attend(*piece, causal=causal)[0].transpose(0, 1))
-        out = torch.cat(outputs, dim=0)
+        out = packed_core_attention(query, key, value, params, causal, self.softmax_scale,
+                                    self.dropout if self.training else 0.0)
         return out.reshape(out.shape[0], -1)

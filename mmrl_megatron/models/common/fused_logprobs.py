@@ -23,6 +23,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from .logprobs import _all_reduce, _vocab_offset
+
 BLOCK_COLUMNS = 4096  # columns per step of a row's loop: 8 KB of bf16 per load, 16 warps
 NUM_WARPS = 16
 
@@ -82,12 +84,6 @@ def _row_grad_kernel(logits, row_stride, columns, grad, grad_row_stride, peak, l
         tl.store(out + cols, value.to(out.dtype.element_ty), mask=inside)
 
 
-def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
-
-
 def _rows(logits: torch.Tensor) -> torch.Tensor:
     """logits as [rows, V/TP] with unit column stride (a view where the layout allows)."""
     flat = logits.reshape(-1, logits.shape[-1])
@@ -99,8 +95,7 @@ class _FusedLogprobsEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, group):
         flat = _rows(logits)
         rows, columns = flat.shape
-        first = (dist.get_rank(group) if group is not None else 0) * columns
-        local = labels.reshape(-1) - first
+        local = labels.reshape(-1) - _vocab_offset(columns, group)
         local = torch.where((local >= 0) & (local < columns), local, -1)  # -1: another shard owns the label
         peak = torch.empty(rows, dtype=torch.float32, device=flat.device)
         _row_max_kernel[(rows,)](flat, flat.stride(0), columns, peak, BLOCK=BLOCK_COLUMNS, num_warps=NUM_WARPS)

@@ -6,6 +6,7 @@ maximum length, the CPU path's slices, offsets). Reading them back from the devi
 stream in every layer, so nothing inside a forward or backward does.
 """
 import dataclasses
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -19,6 +20,13 @@ class PackedSegments(PackedSeqParams):
     """megatron-core's PackedSeqParams plus the host-side boundaries [0, end_1, ..., T]."""
 
     bounds: Tuple[int, ...] = ()
+
+    @functools.cached_property
+    def common_length(self) -> Optional[int]:
+        """The length every non-empty sequence has, or None if they differ (computed once, read per layer)."""
+        bounds = self.bounds
+        lengths = {end - start for start, end in zip(bounds[:-1], bounds[1:]) if end > start}
+        return lengths.pop() if len(lengths) == 1 else None
 
     def to(self, device) -> "PackedSegments":
         cu_seqlens = to_device(self.cu_seqlens_q, device)
