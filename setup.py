@@ -46,7 +46,10 @@ setup(
                  PYAV, "qwen-vl-utils==0.0.14",
                  # the fused log-prob kernels' tests run them in Triton's CPU interpreter (TRITON_INTERPRET=1);
                  # on GPUs torch's CUDA wheels bring Triton themselves
-                 "triton>=3.2"],
+                 "triton>=3.2",
+                 # the parity tests' oracle: earlier releases mis-space videos' temporal M-RoPE positions
+                 # (huggingface/transformers#48669; tests/models/qwen_inputs.py hands them over there)
+                 "transformers>=5.18"],
         # encoded video clips in the `videos` column (frame lists need nothing more)
         "video": [PYAV],
         # Transformer Engine needs a CUDA build matched to torch; apex has no PyPI wheel (the PyPI

@@ -5,8 +5,17 @@ from dataclasses import dataclass, field
 from typing import List
 
 import torch
+import transformers
+from packaging.version import Version
 
 from mmrl_megatron.data import rope_positions
+
+# transformers before 5.18 truncated each video's seconds per temporal patch to an integer before spacing its
+# temporal positions (huggingface/transformers#48669): this batch's 2/3 s became 0, putting every temporal
+# patch at one position. On those releases (5.17 on the GPU machine) the oracle is given the positions a fixed
+# release computes, which are the samples' own: tests/data/test_rope.py checks them against a fixed release's
+# get_rope_index on the CPU.
+TRUNCATES_VIDEO_SECONDS = Version(transformers.__version__) < Version("5.18")
 
 # (t, h, w) in patches: 3x5 merged patches cut into 2x2-merged windows leaves ragged edge windows
 IMAGE_GRIDS = [(1, 6, 10), (1, 4, 4)]
@@ -113,7 +122,8 @@ def hf_logprobs(hf_dir: str, samples: List[Sample], dtype=torch.float32, device:
     """The oracle: transformers' Qwen2_5_VLForConditionalGeneration, one sample at a time, positions its own.
 
     The rotary buffers are checked because from_pretrained builds under a meta-device context, which
-    parallel.cpu_support once broke (they came back uninitialised; tests/parallel/test_cpu_support.py)."""
+    parallel.cpu_support once broke (they came back uninitialised; tests/parallel/test_cpu_support.py).
+    Videos' positions are handed over where the installed release mis-spaces them (TRUNCATES_VIDEO_SECONDS)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
@@ -129,6 +139,8 @@ def hf_logprobs(hf_dir: str, samples: List[Sample], dtype=torch.float32, device:
             if extra:
                 extra["mm_token_type_ids"] = ((ids == model.config.image_token_id).int()
                                               + 2 * (ids == model.config.video_token_id).int())[None]
+            if sample.second_per_grid_ts and TRUNCATES_VIDEO_SECONDS:
+                extra["position_ids"] = sample.positions[:, None].to(device)
             logits = model(input_ids=ids[None], **extra).logits[0]
             results.append(token_logprobs(logits, ids).cpu())
     return results

@@ -1,7 +1,10 @@
 """M-RoPE position ids for Qwen2.5-VL sequences, computed without a model object.
 
-Equal to transformers' `Qwen2_5_VLModel.get_rope_index` for images and videos (the tests compare them);
-written here because the trainer needs positions for packed sequences, one sequence at a time, without
+Equal to transformers' `Qwen2_5_VLModel.get_rope_index` for images and videos (the tests compare them) from
+transformers 5.18 on; earlier releases truncated a video's seconds per temporal patch to an integer first
+(huggingface/transformers#48669: with 2 frames per temporal patch, a video sampled at more than 2 frames per
+second got one temporal position for all its patches, and fractional spacings lost their fraction).
+Written here because the trainer needs positions for packed sequences, one sequence at a time, without
 instantiating the Hugging Face model or building `mm_token_type_ids`.
 """
 from typing import Optional, Sequence
