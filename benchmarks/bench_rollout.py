@@ -140,10 +140,15 @@ def hf_generate_seconds(model, requests: List[RolloutRequest], new_tokens: int, 
     return time.perf_counter() - start
 
 
+def benchmark_sampling(new_tokens: int, samples: int = 1) -> SamplingParams:
+    """Plain temperature-1 sampling of exactly new_tokens per sample (RL's setting)."""
+    return SamplingParams(n=samples, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
+
+
 def engine_generate_seconds(engine: EmbeddedEngine, requests: List[RolloutRequest], new_tokens: int,
                             device: torch.device, samples: int = 1) -> float:
     """Wall time of one engine call: every request's max_new_tokens (else new_tokens) per sample, exactly."""
-    sampling = SamplingParams(n=samples, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
+    sampling = benchmark_sampling(new_tokens, samples)
     _synchronize(device)
     start = time.perf_counter()
     results = engine.generate(requests, sampling)
@@ -193,7 +198,11 @@ def profile_engine(engine: EmbeddedEngine, requests: List[RolloutRequest], devic
     summaries = {"call": profile_summary(lambda: engine_generate_seconds(engine, requests, new_tokens, device), device)}
     cache = engine._cache
     batch, kv_len = len(requests), cache.geometry.max_len
-    replayed, eager = engine._decode_step(cache), lambda batch, kv_len: engine.decoder.decode(cache, batch, kv_len)
+    replayed = engine._decode_step(cache, benchmark_sampling(new_tokens))
+
+    def eager(batch: int, kv_len: int):
+        return engine.decoder.decode(cache, batch, kv_len)
+
     for name, decode in (("decode_step_graph", replayed), ("decode_step_eager", eager)):
         decode(batch, kv_len)  # captures the graph for this bucket
         summaries[name] = profile_summary(lambda: [decode(batch, kv_len) for _ in range(PROFILE_DECODE_STEPS)], device)

@@ -6,7 +6,7 @@ sequence's samples therefore do not depend on which other sequences share its ba
 of a request are independent streams, and a fixed seed reproduces a rollout. Hand-written because
 torch generators are per-device objects, not per-row streams.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -97,3 +97,16 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, top_k:
         return torch.argmax(logits, dim=-1)
     scaled = filter_top_p(filter_top_k(scale_by_temperature(logits, temperature), top_k), top_p)
     return draw_from_logits(scaled, uniforms)
+
+
+def sample_with_logprobs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                         uniforms: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sample_tokens' tokens, their token_logprobs) per row of logits [rows, vocab]. Plain temperature
+    sampling on a GPU runs as one Triton kernel (draw_kernel.py); filtered, greedy and CPU draws as above."""
+    unfiltered = top_p >= 1.0 and (top_k <= 0 or top_k >= logits.shape[-1])
+    if logits.is_cuda and temperature > 0 and unfiltered:
+        from .draw_kernel import draw_with_logprobs  # Triton: present wherever CUDA tensors are
+
+        return draw_with_logprobs(logits, temperature, uniforms)
+    tokens = sample_tokens(logits, temperature, top_p, top_k, uniforms)
+    return tokens, token_logprobs(logits, tokens, temperature)

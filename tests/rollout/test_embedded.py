@@ -215,6 +215,48 @@ def test_bucketed_decode_as_graphs_replay_it_matches_exact_decode(engine, reques
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
 
 
+def test_steps_launched_ahead_of_the_finish_flags_change_no_result(engine, requests, monkeypatch):
+    """The next decode step is launched before the host learns which sequences the running one ended; a
+    sequence a stop token ended is inactive by then, so the step launched ahead leaves it as it was, and every
+    result (tokens, log-probs, finish reasons) equals the step-by-step loop's."""
+    sampling = _sampling(n=3, temperature=1.0, max_new_tokens=12, stop_token_ids=list(range(40, 80)))
+    with monkeypatch.context() as patch:
+        patch.setattr(GenerationRun, "_may_overlap", lambda run, waiting: False)
+        expected = engine.generate(requests, sampling)
+    ahead = []
+    launch = GenerationRun._launch_step
+    monkeypatch.setattr(GenerationRun, "_launch_step",
+                        lambda run, move_slots: (ahead.append(not move_slots), launch(run, move_slots))[1])
+    overlapped = engine.generate(requests, sampling)
+    assert any(ahead)
+    stopped = [r for r in expected if r.finish_reason == "stop" and len(r.response_ids) < sampling.max_new_tokens]
+    assert len(stopped) >= 2  # stop tokens ended sequences while others ran on
+    assert [(r.response_ids, r.finish_reason) for r in overlapped] == [(r.response_ids, r.finish_reason)
+                                                                      for r in expected]
+    for a, b in zip(overlapped, expected):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-6)
+
+
+def test_waiting_prompts_join_the_batch_while_it_decodes(checkpoint, requests):
+    """With a prefill budget of one prompt per admission, the waiting prompts are admitted one per decode step
+    while the first decodes (steps are not launched ahead past an admission): 3 prompts of 10 forced tokens
+    take 9 + 2 steps, not one prompt's 9 steps after another."""
+    longest = max(len(request.prompt_ids) for request in requests)
+    engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=8,
+                            settings=EmbeddedEngineConfig(prefill_tokens=longest))
+    engine.load_checkpoint()
+    exact_step, widths = engine._decode_step, []
+
+    def recorded_step(cache, params):
+        step = exact_step(cache, params)
+        return lambda batch, kv_len: (widths.append(batch), step(batch, kv_len))[1]
+
+    engine._decode_step = recorded_step
+    results = engine.generate(requests, _sampling(n=2, max_new_tokens=10))
+    assert [len(result.response_ids) for result in results] == [10] * 6
+    assert len(widths) == 9 + 2
+
+
 def test_stop_token_ends_the_sequence_and_is_included(engine, requests):
     """A stop token ends its sequence with finish_reason 'stop' and is the response's last token;
     without it the sequence runs to max_new_tokens with finish_reason 'length'."""

@@ -16,6 +16,16 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import repeat_kv
 
 from .kv_cache import CacheGeometry, StaticKVCache
 
+# The decode step's attention runs in decode_attention.py's Triton kernels for bf16/fp16 caches on a GPU whose
+# keys are at most this wide (Qwen's 128); fp32 keeps SDPA, the exact path the engine's fp32 parity tests
+# compare, and so do wider keys (Kimi-VL's 576-wide MLA latent: its padded tiles would not fit the registers).
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_MAX_KEY_WIDTH = 256
+
+
+def decode_kernel_applies(keys: torch.Tensor) -> bool:
+    return keys.is_cuda and keys.dtype in KERNEL_DTYPES and keys.shape[-1] <= KERNEL_MAX_KEY_WIDTH
+
 
 class CachedDecoder:
     """prefill/decode over a StaticKVCache. Subclasses set `layers` (HF decoder layers whose
@@ -81,14 +91,24 @@ class CachedDecoder:
         cache_lens = cache.cache_lens[:batch]
         positions = (cache_lens + cache.rope_deltas[:batch]).view(1, batch, 1).expand(self.position_rows, batch, 1)
         slot_index = torch.arange(batch, device=tokens.device)
-        visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= cache_lens[:, None])[:, None, None, :]
-        attention_bias = additive_mask(visible, cache.keys[0].dtype)
+        kernel = decode_kernel_applies(cache.keys[0])
+        if kernel:
+            from .decode_attention import decode_attention  # Triton: present wherever CUDA tensors are
+
+            lengths = (cache_lens + 1).clamp_(max=kv_len)  # the new token's keys are written before attending
+        else:
+            visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= cache_lens[:, None])[:, None, None, :]
+            attention_bias = additive_mask(visible, cache.keys[0].dtype)
 
         def attend(layer_index: int, query, key, value):
             keys = cache.keys[layer_index]
             values = cache.values[layer_index]
             keys[slot_index, :, cache_lens] = key[:, :, 0]
             values[slot_index, :, cache_lens] = value[:, :, 0]
+            if kernel:
+                output = decode_attention(query[:, :, 0], keys[:batch], values[:batch], lengths, kv_len,
+                                          self.layers[layer_index].self_attn.scaling)
+                return output.unsqueeze(2)
             # Grouped-query attention without repeating the cache: the query heads sharing a KV head act as
             # that head's query rows ([B, kv_heads, groups, D]); one fused kernel, fp32 softmax inside.
             grouped_query = query.reshape(batch, self.num_kv_heads, self.query_groups, self.key_dim)

@@ -7,6 +7,13 @@ finishes frees its slot at once, and the next waiting prompt takes it. With cont
 (static batches, the baseline the benchmark compares with, as Hugging Face generate batches) prompts fill
 an empty cache, and the batch is decoded at its full width, padded to its longest response, before the
 next is admitted.
+
+While a decode step runs on the GPU, the host prepares the next: it launches step t + 1 over the same slots
+before reading which sequences step t finished, unless one reaches its token budget at step t (known on the
+host) or stop strings need step t's tokens on the host. A sequence that a stop token ended at step t is no
+longer active when step t + 1 runs (SlotSampler.finish, queued behind step t), so step t + 1 leaves it as it
+was; once the host has retired it, nothing is in flight and admission and slot moves proceed. Without this
+overlap the GPU idled for the host's bookkeeping between every two steps.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -16,11 +23,12 @@ import torch
 
 from ...models.common.cached_decoder import CachedDecoder
 from ...models.common.kv_cache import StaticKVCache
+from ...models.common.transfer import to_host
 from ..sampling import sequence_seeds
 from ..types import RolloutResult, SamplingParams
 from .graphs import batch_bucket
 from .prompts import PreparedPrompt, collate_prefill
-from .slot_sampler import SlotSampler
+from .slot_sampler import ENDED_BY_BUDGET, RUNNING, SlotSampler
 from .stopping import LENGTH, STOP, StopRules
 
 
@@ -29,7 +37,17 @@ class _Running:
     request_index: int
     sample_index: int
     cache_len: int  # host mirror of cache.cache_lens[slot]
+    remaining: int  # tokens still to sample before its budget ends it (host mirror)
     response: List[int]  # host copy of the tokens, kept only when stop strings need text
+
+
+@dataclass
+class _Finishes:
+    """What a launched step (or an admission's first draw) did to `slots`: SlotSampler.finish's codes on their
+    way to the host (`codes`, transfer.to_host), slots[i]'s at codes()[rows[i]]."""
+    slots: List[int]
+    codes: Callable[[], List[int]]
+    rows: Sequence[int]
 
 
 class GenerationRun:
@@ -57,12 +75,32 @@ class GenerationRun:
         self.results: List[RolloutResult] = []
 
     def run(self, prompts: Sequence[PreparedPrompt]) -> List[RolloutResult]:
+        """Every prompt's n results, ordered by (request_index, sample_index)."""
         waiting: Deque[PreparedPrompt] = deque(prompts)
+        in_flight: Optional[_Finishes] = None
         while waiting or any(self.running):
-            self._admit(waiting)
-            if any(self.running):
-                self._decode_step()
+            if in_flight is None:
+                self._admit(waiting)
+                if not any(self.running):
+                    continue
+                in_flight = self._launch_step(move_slots=True)
+            following = self._launch_step(move_slots=False) if self._may_overlap(waiting) else None
+            if self._retire_finished(in_flight) and following is not None:
+                self._retire_finished(following)  # drain: admission and slot moves need nothing in flight
+                following = None
+            in_flight = following
         return sorted(self.results, key=lambda result: (result.request_index, result.sample_index))
+
+    def _may_overlap(self, waiting: Deque[PreparedPrompt]) -> bool:
+        """Whether the next step may be launched before the host learns what the one in flight finished: no
+        running sequence ends by its budget there, no stop string needs its tokens on the host, and no waiting
+        prompt could be admitted now (admission comes first)."""
+        if self.stop_rules.uses_strings:
+            return False
+        free = sum(sequence is None for sequence in self.running)
+        if self.continuous and waiting and free >= self.sampling.n:
+            return False
+        return all(sequence.remaining > 0 for sequence in self.running if sequence is not None)
 
     def _admit(self, waiting: Deque[PreparedPrompt]) -> None:
         if self.continuous:
@@ -106,23 +144,30 @@ class GenerationRun:
         sampler.active[slots] = True
         for position, slot in enumerate(slot_list):
             prompt = group[position // n]
-            self.running[slot] = _Running(prompt.request_index, position % n, prompt.length, [])
+            budget = self.budgets[prompt.request_index]
+            self.running[slot] = _Running(prompt.request_index, position % n, prompt.length, budget - 1, [])
         sampler.accept(logits[rows], slots, self.sampling, self.cache)
-        self._check_finished(slot_list, slots)
+        codes = to_host(sampler.finish(slots, self.stop_rules, self.cache))
+        self._retire_finished(_Finishes(slot_list, codes, range(len(slot_list))))
         return len(slot_list)
 
-    def _decode_step(self) -> None:
+    def _launch_step(self, move_slots: bool) -> _Finishes:
+        """Queue one decode step over the running sequences (moved down first if `move_slots`, which needs
+        nothing in flight) and the copy of its finish flags to the host; returns without waiting for either."""
         active = [slot for slot, sequence in enumerate(self.running) if sequence is not None]
         if self.continuous:
-            active = self._compacted(active)
+            active = self._compacted(active) if move_slots else active
             batch = active[-1] + 1
         else:  # padded: finished sequences keep their rows in the step until the batch's longest ends
             batch = self.static_width
         kv_len = max(self.running[slot].cache_len for slot in active) + 1
         self.step(batch, kv_len)
         for slot in active:
-            self.running[slot].cache_len += 1
-        self._check_finished(active, torch.tensor(active, device=self.device))
+            sequence = self.running[slot]
+            sequence.cache_len += 1
+            sequence.remaining -= 1
+        codes = to_host(self.sampler.finish(slice(0, batch), self.stop_rules, self.cache))
+        return _Finishes(active, codes, active)  # the step's rows are its slots
 
     def _compacted(self, active: List[int]) -> List[int]:
         """The running slots, moved down to [0, len(active)) when that shrinks the step's batch bucket.
@@ -142,24 +187,24 @@ class GenerationRun:
             self.running[target], self.running[source] = self.running[source], None
         return list(range(len(active)))
 
-    def _check_finished(self, slot_list: List[int], slots: torch.Tensor) -> None:
-        """Retire the sequences in slot_list (`slots` on the device) that their last sampled token ended."""
-        tokens = self.cache.last_token[slots]
-        full = self.sampler.counters[slots] >= self.sampler.budgets[slots]
-        # One small device-to-host copy per step (the flags), then plain list scans: at 256 sequences the
-        # host work stays well below a GPU decode step.
-        stop_flags, length_flags = torch.stack([self.stop_rules.token_stops(tokens), full]).tolist()
-        if self.stop_rules.uses_strings:
-            for slot, token in zip(slot_list, tokens.tolist()):
+    def _retire_finished(self, finishes: _Finishes) -> bool:
+        """Retire the sequences `finishes` reports ended (waiting for its flags) and those a stop string ended;
+        returns whether any was retired."""
+        slot_list = finishes.slots
+        codes = finishes.codes()
+        codes = [codes[row] for row in finishes.rows]
+        string_flags = [False] * len(slot_list)
+        if self.stop_rules.uses_strings:  # no step is in flight beyond this one's (_may_overlap)
+            slots = torch.tensor(slot_list, device=self.device)
+            for slot, token in zip(slot_list, self.cache.last_token[slots].tolist()):
                 self.running[slot].response.append(token)
             string_flags = [self.stop_rules.string_stops(self.running[slot].response) for slot in slot_list]
-        else:
-            string_flags = [False] * len(slot_list)
-        finished = [(slot, STOP if stop_token or stop_string else LENGTH)
-                    for slot, stop_token, stop_string, full in zip(slot_list, stop_flags, string_flags, length_flags)
-                    if stop_token or stop_string or full]
+        finished = [(slot, LENGTH if code == ENDED_BY_BUDGET and not stop_string else STOP)
+                    for slot, code, stop_string in zip(slot_list, codes, string_flags)
+                    if code != RUNNING or stop_string]
         if finished:
             self._retire(finished)
+        return bool(finished)
 
     def _retire(self, finished: List[tuple]) -> None:
         slots = torch.tensor([slot for slot, _ in finished], device=self.device)

@@ -9,8 +9,11 @@ replayed alone).
 import torch
 
 from ...models.common.kv_cache import StaticKVCache
-from ..sampling import counter_uniforms, sample_tokens, token_logprobs
+from ..sampling import counter_uniforms, sample_with_logprobs
 from ..types import SamplingParams
+from .stopping import StopRules
+
+RUNNING, ENDED_BY_STOP_TOKEN, ENDED_BY_BUDGET = 0, 1, 2  # SlotSampler.finish's codes
 
 
 class SlotSampler:
@@ -41,12 +44,23 @@ class SlotSampler:
         """Sample one token for each slot in `rows` from its logits [len(rows), vocab], record it with its
         log-prob, advance the active slots' counters and feed the token to the next decode step."""
         counters = self.counters[rows]
-        tokens = sample_tokens(logits, sampling.temperature, sampling.top_p, sampling.top_k,
-                               counter_uniforms(self.seeds[rows], counters))
+        tokens, logprobs = sample_with_logprobs(logits, sampling.temperature, sampling.top_p, sampling.top_k,
+                                                counter_uniforms(self.seeds[rows], counters))
         self.tokens[rows, counters] = tokens
-        self.logprobs[rows, counters] = token_logprobs(logits, tokens, sampling.temperature)
+        self.logprobs[rows, counters] = logprobs
         self.counters[rows] = counters + self.active[rows]
         cache.last_token[rows] = tokens
+
+    def finish(self, rows, stop_rules: StopRules, cache: StaticKVCache) -> torch.Tensor:
+        """Per slot in `rows` (a slice or an index tensor): whether its last sampled token ended its sequence,
+        ENDED_BY_STOP_TOKEN or ENDED_BY_BUDGET (a stop token at the budget counts as the stop), else RUNNING.
+        Ended slots stop being active at once, on the device: a decode step queued before the host has
+        retired them leaves their counters, cache lengths and recorded tokens as they are."""
+        active = self.active[rows]
+        stopped = active & stop_rules.token_stops(cache.last_token[rows])
+        full = active & (self.counters[rows] >= self.budgets[rows])
+        self.active[rows] = active & ~(stopped | full)
+        return torch.where(stopped, ENDED_BY_STOP_TOKEN, torch.where(full, ENDED_BY_BUDGET, RUNNING)).to(torch.uint8)
 
     def decode_step(self, decoder, cache: StaticKVCache, sampling: SamplingParams, batch: int, kv_len: int) -> None:
         """One decode step for slots [0, batch): the forward over the cache, then the draw. Reads and writes
