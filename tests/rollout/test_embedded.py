@@ -48,6 +48,15 @@ def _sampling(**overrides):
     return SamplingParams(**{**dict(n=2, temperature=0.8, max_new_tokens=10, seed=11, ignore_eos=True), **overrides})
 
 
+def _assert_same_results(results, expected, atol: float = 1e-5) -> None:
+    """Every result names the same sample, with the same tokens and finish reason, and log-probs within atol."""
+    assert len(results) == len(expected)
+    for a, b in zip(results, expected):
+        assert (a.request_index, a.sample_index, a.response_ids, a.finish_reason) == \
+            (b.request_index, b.sample_index, b.response_ids, b.finish_reason)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=atol)
+
+
 def test_logprobs_equal_a_separate_hf_forward(engine, hf_model, requests):
     """Returned log-probs equal HF's log_softmax(logits/T) over prompt+response within 1e-5 (fp32), for
     prompts with images of different sizes and a text-only prompt, with top-k/top-p active."""
@@ -134,10 +143,7 @@ def test_continuous_batching_matches_roomy_batch_when_sequences_end_early(checkp
     tight.load_checkpoint()
     squeezed = tight.generate(requests * 2, sampling)[:len(roomy)]
     assert {len(r.response_ids) for r in roomy} != {12}  # some sequences really did end early
-    for a, b in zip(squeezed, roomy):
-        assert (a.request_index, a.sample_index, a.response_ids, a.finish_reason) == \
-            (b.request_index, b.sample_index, b.response_ids, b.finish_reason)
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    _assert_same_results(squeezed, roomy)
 
 
 def test_long_tail_moves_down_to_low_slots_and_keeps_every_result(checkpoint, requests, monkeypatch):
@@ -159,10 +165,7 @@ def test_long_tail_moves_down_to_low_slots_and_keeps_every_result(checkpoint, re
     moved = engine.generate(tailed, sampling)
     assert moves  # the 12-token request's samples were left in high slots and moved down
     assert [len(r.response_ids) for r in moved] == [budget for budget in budgets for _ in range(2)]
-    for a, b in zip(moved, expected):
-        assert (a.request_index, a.sample_index, a.response_ids, a.finish_reason) == \
-            (b.request_index, b.sample_index, b.response_ids, b.finish_reason)
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    _assert_same_results(moved, expected)
 
 
 def test_static_batches_give_the_continuous_results(checkpoint, requests):
@@ -189,10 +192,7 @@ def test_static_batches_give_the_continuous_results(checkpoint, requests):
     # then request 2 (budget 4) runs alone on 2 slots for 3 steps
     assert widths[False] == [4] * 5 + [2] * 3
     assert len(widths[True]) < len(widths[False])
-    for a, b in zip(runs[False], runs[True]):
-        assert (a.request_index, a.sample_index, a.response_ids, a.finish_reason) == \
-            (b.request_index, b.sample_index, b.response_ids, b.finish_reason)
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    _assert_same_results(runs[False], runs[True])
 
 
 def test_bucketed_decode_as_graphs_replay_it_matches_exact_decode(engine, requests, monkeypatch):
@@ -210,9 +210,7 @@ def test_bucketed_decode_as_graphs_replay_it_matches_exact_decode(engine, reques
 
     monkeypatch.setattr(engine, "_decode_step", bucketed_step)
     padded = engine.generate(requests, sampling)
-    assert [(r.response_ids, r.finish_reason) for r in padded] == [(r.response_ids, r.finish_reason) for r in exact]
-    for a, b in zip(padded, exact):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    _assert_same_results(padded, exact)
 
 
 def test_steps_launched_ahead_of_the_finish_flags_change_no_result(engine, requests, monkeypatch):
@@ -231,10 +229,7 @@ def test_steps_launched_ahead_of_the_finish_flags_change_no_result(engine, reque
     assert any(ahead)
     stopped = [r for r in expected if r.finish_reason == "stop" and len(r.response_ids) < sampling.max_new_tokens]
     assert len(stopped) >= 2  # stop tokens ended sequences while others ran on
-    assert [(r.response_ids, r.finish_reason) for r in overlapped] == [(r.response_ids, r.finish_reason)
-                                                                      for r in expected]
-    for a, b in zip(overlapped, expected):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-6)
+    _assert_same_results(overlapped, expected, atol=1e-6)
 
 
 def test_waiting_prompts_join_the_batch_while_it_decodes(checkpoint, requests):

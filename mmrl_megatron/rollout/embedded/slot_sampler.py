@@ -20,8 +20,9 @@ class SlotSampler:
     """Per slot: `seeds` (its sample's stream), `counters` (tokens sampled so far), `budgets` (its
     max_new_tokens), `active` (a sequence is running there), and the sampled `tokens` and `logprobs`
     [slots, width]. Slots that are not active are sampled too when a step covers them (a graph's batch
-    bucket): their counters and cache lengths stay, their next token and first recorded token are
-    overwritten (admission sets both again)."""
+    bucket, or a step launched before the host retired them): their counters and cache lengths stay, their
+    next token and the recorded token at their counter are overwritten (one past the tokens a sequence keeps,
+    the first of an empty slot; admission sets both again)."""
 
     def __init__(self, slots: int, width: int, device: torch.device) -> None:
         self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
