@@ -57,6 +57,8 @@ RL_PROMPT_TOKENS = 100
 RL_MIN_NEW_TOKENS = 32
 PROFILE_NEW_TOKENS = 16  # a profiled call's decode steps: enough to see a step, short enough to aggregate fast
 PROFILE_DECODE_STEPS = 8
+STEP_COST_WIDTHS = (1, 8, 32, 64, 128, 256)  # the batch buckets an RL-shaped call passes through
+STEP_COST_LENGTHS = (8, 512, 2048)
 
 
 def build_config(shape: str):
@@ -210,6 +212,58 @@ def profile_engine(engine: EmbeddedEngine, requests: List[RolloutRequest], devic
     return summaries
 
 
+def decode_step_costs(engine: EmbeddedEngine, device: torch.device, widths=STEP_COST_WIDTHS,
+                      cached_lengths=STEP_COST_LENGTHS, repeats: int = 10) -> Dict[str, float]:
+    """Milliseconds per decode step (graph-replayed where the engine uses graphs) by batch width and cached
+    length ("WIDTHxLENGTH"): what a step of a long-tailed call costs as its batch shrinks. Every slot of the
+    step is set to that length and left inactive, so replays repeat the same work (inactive slots' lengths stay
+    put). Reaches into the engine's cache and decode step: benchmark-only; call it after a generate call."""
+    cache = engine._cache
+    step = engine._decode_step(cache, benchmark_sampling(1))
+    slots, max_len = cache.geometry.slots, cache.geometry.max_len
+    costs = {}
+    for length in (length for length in cached_lengths if length < max_len):
+        for width in (width for width in widths if width <= slots):
+            cache.cache_lens[:width] = length
+            step(width, length + 1)  # captures the bucket's graph on first use
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step(width, length + 1)
+            _synchronize(device)
+            costs[f"{width}x{length}"] = round(1000 * (time.perf_counter() - start) / repeats, 3)
+    cache.cache_lens.zero_()
+    return costs
+
+
+def admission_seconds(engine: EmbeddedEngine, requests: List[RolloutRequest], new_tokens: int, device: torch.device,
+                      samples: int) -> Dict[str, float]:
+    """One more engine call with its prompts' admissions timed (vision tower and prefill, synchronised around
+    each): how many prefill calls the batching mode makes and what they cost in all. Wraps the engine's decoder
+    in place for the call: benchmark-only."""
+    decoder = engine.decoder
+    spent = {"prefill_calls": 0, "admission_seconds": 0.0}
+
+    def timed(method, counts: bool):
+        def call(*args, **kwargs):
+            _synchronize(device)
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            _synchronize(device)
+            spent["admission_seconds"] += time.perf_counter() - start
+            spent["prefill_calls"] += counts
+            return result
+        return call
+
+    decoder.embed_prompts, decoder.prefill = timed(decoder.embed_prompts, False), timed(decoder.prefill, True)
+    try:
+        engine_generate_seconds(engine, requests, new_tokens, device, samples)
+    finally:
+        del decoder.embed_prompts, decoder.prefill  # the class's methods again
+    spent["admission_seconds"] = round(spent["admission_seconds"], 3)
+    return spent
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -292,6 +346,10 @@ def run_rl_workload(args, device: torch.device, dtype: torch.dtype) -> Dict:
         engine_generate_seconds(engine, requests, longest, device, samples)
         seconds = engine_generate_seconds(engine, requests, longest, device, samples)
         row.update({f"{mode}_seconds": round(seconds, 3), f"{mode}_tokens_per_s": round(produced / seconds, 1)})
+        if args.profile:
+            row[f"{mode}_admissions"] = admission_seconds(engine, requests, longest, device, samples)
+    if args.profile:
+        row["step_ms_by_width_x_length"] = decode_step_costs(engine, device)
     engine.shutdown()
     del engine
     row["speedup_over_static"] = round(row["static_seconds"] / row["engine_seconds"], 2)
@@ -317,7 +375,8 @@ def parse_args(argv: Optional[List[str]]):
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--skip-hf", action="store_true", help="time only the engine")
     parser.add_argument("--profile", action="store_true",
-                        help=f"also profile one engine call of {PROFILE_NEW_TOKENS} new tokens (graphs and eager)")
+                        help=f"also profile one engine call of {PROFILE_NEW_TOKENS} new tokens (graphs and eager); "
+                             "rl: time the admissions and the decode steps by batch width and cached length")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.prompt_tokens, args.new_tokens = 4, 8, 8

@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..models.common.decode_layer import fused
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -37,10 +39,16 @@ def sequence_seeds(seed: int, request_indices: torch.Tensor, sample_indices: tor
     return hash32(mixed ^ hash32(sample_indices + 0x9E3779B9))
 
 
-def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """Uniform floats in [0, 1) (24-bit resolution, float64), one per (seed, counter) pair."""
+def _counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     bits = hash32(seeds ^ hash32(counters + 0x85EBCA6B))
     return (bits >> 8).to(torch.float64) / float(1 << 24)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Uniform floats in [0, 1) (24-bit resolution, float64), one per (seed, counter) pair. One compiled kernel
+    on a GPU (integer arithmetic, so the same bits): eager, the two hashes are some fifty elementwise kernels,
+    launched in every decode step."""
+    return fused(_counter_uniforms, seeds)(seeds, counters)
 
 
 def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -104,6 +104,27 @@ def test_length_grouped_vision_attention_equals_hf_per_window(checkpoint):
     torch.testing.assert_close(features(), expected, rtol=0, atol=1e-5)
 
 
+def test_vision_tower_reads_its_window_bounds_once_per_forward(checkpoint, monkeypatch):
+    """The fast blocks read each of the tower's two boundary tensors (windows, whole images) to the host once
+    per forward, not once per block (on a GPU every read waits for the queued work)."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    from mmrl_megatron.models.qwen2_5_vl import embedded_vision
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    config.vision_config.depth, config.vision_config.fullatt_block_indexes = 4, [1, 3]  # two blocks of each kind
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
+    use_fast_vision_blocks(model)
+    [request] = make_requests(model.config, [[1, 10, 6]])
+    reads = []
+    original = embedded_vision.packed_segments
+    monkeypatch.setattr(embedded_vision, "packed_segments", lambda bounds, device: reads.append(bounds) or
+                        original(bounds, device))
+    with torch.no_grad():
+        model.model.get_image_features(request.pixel_values, request.image_grid_thw)
+    assert len(reads) == 2 and reads[0] != reads[1]
+
+
 def test_greedy_follows_hf_argmax(engine, hf_model, requests):
     """At temperature 0 every response token is HF's argmax given the prompt and the tokens before it."""
     for result in engine.generate(requests, _sampling(temperature=0.0, n=1)):
@@ -250,6 +271,27 @@ def test_waiting_prompts_join_the_batch_while_it_decodes(checkpoint, requests):
     results = engine.generate(requests, _sampling(n=2, max_new_tokens=10))
     assert [len(result.response_ids) for result in results] == [10] * 6
     assert len(widths) == 9 + 2
+
+
+def test_admissions_wait_for_room_for_several_prompts_and_change_no_result(checkpoint, hf_model):
+    """Continuous batching admits waiting prompts once free slots take admission_prompts of them (or all that
+    wait): with 4 slots, n=2 and budgets 2, 3, 8, 8, prompts 2 and 3 are prefilled together after prompt 1
+    ends instead of one by one; every result is the same as with admissions of one."""
+    requests = [dataclasses.replace(request, max_new_tokens=budget)
+                for request, budget in zip(make_requests(hf_model.config, GRIDS + [None]), [2, 3, 8, 8])]
+    results, groups = {}, {}
+    for admission_prompts in (1, 2):
+        engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=4,
+                                settings=EmbeddedEngineConfig(admission_prompts=admission_prompts))
+        engine.load_checkpoint()
+        sizes, prefill = [], engine.decoder.prefill
+        engine.decoder.prefill = lambda embeds, *args, sizes=sizes, prefill=prefill: (
+            sizes.append(embeds.shape[0]), prefill(embeds, *args))[1]
+        results[admission_prompts] = engine.generate(requests, _sampling(n=2, max_new_tokens=8))
+        groups[admission_prompts] = sizes
+    assert groups == {1: [2, 1, 1], 2: [2, 2]}
+    assert [len(result.response_ids) for result in results[2]] == [2, 2, 3, 3, 8, 8, 8, 8]
+    _assert_same_results(results[2], results[1])
 
 
 def test_stop_token_ends_the_sequence_and_is_included(engine, requests):

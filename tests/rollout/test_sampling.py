@@ -1,6 +1,7 @@
 """Sampling math: temperature, top-k, top-p, log-probs and the counter-based random streams."""
 import math
 
+import pytest
 import torch
 
 from mmrl_megatron.rollout.sampling import (counter_uniforms, draw_from_logits, filter_top_k, filter_top_p, hash32,
@@ -95,3 +96,13 @@ def test_hash_is_a_bijection_on_32_bits():
     hashed = hash32(values)
     assert hashed.unique().numel() == values.numel()
     assert hashed.min() >= 0 and hashed.max() < (1 << 32)
+
+
+@pytest.mark.gpu
+def test_compiled_uniforms_on_gpu_are_the_cpu_bits():
+    """Invariant: the compiled GPU stream is the CPU's, number for number (integer hashing, exact), so a seeded
+    rollout draws the same uniforms on either device."""
+    seeds = sequence_seeds(7, torch.arange(256) // 5, torch.arange(256) % 5)
+    counters = torch.arange(256) * 37
+    expected = counter_uniforms(seeds, counters)
+    assert torch.equal(counter_uniforms(seeds.cuda(), counters.cuda()).cpu(), expected)

@@ -95,7 +95,7 @@ class CachedDecoder:
         if kernel:
             from .decode_attention import decode_attention  # Triton: present wherever CUDA tensors are
 
-            lengths = (cache_lens + 1).clamp_(max=kv_len)  # the new token's keys are written before attending
+            lengths = (cache_lens + 1).clamp_(max=kv_len)  # the new token's position is attended too
         else:
             visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= cache_lens[:, None])[:, None, None, :]
             attention_bias = additive_mask(visible, cache.keys[0].dtype)
@@ -103,12 +103,13 @@ class CachedDecoder:
         def attend(layer_index: int, query, key, value):
             keys = cache.keys[layer_index]
             values = cache.values[layer_index]
-            keys[slot_index, :, cache_lens] = key[:, :, 0]
-            values[slot_index, :, cache_lens] = value[:, :, 0]
-            if kernel:
-                output = decode_attention(query[:, :, 0], keys[:batch], values[:batch], lengths, kv_len,
+            if kernel:  # the kernel also writes the new token's key and value into the cache
+                output = decode_attention(query[:, :, 0], key[:, :, 0], value[:, :, 0], keys[:batch],
+                                          values[:batch], cache_lens, lengths, kv_len,
                                           self.layers[layer_index].self_attn.scaling)
                 return output.unsqueeze(2)
+            keys[slot_index, :, cache_lens] = key[:, :, 0]
+            values[slot_index, :, cache_lens] = value[:, :, 0]
             # Grouped-query attention without repeating the cache: the query heads sharing a KV head act as
             # that head's query rows ([B, kv_heads, groups, D]); one fused kernel, fp32 softmax inside.
             grouped_query = query.reshape(batch, self.num_kv_heads, self.query_groups, self.key_dim)

@@ -5,8 +5,9 @@ The arithmetic is HF's layer's (Qwen2_5_VLDecoderLayer, Qwen3VLTextDecoderLayer)
 elementwise work runs fused on a GPU: HF's modules run each step as chains of small kernels (the norm alone
 is seven: upcast, square, mean, add, rsqrt, multiply, downcast), each a pass over the hidden states that
 costs more than its arithmetic. Here the norms are torch's fused rms_norm (bf16 weights, as the checkpoints
-and the trainer's norms keep them), and the rotary embedding and the SwiGLU are one compiled kernel each on
-CUDA (eager on the CPU, the exact path the parity tests compare). On an H200 (3B, 256 prompts, 16 new
+and the trainer's norms keep them), the rotary embedding, the SwiGLU and the residual sum with the norm after
+it are one compiled kernel each on CUDA (eager on the CPU, the exact path the parity tests compare), and the
+q/k/v and gate/up projections are one GEMM each (fused_projections.py). On an H200 (3B, 256 prompts, 16 new
 tokens) one generate call launched 37,446 kernels through HF's modules and 20,526 through these.
 """
 import functools
@@ -58,23 +59,32 @@ def fused(function: Callable, tensor: torch.Tensor) -> Callable:
     return _compiled(function) if tensor.is_cuda else function
 
 
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, epsilon: float):
+    """The residual sum and its RMS norm: one kernel when compiled (two passes over the hidden states eager)."""
+    hidden = hidden + delta
+    return hidden, F.rms_norm(hidden, (hidden.shape[-1],), weight, epsilon)
+
+
 def qwen_decoder_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        attend: Callable, layer_index: int, head_dim: int) -> torch.Tensor:
     """HF decoder layer `layer` over hidden [B, L, H] with the rotary cos/sin [B, L, D] of its positions; the
     attention core is attend(layer_index, query [B, heads, L, D], key, value [B, kv_heads, L, D]) ->
-    [B, heads, L, D]. QK-norm (Qwen3) applies when the attention module has q_norm/k_norm."""
+    [B, heads, L, D]. The layer's projections are concatenated (fused_projections.fuse_layer_projections:
+    `self_attn.qkv_proj`, `mlp.gate_up_proj`). QK-norm (Qwen3) applies when the attention module has
+    q_norm/k_norm."""
     attention = layer.self_attn
     batch, length, _ = hidden.shape
     heads_shape = (batch, length, -1, head_dim)
     normed = rms_norm(hidden, layer.input_layernorm)
-    query = attention.q_proj(normed).view(heads_shape)
-    key = attention.k_proj(normed).view(heads_shape)
+    query, key, value = (part.view(heads_shape) for part in attention.qkv_proj(normed))
     if hasattr(attention, "q_norm"):
         query, key = rms_norm(query, attention.q_norm), rms_norm(key, attention.k_norm)
     query, key = fused(_rotary, query)(query, key, cos, sin)
-    value = attention.v_proj(normed).view(heads_shape).transpose(1, 2)
-    attended = attend(layer_index, query, key, value)
-    hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+    attended = attend(layer_index, query, key, value.transpose(1, 2))
+    post_norm = layer.post_attention_layernorm
+    hidden, normed = fused(add_rms_norm, hidden)(
+        hidden, attention.o_proj(attended.transpose(1, 2).reshape(batch, length, -1)), post_norm.weight,
+        post_norm.variance_epsilon)
     mlp = layer.mlp
-    normed = rms_norm(hidden, layer.post_attention_layernorm)
-    return hidden + mlp.down_proj(fused(swiglu, normed)(mlp.gate_proj(normed), mlp.up_proj(normed)))
+    gate, up = mlp.gate_up_proj(normed)
+    return hidden + mlp.down_proj(fused(swiglu, gate)(gate, up))

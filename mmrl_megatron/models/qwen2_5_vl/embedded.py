@@ -14,6 +14,7 @@ from ..common.cached_decoder import CachedDecoder
 from ..common.decode_layer import check_swiglu, qwen_decoder_layer
 from ..common.embedded import (EmbeddedModel, PreparedPrompt, check_image_placeholders, eos_ids, prompt_ids,
                                skip_weight_initialisation)
+from ..common.fused_projections import fused_model_weights
 from ..common.rope import rope_positions
 from ..errors import ModelError
 from .embedded_vision import use_fast_vision_blocks
@@ -111,10 +112,10 @@ def load(hf_dir: str, device: torch.device, dtype: torch.dtype) -> EmbeddedModel
     """The engine's Qwen2.5-VL for hf_dir, built empty on `device` in `dtype`."""
     model = build_empty_model(hf_dir, device, dtype)
     use_fast_vision_blocks(model)
-    parameters = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each name
+    weights = fused_model_weights(model, "model.language_model.layers")
     return EmbeddedModel(
         module=model, decoder=QwenVLDecoder(model),
         prepare_prompt=lambda request, index: prepare_prompt(model.config, request, index),
-        weight=lambda name: parameters.get(module_name(name)),
+        weight=lambda name: weights(module_name(name)),
         end_of_sequence_ids=eos_ids(model.config.text_config.eos_token_id),
         pixel_dtype=model.model.visual.dtype, cuda_graphs=True)

@@ -11,19 +11,31 @@ The math is HF's: same projections, rotary embedding, scale and per-window softm
 """
 import types
 from collections import defaultdict
+from typing import Sequence
 
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
 from ..common.core_attention import packed_attention, packed_kernel
 from ..common.decode_layer import check_swiglu, fused, rms_norm, swiglu
-from ..common.packing import packed_segments
+from ..common.packing import PackedSegments, packed_segments
 
 
-def length_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+def host_segments(cu_seqlens: torch.Tensor) -> PackedSegments:
+    """cu_seqlens as PackedSegments (host bounds and a device copy), made once per tensor: HF's tower hands
+    all its blocks the same two boundary tensors in a forward (the windows' and the whole images'), so this
+    reads each once instead of once per block (on a GPU each read waits for the queued work: 32 waits in
+    every prefill of a 32-block tower)."""
+    segments = getattr(cu_seqlens, "_host_segments", None)
+    if segments is None:
+        segments = packed_segments(cu_seqlens.tolist(), cu_seqlens.device)
+        cu_seqlens._host_segments = segments  # lives and dies with this forward's tensor
+    return segments
+
+
+def length_grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: Sequence[int],
                              scale: float) -> torch.Tensor:
-    """Attention within each chunk [cu_seqlens[i], cu_seqlens[i+1]) of [S, heads, D] tensors -> [S, heads, D]."""
-    bounds = cu_seqlens.tolist()
+    """Attention within each chunk [bounds[i], bounds[i+1]) of [S, heads, D] tensors -> [S, heads, D]."""
     starts_by_length = defaultdict(list)
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
@@ -50,12 +62,11 @@ def _grouped_vision_attention_forward(self, hidden_states, cu_seqlens, position_
     length = hidden_states.shape[0]
     query, key, value = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     query, key = fused(apply_rotary_pos_emb_vision, query)(query, key, *position_embeddings)
+    segments = host_segments(cu_seqlens)
     if packed_kernel(query, dropout=0.0) == "varlen":
-        # one host read of the window boundaries per layer (HF hands them over on the device)
-        segments = packed_segments(cu_seqlens.tolist(), query.device)
         attended = packed_attention(query, key, value, segments, causal=False, scale=self.scaling)
     else:
-        attended = length_grouped_attention(query, key, value, cu_seqlens, self.scaling)
+        attended = length_grouped_attention(query, key, value, segments.bounds, self.scaling)
     return self.proj(attended.reshape(length, -1))
 
 

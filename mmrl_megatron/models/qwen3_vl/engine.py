@@ -19,6 +19,7 @@ from ..common.cached_decoder import CachedDecoder
 from ..common.decode_layer import check_swiglu, qwen_decoder_layer
 from ..common.embedded import (EmbeddedModel, PreparedPrompt, check_image_placeholders, eos_ids, prompt_ids,
                                skip_weight_initialisation)
+from ..common.fused_projections import fused_model_weights
 from ..errors import ModelError
 from .geometry import Qwen3VLGeometry, read_geometry
 from .positions import rope_positions
@@ -129,10 +130,10 @@ def load(hf_dir: str, device: torch.device, dtype: torch.dtype) -> EmbeddedModel
     """The engine's view of a Qwen3-VL checkpoint directory, built empty on `device` in `dtype`."""
     model = build_empty_model(hf_dir, device, dtype)
     geometry = read_geometry(model.config.to_dict())
-    parameters = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each name
+    weights = fused_model_weights(model, "model.language_model.layers")
     return EmbeddedModel(
         module=model, decoder=Qwen3VLDecoder(model),
         prepare_prompt=lambda request, index: prepare_prompt(geometry, request, index),
-        weight=parameters.get,  # checkpoint names are the module tree's
+        weight=weights,  # checkpoint names are the module tree's
         end_of_sequence_ids=eos_ids(model.config.text_config.eos_token_id),
         pixel_dtype=model.model.visual.dtype, cuda_graphs=True)

@@ -128,7 +128,7 @@ class EmbeddedEngine(RolloutEngine):
         seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(1 << 32)
         run = GenerationRun(self.decoder, cache, self._sampler, self._decode_step(cache, sampling), sampling, budgets,
                             stop_rules, seed, self.settings.prefill_tokens, self.family.pixel_dtype,
-                            self.settings.continuous_batching)
+                            self.settings.continuous_batching, self.settings.admission_prompts)
         return run.run(prompts)
 
     def _check_generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> None:
