@@ -101,8 +101,8 @@ class EmbeddedEngineConfig:
     cuda_graphs: bool = True  # capture the decode step per batch-size bucket (GPU only)
     offload_weights: bool = False  # release_memory also moves the engine's weights to CPU
     prefill_tokens: int = 16384  # padded prompt tokens per batched prefill (bounds activation memory)
-    # continuous batching admits waiting prompts once free slots take this many (or all that wait, or the cache is
-    # empty): a prefill of a few prompts is host-bound, so one admission of four costs about what one of one does
+    # continuous batching admits waiting prompts once free slots take this many (fewer if fewer wait; at most half
+    # of the prompts the cache holds): a prefill of a few prompts is host-bound, so four cost about what one does
     admission_prompts: int = 4
     cache_tokens: int = 0  # KV-cache length per sequence; 0: grow to the longest prompt + max_new_tokens
     # False: static batches, for comparison (a batch fills the empty cache and is decoded at its full width until

@@ -275,23 +275,26 @@ def test_waiting_prompts_join_the_batch_while_it_decodes(checkpoint, requests):
 
 def test_admissions_wait_for_room_for_several_prompts_and_change_no_result(checkpoint, hf_model):
     """Continuous batching admits waiting prompts once free slots take admission_prompts of them (or all that
-    wait): with 4 slots, n=2 and budgets 2, 3, 8, 8, prompts 2 and 3 are prefilled together after prompt 1
-    ends instead of one by one; every result is the same as with admissions of one."""
+    wait), never waiting for more than half the prompts the cache holds: with 8 slots, n=2 and budgets
+    2, 3, 4, 9, 9, 9, 9, prompts 4 and 5 are prefilled together once prompts 0 and 1 have ended, and prompt 6
+    after prompt 2, also when 8 at a time are asked for; every result is the same as with admissions of one."""
+    budgets = [2, 3, 4, 9, 9, 9, 9]
     requests = [dataclasses.replace(request, max_new_tokens=budget)
-                for request, budget in zip(make_requests(hf_model.config, GRIDS + [None]), [2, 3, 8, 8])]
+                for request, budget in zip(make_requests(hf_model.config, GRIDS + [None] * 4), budgets)]
     results, groups = {}, {}
-    for admission_prompts in (1, 2):
-        engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=4,
+    for admission_prompts in (1, 2, 8):
+        engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=8,
                                 settings=EmbeddedEngineConfig(admission_prompts=admission_prompts))
         engine.load_checkpoint()
         sizes, prefill = [], engine.decoder.prefill
         engine.decoder.prefill = lambda embeds, *args, sizes=sizes, prefill=prefill: (
             sizes.append(embeds.shape[0]), prefill(embeds, *args))[1]
-        results[admission_prompts] = engine.generate(requests, _sampling(n=2, max_new_tokens=8))
+        results[admission_prompts] = engine.generate(requests, _sampling(n=2, max_new_tokens=9))
         groups[admission_prompts] = sizes
-    assert groups == {1: [2, 1, 1], 2: [2, 2]}
-    assert [len(result.response_ids) for result in results[2]] == [2, 2, 3, 3, 8, 8, 8, 8]
+    assert groups == {1: [4, 1, 1, 1], 2: [4, 2, 1], 8: [4, 2, 1]}
+    assert [len(result.response_ids) for result in results[2]] == [budget for budget in budgets for _ in range(2)]
     _assert_same_results(results[2], results[1])
+    _assert_same_results(results[8], results[1])
 
 
 def test_stop_token_ends_the_sequence_and_is_included(engine, requests):

@@ -5,7 +5,8 @@ it did so over the whole KV-length bucket with an additive mask, and the fused k
 rows (8 for Qwen2.5-VL-3B) to a 64-row tile: on an H200 2.0 ms of an 8.9 ms step at batch 256 and KV length
 512 (RESULTS.md 2026-12-02). Here one program reads one split of one slot's cache for one KV head, only up to
 the slot's length, with all of that head's query rows in one 16-row tile (grouped-query attention without
-repeating the cache); a second kernel merges the splits' partial softmaxes. The grid depends only on the
+repeating the cache), and the program whose split holds the new token's position writes its key and value
+into the cache (no separate cache-write kernels); a second kernel merges the splits' partial softmaxes. The grid depends only on the
 batch bucket and the KV-length bucket and the lengths are read on the device, so the step stays one CUDA graph.
 
 Written here because neither torch nor the libraries this project depends on provide a decode kernel over
