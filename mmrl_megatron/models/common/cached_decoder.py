@@ -90,13 +90,13 @@ class CachedDecoder:
         tokens = cache.last_token[:batch]
         cache_lens = cache.cache_lens[:batch]
         positions = (cache_lens + cache.rope_deltas[:batch]).view(1, batch, 1).expand(self.position_rows, batch, 1)
-        slot_index = torch.arange(batch, device=tokens.device)
         kernel = decode_kernel_applies(cache.keys[0])
         if kernel:
             from .decode_attention import decode_attention  # Triton: present wherever CUDA tensors are
 
             lengths = (cache_lens + 1).clamp_(max=kv_len)  # the new token's position is attended too
-        else:
+        else:  # the cache writes and the mask of the SDPA path
+            slot_index = torch.arange(batch, device=tokens.device)
             visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= cache_lens[:, None])[:, None, None, :]
             attention_bias = additive_mask(visible, cache.keys[0].dtype)
 

@@ -6,8 +6,9 @@ rows (8 for Qwen2.5-VL-3B) to a 64-row tile: on an H200 2.0 ms of an 8.9 ms step
 512 (RESULTS.md 2026-12-02). Here one program reads one split of one slot's cache for one KV head, only up to
 the slot's length, with all of that head's query rows in one 16-row tile (grouped-query attention without
 repeating the cache), and the program whose split holds the new token's position writes its key and value
-into the cache (no separate cache-write kernels); a second kernel merges the splits' partial softmaxes. The grid depends only on the
-batch bucket and the KV-length bucket and the lengths are read on the device, so the step stays one CUDA graph.
+into the cache (no separate cache-write kernels); a second kernel merges the splits' partial softmaxes. The
+grid depends only on the batch bucket and the KV-length bucket and the lengths are read on the device, so the
+step stays one CUDA graph.
 
 Written here because neither torch nor the libraries this project depends on provide a decode kernel over
 this cache layout ([slots, kv_heads, max_len, width]) with per-row lengths; SGLang's and vLLM's are tied to

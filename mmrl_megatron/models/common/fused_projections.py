@@ -32,7 +32,8 @@ class ConcatenatedLinear(torch.nn.Module):
         self.widths = [part.out_features for part in parts]
         self.weight = torch.nn.Parameter(torch.cat([part.weight for part in parts]), requires_grad=False)
         has_bias = parts[0].bias is not None
-        self.bias = torch.nn.Parameter(torch.cat([part.bias for part in parts]), requires_grad=False) if has_bias else None
+        self.bias = (torch.nn.Parameter(torch.cat([part.bias for part in parts]), requires_grad=False) if has_bias
+                     else None)
 
     def forward(self, hidden: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return torch.nn.functional.linear(hidden, self.weight, self.bias).split(self.widths, dim=-1)

@@ -103,16 +103,15 @@ class GenerationRun:
     def _admission_due(self, waiting: Deque[PreparedPrompt]) -> bool:
         """Continuous batching: whether free slots take admission_prompts waiting prompts (fewer when fewer
         wait, and never more than half the prompts the cache holds: waiting for a whole cache would be static
-        batching), or any if nothing is running. A prefill's cost hardly grows over its first
-        few prompts (it is host work and launches), and every admission pauses decoding: on an H200 (3B, the
-        RL-shaped benchmark) 13 admissions, most of one prompt, took 1.34 s of an 11.6 s call; grouped by
-        four, 6 took 0.73 s, and the steps the waiting prompts lost did not lengthen the call."""
+        batching; so an empty cache always admits). A prefill's cost hardly grows over its first few prompts
+        (it is host work and launches), and every admission pauses decoding: on an H200 (3B, the RL-shaped
+        benchmark) 13 admissions, most of one prompt, took 1.34 s of an 11.6 s call; grouped by four, 6 took
+        0.73 s, and the steps the waiting prompts lost did not lengthen the call."""
         if not waiting:
             return False
         n = self.sampling.n
         fitting = sum(sequence is None for sequence in self.running) // n
-        wanted = min(len(waiting), self.admission_prompts, max(1, len(self.running) // n // 2))
-        return fitting >= wanted or (fitting > 0 and not any(self.running))
+        return fitting >= min(len(waiting), self.admission_prompts, max(1, len(self.running) // n // 2))
 
     def _admit(self, waiting: Deque[PreparedPrompt]) -> None:
         if self.continuous:
