@@ -32,6 +32,8 @@ PUBLISHED_TOKENS_PER_S_PER_GPU = 1800.0  # EasyR1 assets/baselines.md, Qwen2.5-V
 QUESTION = "Find the distance from O to chord AB. Think step by step, then put the final answer in \\boxed{}."
 PHASES = ("time/generate_and_reward_s", "time/logprob_s", "time/update_s", "time/weight_sync_s", "time/step_s")
 PHASE_MFU = ("throughput/mfu_logprob", "throughput/mfu_update")
+# the engine's sampled log-probs against the actor's old ones (mean and max absolute difference per step)
+ROLLOUT_FIDELITY = ("rollout/logprob_abs_diff", "rollout/logprob_abs_diff_max")
 
 
 def write_prompts(path: str, count: int, image_size: int, seed: int = 0) -> None:
@@ -199,7 +201,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         and not args.quick else "cpu")
     for record in records:
         print(json.dumps({key: record[key] for key in ("step",) + PHASES + ("throughput/tokens_per_s_per_gpu",)
-                          + PHASE_MFU if key in record}))
+                          + PHASE_MFU + ROLLOUT_FIDELITY if key in record}))
     summary.update(measured)
     print(json.dumps(summary))
     print(markdown_row([utc_date(), summary["device"], f"GRPO step {summary['shape']} {summary['dtype']}, "

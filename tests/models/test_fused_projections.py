@@ -73,3 +73,33 @@ def test_separate_names_reach_the_fused_rows_after_the_storage_moves():
 def test_parts_that_differ_in_bias_are_refused():
     with pytest.raises(ModelError, match="bias"):
         ConcatenatedLinear([torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, bias=False)])
+
+
+def test_padded_parts_give_the_separate_outputs_and_names_reach_the_unpadded_weights():
+    """With `align`, each concatenated part is padded with zero rows (its output with zero columns) and the
+    linear after them takes the padded width with zero weight columns: the MLP's output equals the separate
+    linears' within 1e-6, and the checkpoint names reach exactly the unpadded rows and columns, whose copies
+    reach the GEMMs."""
+    from mmrl_megatron.models.common.fused_projections import MLP_PARTS, FusedWeightViews, InputPaddedLinear
+
+    torch.manual_seed(0)
+    gate, up, down = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6), torch.nn.Linear(6, 8)
+    hidden = torch.randn(3, 8)
+    expected = down(torch.nn.functional.silu(gate(hidden)) * up(hidden))
+    fused, padded_down = ConcatenatedLinear([gate, up], align=4), InputPaddedLinear(down, align=4)
+    fused_gate, fused_up = fused(hidden)
+    assert fused_gate.shape == (3, 8) and not fused_gate[:, 6:].any() and not fused_up[:, 6:].any()
+    torch.testing.assert_close(padded_down(torch.nn.functional.silu(fused_gate) * fused_up), expected, rtol=0,
+                               atol=1e-6)
+
+    views = FusedWeightViews()
+    views.add("mlp", fused, MLP_PARTS)
+    views.add_input_padded("mlp.down_proj", padded_down)
+    assert views("mlp.up_proj.bias").shape == (6,) and views("mlp.down_proj.weight").shape == (8, 6)
+    new_down, new_up = torch.randn(8, 6), torch.randn(6, 8)
+    with torch.no_grad():
+        views("mlp.down_proj.weight").copy_(new_down)
+        views("mlp.up_proj.weight").copy_(new_up)
+    assert not padded_down.weight[:, 6:].any() and not fused.weight[6:8].any() and not fused.weight[14:].any()
+    torch.testing.assert_close(fused(hidden)[1][:, :6], hidden @ new_up.T + up.bias, rtol=0, atol=1e-6)
+    torch.testing.assert_close(padded_down(torch.ones(1, 8)), new_down.sum(1)[None] + down.bias, rtol=0, atol=1e-6)

@@ -67,17 +67,20 @@ class CachedDecoder:
         fill several slots: its n samples share the prefill). Returns logits [B, vocab] at each last token.
         """
         batch, length, _ = embeds.shape
-        key_index = torch.arange(length, device=embeds.device)
-        causal = key_index[None, :] <= key_index[:, None]
-        visible = (causal[None] & (key_index[None, None, :] < lengths[:, None, None])).unsqueeze(1)
-        attention_bias = additive_mask(visible, embeds.dtype)
+        # Right padding makes the causal mask enough: a real token's earlier keys are all real (the pad rows'
+        # outputs, and the keys they leave in the cache beyond the prompt, are never read). Without an explicit
+        # mask SDPA takes its flash kernels; with grouped heads and equal key/value widths it reads the KV heads
+        # unrepeated (MLA's latent form keeps the repeat).
+        grouped = self.key_dim == self.value_dim
 
         def attend(layer_index: int, query, key, value):
             cache.keys[layer_index][slots, :, :length] = key[rows]
             cache.values[layer_index][slots, :, :length] = value[rows]
+            if not grouped:
+                key, value = repeat_kv(key, self.query_groups), repeat_kv(value, self.query_groups)
             return torch.nn.functional.scaled_dot_product_attention(
-                query, repeat_kv(key, self.query_groups), repeat_kv(value, self.query_groups),
-                attn_mask=attention_bias, scale=self.layers[layer_index].self_attn.scaling)
+                query, key, value, is_causal=True, enable_gqa=grouped,
+                scale=self.layers[layer_index].self_attn.scaling)
 
         hidden = self._run_layers(embeds, positions, attend)
         last = hidden[torch.arange(batch, device=hidden.device), lengths - 1]

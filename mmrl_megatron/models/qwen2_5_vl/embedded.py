@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..common.cached_decoder import CachedDecoder
-from ..common.decode_layer import check_swiglu, qwen_decoder_layer
+from ..common.decode_layer import check_swiglu, qwen_decoder_layer, with_pending
 from ..common.embedded import (EmbeddedModel, PreparedPrompt, check_image_placeholders, eos_ids, prompt_ids,
                                skip_weight_initialisation)
 from ..common.fused_projections import fused_model_weights
@@ -69,9 +69,10 @@ class QwenVLDecoder(CachedDecoder):
     def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         """HF's Qwen2_5_VLDecoderLayer loop (decode_layer.py), with the attention core replaced by `attend`."""
         cos, sin = self.rotary(hidden, positions)
+        pending = None
         for layer_index, layer in enumerate(self.layers):
-            hidden = qwen_decoder_layer(layer, hidden, cos, sin, attend, layer_index, self.key_dim)
-        return hidden
+            hidden, pending = qwen_decoder_layer(layer, hidden, pending, cos, sin, attend, layer_index, self.key_dim)
+        return with_pending(hidden, pending)
 
 
 def build_empty_model(hf_dir: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -111,8 +112,7 @@ def prepare_prompt(config, request, request_index: int) -> PreparedPrompt:
 def load(hf_dir: str, device: torch.device, dtype: torch.dtype) -> EmbeddedModel:
     """The engine's Qwen2.5-VL for hf_dir, built empty on `device` in `dtype`."""
     model = build_empty_model(hf_dir, device, dtype)
-    use_fast_vision_blocks(model)
-    weights = fused_model_weights(model, "model.language_model.layers")
+    weights = fused_model_weights(model, "model.language_model.layers", use_fast_vision_blocks(model))
     return EmbeddedModel(
         module=model, decoder=QwenVLDecoder(model),
         prepare_prompt=lambda request, index: prepare_prompt(model.config, request, index),

@@ -6,8 +6,11 @@ layers), which makes the vision tower, not decoding, the cost of a multimodal ro
 window and image is one sequence of a single attention call (core_attention.packed_attention,
 the trainer's kernels); elsewhere windows of equal length stack into one batched SDPA call (the exact path).
 The block's norms, its fp32 rotary embedding and its SwiGLU run fused as in the language model
-(decode_layer.py) instead of as HF's chains of full passes over [patches, 1280] tensors.
-The math is HF's: same projections, rotary embedding, scale and per-window softmax.
+(decode_layer.py) instead of as HF's chains of full passes over [patches, 1280] tensors. The MLP's gate and
+up projections are one GEMM, and its hidden width is padded with zero weights from Qwen2.5-VL's 3,420 to a
+multiple of 64: rows of 3,420 bf16 values are not 16-byte aligned, which sends cuBLAS to slow Ampere-era
+kernels (on an H200, 256 images: 230 TFLOP/s, 0.94 s of a 1.49 s tower, RESULTS.md 2026-12-03 second session).
+The math is HF's: same projections, rotary embedding, scale and per-window softmax (the padding adds zeros).
 """
 import types
 from collections import defaultdict
@@ -17,8 +20,11 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
 from ..common.core_attention import packed_attention, packed_kernel
-from ..common.decode_layer import check_swiglu, fused, rms_norm, swiglu
+from ..common.decode_layer import check_swiglu, rms_norm, swiglu
+from ..common.fused_projections import MLP_PARTS, FusedWeightViews, InputPaddedLinear, concatenate_projections
 from ..common.packing import PackedSegments, packed_segments
+
+MLP_ALIGN = 64  # the MLP's hidden width is padded to a multiple of this (see above)
 
 
 def host_segments(cu_seqlens: torch.Tensor) -> PackedSegments:
@@ -61,7 +67,12 @@ def _grouped_vision_attention_forward(self, hidden_states, cu_seqlens, position_
         return self._per_window_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     length = hidden_states.shape[0]
     query, key, value = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    query, key = fused(apply_rotary_pos_emb_vision, query)(query, key, *position_embeddings)
+    if query.is_cuda:
+        from ..common.layer_kernels import rotate_query_key  # Triton: present wherever CUDA tensors are
+
+        query, key = rotate_query_key(query, key, *position_embeddings)
+    else:
+        query, key = apply_rotary_pos_emb_vision(query, key, *position_embeddings)
     segments = host_segments(cu_seqlens)
     if packed_kernel(query, dropout=0.0) == "varlen":
         attended = packed_attention(query, key, value, segments, causal=False, scale=self.scaling)
@@ -76,16 +87,24 @@ def _fused_block_forward(self, hidden_states, cu_seqlens, position_embeddings=No
                                        position_embeddings=position_embeddings, **kwargs)
     mlp = self.mlp
     normed = rms_norm(hidden, self.norm2)
-    return hidden + mlp.down_proj(fused(swiglu, normed)(mlp.gate_proj(normed), mlp.up_proj(normed)))
+    gate, up = mlp.gate_up_proj(normed)
+    return hidden + mlp.down_proj(swiglu(gate, up))
 
 
-def use_fast_vision_blocks(model: torch.nn.Module) -> None:
-    """Switch every vision block of this model instance (not the class) to the forward above."""
+def use_fast_vision_blocks(model: torch.nn.Module, blocks_path: str = "model.visual.blocks") -> FusedWeightViews:
+    """Switch every vision block of this model instance (not the class) at `blocks_path` to the forward above,
+    with its MLP's projections concatenated and padded; returns the lookup of their former names."""
     check_swiglu(model.config.vision_config.hidden_act, "config.json vision_config")
-    for block in model.model.visual.blocks:
-        attention = block.attn
+    views = FusedWeightViews()
+    for index, block in enumerate(model.get_submodule(blocks_path)):
+        attention, mlp = block.attn, block.mlp
         if hasattr(attention, "_per_window_forward"):
-            continue
+            raise ValueError("use_fast_vision_blocks was already applied to this model")
         attention._per_window_forward = attention.forward
         attention.forward = types.MethodType(_grouped_vision_attention_forward, attention)
+        prefix = f"{blocks_path}.{index}.mlp"
+        views.add(prefix, concatenate_projections(mlp, MLP_PARTS, "gate_up_proj", MLP_ALIGN), MLP_PARTS)
+        mlp.down_proj = InputPaddedLinear(mlp.down_proj, MLP_ALIGN)
+        views.add_input_padded(f"{prefix}.down_proj", mlp.down_proj)
         block.forward = types.MethodType(_fused_block_forward, block)
+    return views

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 
 from ..common.cached_decoder import CachedDecoder
-from ..common.decode_layer import check_swiglu, qwen_decoder_layer
+from ..common.decode_layer import check_swiglu, qwen_decoder_layer, with_pending
 from ..common.embedded import (EmbeddedModel, PreparedPrompt, check_image_placeholders, eos_ids, prompt_ids,
                                skip_weight_initialisation)
 from ..common.fused_projections import fused_model_weights
@@ -88,12 +88,13 @@ class Qwen3VLDecoder(CachedDecoder):
         core replaced by `attend`, then _deepstack_process after the first layers)."""
         deepstack = self._deepstack_for(hidden)
         cos, sin = self.rotary(hidden, positions)
+        pending = None
         for layer_index, layer in enumerate(self.layers):
-            hidden = qwen_decoder_layer(layer, hidden, cos, sin, attend, layer_index, self.key_dim)
+            hidden, pending = qwen_decoder_layer(layer, hidden, pending, cos, sin, attend, layer_index, self.key_dim)
             if deepstack is not None and layer_index < len(deepstack.per_layer):
-                hidden = hidden.clone()
+                hidden, pending = with_pending(hidden, pending), None  # a new tensor: the update below is local
                 hidden[deepstack.visual_mask] = hidden[deepstack.visual_mask] + deepstack.per_layer[layer_index]
-        return hidden
+        return with_pending(hidden, pending)
 
 
 def build_empty_model(hf_dir: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

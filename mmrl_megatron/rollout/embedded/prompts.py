@@ -27,7 +27,9 @@ def collate_prefill(prompts: Sequence[PreparedPrompt], device: torch.device, pix
     with_images: List[PreparedPrompt] = [prompt for prompt in prompts if prompt.pixel_values is not None]
     pixel_values = grid = None
     if with_images:
-        pixel_values = torch.cat([prompt.pixel_values for prompt in with_images]).to(device, pixel_dtype)
+        # each image to the device as it is, then one concatenation and cast there: on the host the concatenation
+        # and cast of 31 images of 448x448 took 0.1 s per prefill, with the GPU idle (7B image benchmark)
+        pixel_values = torch.cat([prompt.pixel_values.to(device) for prompt in with_images]).to(pixel_dtype)
         grid = torch.cat([prompt.image_grid_thw for prompt in with_images]).to(device, torch.long)
     lengths = torch.tensor([prompt.length for prompt in prompts], dtype=torch.long)
     return PrefillBatch(input_ids.to(device), positions.to(device), lengths.to(device), pixel_values, grid)
