@@ -6,12 +6,12 @@ the projections' strided outputs without vector loads, and the rotary embedding 
 attention's [batch, heads, length, width] order: on an H200 the 3B text prefill spent 45 ms of 670 in the
 rotary kernels (about a ninth of the copy bandwidth) and 91 ms in SwiGLU (a third), the 7B image prefill
 222 ms and 320 ms, and a decode step at batch 256 0.4 ms and 0.39 ms (RESULTS.md, 2026-12-03 second session).
-Here one program covers one token's heads (rotary) or one block of one row (SwiGLU), with the widths as
-compile-time constants, and outputs are written in the inputs' token-major order (the attention takes the
-transposed views).
+Here one program covers one token's heads (rotary) or one block of one row (SwiGLU), with fixed block sizes
+(Triton specialises on the strides' divisibility by 16, which the compiled dynamic-shape kernels could not
+assume), and outputs are written in the inputs' token-major order (the attention takes the transposed views).
 
 Both compute in fp32 and round once, as the compiled kernels do (HF's eager modules round after each
-operation: the bf16 results differ from theirs in the last bit, never more). They run on CUDA tensors, and
+operation: the bf16 results differ from theirs by at most one bf16 step). They run on CUDA tensors, and
 under TRITON_INTERPRET=1 on CPU tensors (the tests); the engine's CPU path keeps the eager functions.
 """
 from typing import Tuple
