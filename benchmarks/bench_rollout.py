@@ -201,6 +201,9 @@ def profile_engine(engine: EmbeddedEngine, requests: List[RolloutRequest], devic
     cache = engine._cache
     batch, kv_len = len(requests), cache.geometry.max_len
     replayed = engine._decode_step(cache, benchmark_sampling(new_tokens))
+    # every slot at the bucket's length and inactive (the call retired them), so each replay attends to the whole
+    # KV length and repeats the same work; at length 0 the profile would leave out the attention
+    cache.cache_lens[:batch] = kv_len - 1
 
     def eager(batch: int, kv_len: int):
         return engine.decoder.decode(cache, batch, kv_len)
@@ -209,6 +212,7 @@ def profile_engine(engine: EmbeddedEngine, requests: List[RolloutRequest], devic
         decode(batch, kv_len)  # captures the graph for this bucket
         summaries[name] = profile_summary(lambda: [decode(batch, kv_len) for _ in range(PROFILE_DECODE_STEPS)], device)
         summaries[name]["per_step_ms"] = round(1000 * summaries[name]["wall_s"] / PROFILE_DECODE_STEPS, 3)
+    cache.cache_lens.zero_()
     return summaries
 
 

@@ -31,6 +31,15 @@ def test_rope_positions_equal_transformers(tiny_model_dir, sizes):
         assert not torch.equal(ours[0], ours[1])  # images really took 3D positions
 
 
+def test_text_positions_are_rope_positions_without_images():
+    """Invariant: the engines' text-only shortcut gives rope_positions' positions for a prompt with no vision
+    tokens: the token index on all three rows."""
+    from mmrl_megatron.models.common.rope import text_positions
+
+    ids = torch.arange(100, 137)
+    assert torch.equal(text_positions(37), rope_positions(ids, None, 2, 151655, 151652))
+
+
 def test_rope_positions_reject_grid_mismatch():
     """Invariant: a grid count that disagrees with the image tokens is an error, not silently wrong positions."""
     ids = torch.tensor([5, 10, 11, 11, 11, 11, 12, 6])

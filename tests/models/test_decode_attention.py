@@ -53,13 +53,31 @@ def _reference(query, keys, values, lengths, scale):
     return torch.stack(out)
 
 
-def _kernel(query, new_keys, new_values, keys, values, writes, lengths, scale, dtype):
-    """The kernels' output and the cache they wrote into."""
+def _rotation(seed: int, slots: int, width: int):
+    """cos/sin [slots, width] of random angles, both halves alike, as rotary embeddings build them."""
+    angles = torch.rand(slots, width // 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 6
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotated(x, cos, sin):
+    """HF's apply_rotary_pos_emb of x [slots, heads, width] by cos/sin [slots, width]."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat([-second, first], dim=-1) * sin[:, None]
+
+
+def _kernel(query, new_keys, new_values, keys, values, writes, lengths, scale, dtype, one_split=False,
+            rotation=None):
+    """The kernels' output and the cache they wrote into; one_split: a program target this small gives one
+    split per (slot, KV head), the path whose programs write the output without the merge."""
+    from mmrl_megatron.models.common import decode_attention as kernels
     from mmrl_megatron.models.common.decode_attention import decode_attention
 
+    if one_split:
+        kernels.TARGET_PROGRAMS = 1
     keys, values = keys.to(dtype), values.to(dtype)
     out = decode_attention(query.to(dtype), new_keys.to(dtype), new_values.to(dtype), keys, values, writes,
-                           lengths, KV_LEN, scale)
+                           lengths, KV_LEN, scale, None if rotation is None else tuple(x.to(dtype) for x in rotation))
     return out, keys, values
 
 
@@ -68,24 +86,35 @@ def interpreted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-@pytest.mark.parametrize("kv_heads,groups,width,value_width",
-                         [(2, 8, 128, 128), (1, 7, 64, 64), (2, 1, 32, 48), (2, 2, 8, 8)],
-                         ids=["qwen-3b", "seven-groups", "one-group-wider-values", "narrower-than-a-tile"])
-def test_decode_attention_matches_float64_per_slot_attention(interpreted, kv_heads, groups, width, value_width):
-    """Invariant: in fp32 the kernels store the new token's key and value at each running slot's write position
-    (exactly, and nothing for a slot whose write position lies past its length) and equal float64 attention
-    over each slot's first `length` positions of that cache within 1e-5 (Qwen2.5-VL-3B's 8 query heads per KV
-    head, 7B's 7, one head per KV head with values wider than keys, widths under the 16 of a dot tile, as the
-    tests' tiny models have), whatever lies beyond the length."""
+@pytest.mark.parametrize("kv_heads,groups,width,value_width,one_split,rotate",
+                         [(2, 8, 128, 128, False, True), (2, 8, 128, 128, True, True), (1, 7, 64, 64, False, False),
+                          (2, 1, 32, 48, True, False), (2, 2, 8, 8, False, True)],
+                         ids=["qwen-3b", "qwen-3b-one-split", "seven-groups", "one-group-wider-values",
+                              "narrower-than-a-tile"])
+def test_decode_attention_matches_float64_per_slot_attention(interpreted, kv_heads, groups, width, value_width,
+                                                             one_split, rotate):
+    """Invariant: in fp32 the kernels store the new token's key (rotated, where a rotation is given) and value
+    at each running slot's write position (nothing for a slot whose write position lies past its length) and
+    equal float64 attention of the (rotated) query over each slot's first `length` positions of that cache
+    within 1e-5 (Qwen2.5-VL-3B's 8 query heads per KV head, 7B's 7, one head per KV head with values wider than
+    keys, widths under the 16 of a dot tile, as the tests' tiny models have), whatever lies beyond the length,
+    with the splits merged or one split per row."""
     query, new_keys, new_values, keys, values, writes, lengths = _inputs(0, kv_heads, groups, width, value_width)
     scale = width ** -0.5
-    keys_after, values_after = _written(keys, new_keys, writes, lengths), _written(values, new_values, writes, lengths)
-    expected = _reference(query, keys_after, values_after, lengths, scale)
+    rotation = _rotation(2, len(LENGTHS), width) if rotate else None
+    rotated_query, rotated_keys = (query, new_keys) if rotation is None else (
+        _rotated(query, *rotation), _rotated(new_keys, *rotation))
+    keys_after = _written(keys, rotated_keys, writes, lengths)
+    values_after = _written(values, new_values, writes, lengths)
+    expected = _reference(rotated_query, keys_after, values_after, lengths, scale)
     [(mine, cached_keys, cached_values)] = run_on_cpu_ranks(1, _kernel, query, new_keys, new_values, keys, values,
-                                                            writes, lengths, scale, torch.float32)
+                                                            writes, lengths, scale, torch.float32, one_split,
+                                                            rotation)
     assert mine.shape == expected.shape and mine.dtype == torch.float32
     assert (mine.double() - expected).abs().max() < 1e-5
-    torch.testing.assert_close(cached_keys.double(), keys_after.float().double(), rtol=0, atol=0, equal_nan=True)
+    # the stored keys: exact without a rotation, within fp32 rounding of the float64 rotation with one
+    torch.testing.assert_close(cached_keys.double(), keys_after.float().double(), rtol=0,
+                               atol=0 if rotation is None else 1e-5, equal_nan=True)
     torch.testing.assert_close(cached_values.double(), values_after.float().double(), rtol=0, atol=0,
                                equal_nan=True)
 
@@ -107,8 +136,8 @@ def test_splits_fill_the_gpu_but_never_go_below_one_loop_step():
     program count up to the merge's 64, and no split is shorter than one 64-position loop step."""
     from mmrl_megatron.models.common.decode_attention import split_count
 
-    assert split_count(512, 2, 512) == 1
-    assert split_count(256, 2, 512) == 2
+    assert split_count(256, 2, 512) == 1
+    assert split_count(64, 2, 512) == 4
     assert split_count(1, 2, 4096) == 64
     assert split_count(1, 2, 32768) == 64
     assert split_count(1, 2, 100) == 2
@@ -118,13 +147,15 @@ def test_splits_fill_the_gpu_but_never_go_below_one_loop_step():
 def test_compiled_kernels_match_masked_sdpa_on_gpu():
     """Invariant: compiled on a GPU in bf16, the kernels give what the engine's masked SDPA gave after writing
     the new token's key and value (within 2e-2, bf16 rounding of the output) at the 3B shape: 256 slots of
-    ragged lengths up to 512, 2 KV heads of 8 query heads; and one slot alone at 2,048 cached positions (the
-    64 splits the merge holds in one tile)."""
+    ragged lengths up to 512, 2 KV heads of 8 query heads (one split per row: no merge); and one slot alone at
+    2,048 cached positions (the 64 splits the merge holds in one tile). Rotated in the kernel, the query and the
+    stored key are the rotary kernel's (layer_kernels.rotate_query_key) within one bf16 step."""
     from mmrl_megatron.models.common.decode_attention import decode_attention
+    from mmrl_megatron.models.common.layer_kernels import rotate_query_key
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     kv_heads, groups, width = 2, 8, 128
-    for slots, kv_len in ((256, 512), (1, 2048)):
+    for slots, kv_len, rotate in ((256, 512, False), (256, 512, True), (1, 2048, True)):
         def normal(*shape):
             return torch.randn(*shape, device="cuda", generator=generator).bfloat16()
 
@@ -133,14 +164,23 @@ def test_compiled_kernels_match_masked_sdpa_on_gpu():
         keys, values = normal(slots, kv_heads, 2 * kv_len, width), normal(slots, kv_heads, 2 * kv_len, width)
         lengths = torch.randint(1, kv_len + 1, (slots,), device="cuda", generator=generator)
         writes = lengths - 1
+        rotation, rotated_query, rotated_keys = None, query, new_keys
+        if rotate:
+            angles = torch.rand(slots, width // 2, device="cuda", generator=generator) * 6
+            rotation = tuple(x.bfloat16() for x in (torch.cat([angles, angles], -1).cos(),
+                                                    torch.cat([angles, angles], -1).sin()))
+            rotated_query, rotated_keys = rotate_query_key(query, new_keys, *rotation)
         rows = torch.arange(slots, device="cuda")
         expected_keys, expected_values = keys.clone(), values.clone()
-        expected_keys[rows, :, writes], expected_values[rows, :, writes] = new_keys, new_values
+        expected_keys[rows, :, writes], expected_values[rows, :, writes] = rotated_keys, new_values
         visible = torch.arange(kv_len, device="cuda")[None, :] < lengths[:, None]
         bias = torch.zeros(visible.shape, device="cuda").masked_fill(~visible, float("-inf"))[:, None, None]
         expected = torch.nn.functional.scaled_dot_product_attention(
-            query.view(slots, kv_heads, groups, width), expected_keys[:, :, :kv_len], expected_values[:, :, :kv_len],
-            attn_mask=bias.bfloat16(), scale=width ** -0.5).reshape(slots, kv_heads * groups, width)
-        mine = decode_attention(query, new_keys, new_values, keys, values, writes, lengths, kv_len, width ** -0.5)
+            rotated_query.view(slots, kv_heads, groups, width), expected_keys[:, :, :kv_len],
+            expected_values[:, :, :kv_len], attn_mask=bias.bfloat16(), scale=width ** -0.5
+        ).reshape(slots, kv_heads * groups, width)
+        mine = decode_attention(query, new_keys, new_values, keys, values, writes, lengths, kv_len, width ** -0.5,
+                                rotation)
         assert (mine.float() - expected.float()).abs().max() < 2e-2
-        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+        torch.testing.assert_close(keys, expected_keys, rtol=2 ** -7, atol=1e-6)
+        assert torch.equal(values, expected_values)

@@ -2,14 +2,15 @@
 
 The kernel runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must be set before the kernel's
 module is imported, hence a spawned process); the same kernel runs compiled on a GPU (the gpu test).
-Rows are wider than one block of the kernel's column loop, with vocabulary-padding columns at -inf."""
+Rows are wider than one block of the kernels' column loop and span two of their chunks (8,192 columns), with
+vocabulary-padding columns at -inf."""
 import pytest
 import torch
 
 from mmrl_megatron.rollout.sampling import counter_uniforms, sample_tokens, token_logprobs
 from tests.cpu_ranks import run_on_cpu_ranks
 
-ROWS, VOCAB, PADDING = 48, 9000, 216  # 9,216 columns: three blocks of the 4,096-column loop
+ROWS, VOCAB, PADDING = 48, 9000, 216  # 9,216 columns: three blocks of the 4,096-column loop, two chunks
 
 
 def _logits(seed: int) -> torch.Tensor:
@@ -18,6 +19,8 @@ def _logits(seed: int) -> torch.Tensor:
     logits[:, VOCAB:] = float("-inf")
     logits[0, :] = float("-inf")
     logits[0, 5000] = 2.0  # all of row 0's mass on one token in the second block
+    logits[3, :] = float("-inf")
+    logits[3, [100, 8500]] = torch.tensor([0.0, 9.0])  # row 3's mass almost all in the second chunk
     return logits
 
 
@@ -50,7 +53,7 @@ def test_kernel_draws_the_eager_paths_tokens_with_their_logprobs(interpreted, te
     [(tokens, logprobs)] = run_on_cpu_ranks(1, _kernel, logits, temperature, uniforms)
     assert tokens.dtype == torch.long and logprobs.dtype == torch.float32
     assert torch.equal(tokens, expected_tokens)
-    assert tokens[0] == 5000 and (tokens < VOCAB).all()
+    assert tokens[0] == 5000 and tokens[3] == 8500 and (tokens < VOCAB).all()
     assert (logprobs - expected_logprobs).abs().max() < 1e-5
 
 

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import repeat_kv
 
-from .kv_cache import CacheGeometry, StaticKVCache
+from .decode_layer import rotated
+from .kv_cache import CacheGeometry, PromptSlots, StaticKVCache
 
 # The decode step's attention runs in decode_attention.py's Triton kernels for bf16/fp16 caches on a GPU whose
 # keys are at most this wide (Qwen's 128); fp32 keeps SDPA, the exact path the engine's fp32 parity tests
@@ -56,15 +57,17 @@ class CachedDecoder:
     def _run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         """The decoder layers over hidden [B, L, H] at positions [position_rows, B, L]; the attention core is
         attend(layer_index, query [B, heads, L, key_dim], key [B, kv_heads, L, key_dim],
-        value [B, kv_heads, L, value_dim]) -> [B, heads, L, value_dim]."""
+        value [B, kv_heads, L, value_dim], rotation) -> [B, heads, L, value_dim]; rotation is (cos, sin)
+        [B, L, key_dim] when query and key still need rotating (decode_layer.rotated applies it), None when they
+        come rotated."""
         raise NotImplementedError
 
     def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                cache: StaticKVCache, slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                cache: StaticKVCache, placement: PromptSlots) -> torch.Tensor:
         """Run right-padded prompts embeds [B, T, H] (positions [position_rows, B, T], true lengths [B]).
 
-        Writes each row's keys/values into cache slot `slots[i]` from prompt row `rows[i]` (one prompt can
-        fill several slots: its n samples share the prefill). Returns logits [B, vocab] at each last token.
+        Writes each prompt's keys/values into its slots (one prompt can fill several slots: its n samples share
+        the prefill). Returns logits [B, vocab] at each last token.
         """
         batch, length, _ = embeds.shape
         # Right padding makes the causal mask enough: a real token's earlier keys are all real (the pad rows'
@@ -73,9 +76,9 @@ class CachedDecoder:
         # unrepeated (MLA's latent form keeps the repeat).
         grouped = self.key_dim == self.value_dim
 
-        def attend(layer_index: int, query, key, value):
-            cache.keys[layer_index][slots, :, :length] = key[rows]
-            cache.values[layer_index][slots, :, :length] = value[rows]
+        def attend(layer_index: int, query, key, value, rotation):
+            query, key = rotated(query, key, rotation)
+            cache.write_prompts(layer_index, key, value, placement)
             if not grouped:
                 key, value = repeat_kv(key, self.query_groups), repeat_kv(value, self.query_groups)
             return torch.nn.functional.scaled_dot_product_attention(
@@ -103,14 +106,16 @@ class CachedDecoder:
             visible = (torch.arange(kv_len, device=tokens.device)[None, :] <= cache_lens[:, None])[:, None, None, :]
             attention_bias = additive_mask(visible, cache.keys[0].dtype)
 
-        def attend(layer_index: int, query, key, value):
+        def attend(layer_index: int, query, key, value, rotation):
             keys = cache.keys[layer_index]
             values = cache.values[layer_index]
-            if kernel:  # the kernel also writes the new token's key and value into the cache
+            if kernel:  # the kernel also rotates the query and the new key, and writes the new key and value
                 output = decode_attention(query[:, :, 0], key[:, :, 0], value[:, :, 0], keys[:batch],
                                           values[:batch], cache_lens, lengths, kv_len,
-                                          self.layers[layer_index].self_attn.scaling)
+                                          self.layers[layer_index].self_attn.scaling,
+                                          None if rotation is None else tuple(x[:, 0] for x in rotation))
                 return output.unsqueeze(2)
+            query, key = rotated(query, key, rotation)
             keys[slot_index, :, cache_lens] = key[:, :, 0]
             values[slot_index, :, cache_lens] = value[:, :, 0]
             # Grouped-query attention without repeating the cache: the query heads sharing a KV head act as

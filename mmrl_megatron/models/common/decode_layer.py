@@ -52,6 +52,14 @@ def rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch
     return rotated_query.transpose(1, 2), rotated_key.transpose(1, 2)
 
 
+def rotated(query: torch.Tensor, key: torch.Tensor, rotation):
+    """query/key [B, heads, L, D] rotated by rotation = (cos, sin) [B, L, D], as rotary(); rotation None: they
+    come rotated."""
+    if rotation is None:
+        return query, key
+    return rotary(query.transpose(1, 2), key.transpose(1, 2), *rotation)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: layer_kernels' kernel on CUDA."""
     if gate.is_cuda:
@@ -100,7 +108,8 @@ def qwen_decoder_layer(layer: torch.nn.Module, hidden: torch.Tensor, pending: Op
     positions; returns (hidden, pending) whose sum is the layer's output. `pending` is the previous layer's MLP
     output (None before the first layer): its residual sum runs in the same kernel as this layer's first norm,
     not as a pass of its own. The attention core is attend(layer_index, query [B, heads, L, D],
-    key, value [B, kv_heads, L, D]) -> [B, heads, L, D]. The layer's projections are concatenated
+    key, value [B, kv_heads, L, D], (cos, sin)) -> [B, heads, L, D]; it rotates the query and key itself (the
+    decode kernel does so inside). The layer's projections are concatenated
     (fused_projections.fuse_layer_projections: `self_attn.qkv_proj`, `mlp.gate_up_proj`). QK-norm (Qwen3)
     applies when the attention module has q_norm/k_norm."""
     attention = layer.self_attn
@@ -110,8 +119,7 @@ def qwen_decoder_layer(layer: torch.nn.Module, hidden: torch.Tensor, pending: Op
     query, key, value = (part.view(heads_shape) for part in attention.qkv_proj(normed))
     if hasattr(attention, "q_norm"):
         query, key = rms_norm(query, attention.q_norm), rms_norm(key, attention.k_norm)
-    query, key = rotary(query, key, cos, sin)
-    attended = attend(layer_index, query, key, value.transpose(1, 2))
+    attended = attend(layer_index, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), (cos, sin))
     hidden, normed = residual_norm(
         hidden, attention.o_proj(attended.transpose(1, 2).reshape(batch, length, -1)), layer.post_attention_layernorm)
     mlp = layer.mlp

@@ -64,6 +64,12 @@ def rope_positions(input_ids, image_grid_thw, spatial_merge_size: int, image_tok
     return torch.cat(pieces, dim=1).long()
 
 
+def text_positions(length: int) -> torch.Tensor:
+    """rope_positions of a prompt without images or videos: every row is the token index (rope delta 0),
+    without the search for vision tokens (on the host, most of a 256-token prompt's preparation)."""
+    return torch.arange(length).repeat(3, 1)
+
+
 def with_response_positions(prompt_positions: torch.Tensor, response_length: int) -> torch.Tensor:
     """[3, P] prompt positions -> [3, P + R]: generated tokens are text whatever their ids, continuing one past
     the prompt's largest position, as HF generate and both rollout engines place them (a sampled

@@ -102,7 +102,7 @@ class KimiVLDecoder(CachedDecoder):
             residual = hidden
             query, key, latent, value_up = self._latent_attention_inputs(attention, layer.input_layernorm(hidden),
                                                                          cos, sin)
-            attended = torch.matmul(attend(layer_index, query, key, latent), value_up.transpose(1, 2))
+            attended = torch.matmul(attend(layer_index, query, key, latent, None), value_up.transpose(1, 2))
             hidden = residual + attention.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden

@@ -15,7 +15,7 @@ from ..common.decode_layer import check_swiglu, qwen_decoder_layer, with_pending
 from ..common.embedded import (EmbeddedModel, PreparedPrompt, check_image_placeholders, eos_ids, prompt_ids,
                                skip_weight_initialisation)
 from ..common.fused_projections import fused_model_weights
-from ..common.rope import rope_positions
+from ..common.rope import rope_positions, text_positions
 from ..errors import ModelError
 from .embedded_vision import use_fast_vision_blocks
 
@@ -99,6 +99,9 @@ def prepare_prompt(config, request, request_index: int) -> PreparedPrompt:
     pads = int(torch.isin(input_ids, torch.tensor([config.image_token_id, config.video_token_id])).sum())
     check_image_placeholders(request, request_index, pads, expected, "<|image_pad|>/<|video_pad|>",
                              "expand each image or video pad to grid_t*grid_h*grid_w/merge_size**2 copies")
+    if pads == 0:  # text only (the check above found no images)
+        return PreparedPrompt(request_index, input_ids, text_positions(input_ids.numel()), 0,
+                              request.pixel_values, grid)
     try:
         positions = rope_positions(input_ids, grid, merge, config.image_token_id, config.vision_start_token_id,
                                    config.video_token_id, request.second_per_grid_ts,

@@ -20,6 +20,7 @@ from ..common.decode_layer import check_swiglu, qwen_decoder_layer, with_pending
 from ..common.embedded import (EmbeddedModel, PreparedPrompt, check_image_placeholders, eos_ids, prompt_ids,
                                skip_weight_initialisation)
 from ..common.fused_projections import fused_model_weights
+from ..common.rope import text_positions
 from ..errors import ModelError
 from .geometry import Qwen3VLGeometry, read_geometry
 from .positions import rope_positions
@@ -119,6 +120,9 @@ def prepare_prompt(geometry: Qwen3VLGeometry, request, request_index: int) -> Pr
     check_image_placeholders(request, request_index, pads, expected, "<|image_pad|>/<|video_pad|>",
                              "expand each image pad to grid_t*grid_h*grid_w/merge_size**2 copies and each "
                              "video frame's pad to grid_h*grid_w/merge_size**2")
+    if pads == 0:  # text only (the check above found no images)
+        return PreparedPrompt(request_index, input_ids, text_positions(input_ids.numel()), 0,
+                              request.pixel_values, grid)
     try:
         positions = rope_positions(input_ids, grid, geometry)
     except ModelError as error:  # the engine reports a family's ModelError as the request's RolloutError

@@ -22,7 +22,7 @@ from typing import Callable, Deque, List, Optional, Sequence
 import torch
 
 from ...models.common.cached_decoder import CachedDecoder
-from ...models.common.kv_cache import StaticKVCache
+from ...models.common.kv_cache import PromptSlots, StaticKVCache
 from ...models.common.transfer import to_host
 from ..sampling import sequence_seeds
 from ..types import RolloutResult, SamplingParams
@@ -140,10 +140,10 @@ class GenerationRun:
             return 0
         batch = collate_prefill(group, self.device, self.pixel_dtype)
         slot_list = free[:n * len(group)]
-        slots = torch.tensor(slot_list, device=self.device)
-        rows = torch.arange(len(group), device=self.device).repeat_interleave(n)
+        placement = PromptSlots(slot_list, n, self.device)
+        slots, rows = placement.slots, placement.rows
         embeds = self.decoder.embed_prompts(batch.input_ids, batch.pixel_values, batch.image_grid_thw)
-        logits = self.decoder.prefill(embeds, batch.positions, batch.lengths, self.cache, slots, rows)
+        logits = self.decoder.prefill(embeds, batch.positions, batch.lengths, self.cache, placement)
         per_prompt = torch.tensor([[prompt.rope_delta, prompt.request_index, self.budgets[prompt.request_index]]
                                    for prompt in group], device=self.device)[rows]
         self.cache.cache_lens[slots] = batch.lengths[rows]
