@@ -253,24 +253,27 @@ def test_steps_launched_ahead_of_the_finish_flags_change_no_result(engine, reque
     _assert_same_results(overlapped, expected, atol=1e-6)
 
 
-def test_waiting_prompts_join_the_batch_while_it_decodes(checkpoint, requests):
-    """With a prefill budget of one prompt per admission, the waiting prompts are admitted one per decode step
-    while the first decodes (steps are not launched ahead past an admission): 3 prompts of 10 forced tokens
-    take 9 + 2 steps, not one prompt's 9 steps after another."""
+def test_an_empty_cache_takes_every_prompt_that_fits_before_its_first_step(checkpoint, requests):
+    """With a prefill budget of one prompt per admission, the 3 prompts (n=2) are prefilled one by one before
+    the first decode step, since no decoding waits on them, and their 10 forced tokens then take 9 steps of
+    all 6 samples (the first token comes from each prefill). Prompts that wait for room join while the batch
+    decodes (test_admissions_wait_for_room_for_several_prompts_and_change_no_result)."""
     longest = max(len(request.prompt_ids) for request in requests)
     engine = EmbeddedEngine(checkpoint, "cpu", torch.float32, max_batch_size=8,
                             settings=EmbeddedEngineConfig(prefill_tokens=longest))
     engine.load_checkpoint()
-    exact_step, widths = engine._decode_step, []
+    exact_step, events, prefill = engine._decode_step, [], engine.decoder.prefill
 
     def recorded_step(cache, params):
         step = exact_step(cache, params)
-        return lambda batch, kv_len: (widths.append(batch), step(batch, kv_len))[1]
+        return lambda batch, kv_len: (events.append(("step", batch)), step(batch, kv_len))[1]
 
     engine._decode_step = recorded_step
+    engine.decoder.prefill = lambda embeds, *args: (events.append(("prefill", embeds.shape[0])),
+                                                    prefill(embeds, *args))[1]
     results = engine.generate(requests, _sampling(n=2, max_new_tokens=10))
     assert [len(result.response_ids) for result in results] == [10] * 6
-    assert len(widths) == 9 + 2
+    assert events == [("prefill", 1)] * 3 + [("step", 6)] * 9
 
 
 def test_admissions_wait_for_room_for_several_prompts_and_change_no_result(checkpoint, hf_model):

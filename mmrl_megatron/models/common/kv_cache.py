@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import torch
 
+from .transfer import to_device
+
 
 @dataclass
 class CacheGeometry:
@@ -32,7 +34,7 @@ class PromptSlots:
     def __init__(self, slot_list: List[int], samples: int, device: torch.device) -> None:
         prompts = len(slot_list) // samples
         self.samples = samples
-        self.slots = torch.tensor(slot_list, device=device)
+        self.slots = to_device(torch.tensor(slot_list), device)
         self.rows = torch.arange(prompts, device=device).repeat_interleave(samples)
         in_run = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
         self.first: Optional[int] = slot_list[0] if in_run else None
@@ -76,7 +78,7 @@ class StaticKVCache:
             self.values[layer][targets] = self.values[layer][sources]
         for state in (self.last_token, self.cache_lens, self.rope_deltas):
             state[targets] = state[sources]
-        self.cache_lens[sources] = 0
+        self.cache_lens.index_fill_(0, sources, 0)  # not `[sources] = 0`: that copies the 0 over, with a sync
 
     def fits(self, geometry: CacheGeometry) -> bool:
         """Whether this cache can serve `geometry` (same model, at least as many slots and tokens)."""

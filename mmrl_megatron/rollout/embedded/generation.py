@@ -2,7 +2,8 @@
 
 Requests wait in order; whenever enough slots are free for all n samples of the next few requests
 (admission_prompts of them, or all that wait), their prompts are prefilled together (once per prompt; the n
-samples copy its keys/values) and join the running batch. Every decode step advances all running sequences by
+samples copy its keys/values) and join the running batch; an empty cache takes every group that fits before
+its first step, since no decoding waits on them. Every decode step advances all running sequences by
 one token; a sequence that finishes frees its slot at once for the next admission. With continuous batching off
 (static batches, the baseline the benchmark compares with, as Hugging Face generate batches) prompts fill
 an empty cache, and the batch is decoded at its full width, padded to its longest response, before the
@@ -23,7 +24,7 @@ import torch
 
 from ...models.common.cached_decoder import CachedDecoder
 from ...models.common.kv_cache import PromptSlots, StaticKVCache
-from ...models.common.transfer import to_host
+from ...models.common.transfer import to_device, to_host
 from ..sampling import sequence_seeds
 from ..types import RolloutResult, SamplingParams
 from .graphs import batch_bucket
@@ -114,18 +115,29 @@ class GenerationRun:
         return fitting >= min(len(waiting), self.admission_prompts, max(1, len(self.running) // n // 2))
 
     def _admit(self, waiting: Deque[PreparedPrompt]) -> None:
+        """Admit waiting prompts as the batching mode allows. The groups admitted together are all queued before
+        their first draws' finishes are read, so the host prepares a group while the GPU runs the one before."""
+        admitted: List[_Finishes] = []
         if self.continuous:
-            if self._admission_due(waiting):
-                self._admit_group(waiting)
+            # while nothing decodes, an admission pauses nothing: the cache takes every group that fits before
+            # its first step (one group per step after that)
+            starting = not any(self.running)
+            while self._admission_due(waiting):
+                admitted.append(self._admit_group(waiting))
+                if not starting:
+                    break
         elif not any(self.running):
             # the cache is empty, so the batch takes slots [0, static_width) group by group
             self.static_width = 0
-            while waiting and (admitted := self._admit_group(waiting)):
-                self.static_width += admitted
+            while waiting and (group := self._admit_group(waiting)) is not None:
+                self.static_width += len(group.slots)
+                admitted.append(group)
+        for finishes in admitted:
+            self._retire_finished(finishes)
 
-    def _admit_group(self, waiting: Deque[PreparedPrompt]) -> int:
+    def _admit_group(self, waiting: Deque[PreparedPrompt]) -> Optional[_Finishes]:
         """Prefill as many waiting prompts as free slots and the prefill token budget allow, into the lowest free
-        slots; returns how many slots they took."""
+        slots, and draw their first tokens; returns those draws' finishes (None when no prompt fits)."""
         n = self.sampling.n
         free = [slot for slot, sequence in enumerate(self.running) if sequence is None]
         group: List[PreparedPrompt] = []
@@ -137,31 +149,32 @@ class GenerationRun:
             longest = candidate_longest
             group.append(waiting.popleft())
         if not group:
-            return 0
+            return None
         batch = collate_prefill(group, self.device, self.pixel_dtype)
         slot_list = free[:n * len(group)]
         placement = PromptSlots(slot_list, n, self.device)
         slots, rows = placement.slots, placement.rows
+        per_prompt = to_device(torch.tensor([[prompt.rope_delta, prompt.request_index,
+                                              self.budgets[prompt.request_index]] for prompt in group]),
+                               self.device)[rows]
         embeds = self.decoder.embed_prompts(batch.input_ids, batch.pixel_values, batch.image_grid_thw)
         logits = self.decoder.prefill(embeds, batch.positions, batch.lengths, self.cache, placement)
-        per_prompt = torch.tensor([[prompt.rope_delta, prompt.request_index, self.budgets[prompt.request_index]]
-                                   for prompt in group], device=self.device)[rows]
         self.cache.cache_lens[slots] = batch.lengths[rows]
         self.cache.rope_deltas[slots] = per_prompt[:, 0]
         sample_indices = torch.arange(n, device=self.device).repeat(len(group))
         sampler = self.sampler
         sampler.seeds[slots] = sequence_seeds(self.seed, per_prompt[:, 1], sample_indices)
         sampler.budgets[slots] = per_prompt[:, 2]
-        sampler.counters[slots] = 0
-        sampler.active[slots] = True
+        # index_fill_, not `[slots] = 0`: a scalar set by indexing is copied to the GPU with a stream synchronisation
+        sampler.counters.index_fill_(0, slots, 0)
+        sampler.active.index_fill_(0, slots, True)
         for position, slot in enumerate(slot_list):
             prompt = group[position // n]
             budget = self.budgets[prompt.request_index]
             self.running[slot] = _Running(prompt.request_index, position % n, prompt.length, budget - 1, [])
         sampler.accept(logits[rows], slots, self.sampling, self.cache)
         codes = to_host(sampler.finish(slots, self.stop_rules, self.cache))
-        self._retire_finished(_Finishes(slot_list, codes, range(len(slot_list))))
-        return len(slot_list)
+        return _Finishes(slot_list, codes, range(len(slot_list)))
 
     def _launch_step(self, move_slots: bool) -> _Finishes:
         """Queue one decode step over the running sequences (moved down first if `move_slots`, which needs
@@ -222,13 +235,15 @@ class GenerationRun:
         slots = torch.tensor([slot for slot, _ in finished], device=self.device)
         sampler = self.sampler
         lengths = sampler.counters[slots].tolist()
-        tokens = sampler.tokens[slots].tolist()
-        logprobs = sampler.logprobs[slots].tolist()
+        # only the columns the longest response used: the rows are the cache's length wide (the 3B text
+        # benchmark's 256 rows of 512 columns took 34 ms to turn into lists on the CI machine, 16 ms cut to 256)
+        tokens = sampler.tokens[slots, :max(lengths)].tolist()
+        logprobs = sampler.logprobs[slots, :max(lengths)].tolist()
         for row, (slot, reason) in enumerate(finished):
             sequence = self.running[slot]
             self.results.append(RolloutResult(sequence.request_index, sequence.sample_index,
                                               tokens[row][:lengths[row]], logprobs[row][:lengths[row]], reason))
             self.running[slot] = None
-        self.cache.cache_lens[slots] = 0
-        sampler.counters[slots] = 0
-        sampler.active[slots] = False
+        self.cache.cache_lens.index_fill_(0, slots, 0)
+        sampler.counters.index_fill_(0, slots, 0)
+        sampler.active.index_fill_(0, slots, False)

@@ -37,8 +37,8 @@ class SlotSampler:
         """Move the sampling state of slots `sources` to `targets`; the sources become inactive."""
         for state in (self.seeds, self.counters, self.budgets, self.active, self.tokens, self.logprobs):
             state[targets] = state[sources]
-        self.active[sources] = False
-        self.counters[sources] = 0
+        self.active.index_fill_(0, sources, False)
+        self.counters.index_fill_(0, sources, 0)
 
     def accept(self, logits: torch.Tensor, rows: torch.Tensor, sampling: SamplingParams,
                cache: StaticKVCache) -> None:
