@@ -267,6 +267,34 @@ def _idle_gaps(kernels, host_events, top: int) -> List[Dict[str, object]]:
     return found
 
 
+IDLE_GAP_US = 20.0  # shorter kernel-to-kernel gaps are launch latency (a graph's own), not host work
+
+
+def _idle_by_range(kernels, host_events) -> Dict[str, float]:
+    """Milliseconds with no kernel running, in gaps of at least IDLE_GAP_US, split by the innermost
+    torch.profiler.record_function range the host was in meanwhile (the engine marks its phases: rollout.*);
+    "outside" where it was in none. The profiled host events bound the window, so idle time before the first
+    kernel and after the last counts too. Where a call's idle time goes, not only its longest stretches; empty
+    without kernels (a CPU run)."""
+    if not kernels:
+        return {}
+    spans = sorted((k.time_range.start, k.time_range.end) for k in kernels)
+    ranges = [(e.time_range.start, e.time_range.end, e.name) for e in host_events if e.is_user_annotation]
+    finish = max([e.time_range.end for e in host_events] + [spans[-1][1]])
+    idle: Dict[str, float] = {}
+    reach = min([e.time_range.start for e in host_events] + [spans[0][0]])
+    for start, end in spans + [(finish, finish)]:
+        if start - reach >= IDLE_GAP_US:
+            inside = [r for r in ranges if r[0] < start and r[1] > reach]
+            cuts = sorted({reach, start} | {t for r in inside for t in r[:2] if reach < t < start})
+            for a, b in zip(cuts, cuts[1:]):
+                covering = [r for r in inside if r[0] <= a and r[1] >= b]
+                name = max(covering)[2] if covering else "outside"  # the latest-starting range is the innermost
+                idle[name] = idle.get(name, 0.0) + (b - a) / 1e3
+        reach = max(reach, end)
+    return {name: round(ms, 3) for name, ms in sorted(idle.items(), key=lambda item: -item[1])}
+
+
 def scalar_read_sites(call: Callable[[], object], top: int = 5) -> Dict[str, int]:
     """Run `call` once and count where its scalar reads (`.item()`, `.tolist()`, `float(t)`: each one a host
     synchronisation on a GPU) come from: the innermost frames outside torch, most frequent first."""
@@ -302,7 +330,8 @@ def profile_summary(call: Callable[[], object], device: torch.device, top: int =
     """Run `call` once under torch.profiler and summarise what a hot path is judged by: wall seconds, kernels
     launched, host synchronisations (stream/device/event waits) and scalar reads (`.item()`, `.tolist()`,
     `float(t)`), the share of the wall time some kernel was running, the kernels and the operators with
-    most device time, and the longest idle stretches of the GPU with what the host began in them. A first run
+    most device time, the longest idle stretches of the GPU with what the host began in them, and all idle
+    time by the phase the host was in (record_function ranges). A first run
     warms up the profiled one; a last one says where the scalar reads come from (scalar_read_sites: its
     dispatch mode makes torch.compile'd kernels run eagerly, so it must not be the profiled run's warm-up)."""
     from torch.autograd import DeviceType
@@ -333,5 +362,6 @@ def profile_summary(call: Callable[[], object], device: torch.device, top: int =
                           sorted(device_time.items(), key=lambda item: -item[1])[:top]},
         "top_operators_s": _top_operators(profiler, top),
         "largest_idle_gaps": _idle_gaps(kernels, host_events, top),
+        "idle_ms_by_range": _idle_by_range(kernels, host_events),
         "scalar_read_sites": scalar_read_sites(call),
     }

@@ -85,7 +85,8 @@ def test_train_profiles_one_step_per_side_and_workload(train_run, profile_dir):
     assert all(f"== {name}:" in tables for name in names)
     summaries = [json.loads(line) for line in tables.splitlines() if line.startswith("{")]
     assert len(summaries) == len(names)
-    assert all(summary["largest_idle_gaps"] == [] and summary["kernels"] == 0 for summary in summaries)
+    assert all(summary["largest_idle_gaps"] == [] and summary["idle_ms_by_range"] == {} and summary["kernels"] == 0
+               for summary in summaries)
 
 
 def test_train_speedup_is_the_quotient_of_the_throughputs(train_run):

@@ -4,6 +4,7 @@ import random
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from ...config.schema import EmbeddedEngineConfig
 from ...models.common.embedded import eos_ids
@@ -116,7 +117,8 @@ class EmbeddedEngine(RolloutEngine):
         if not requests:
             return []
         try:
-            prompts = [self.family.prepare_prompt(request, index) for index, request in enumerate(requests)]
+            with record_function("rollout.prepare_prompts"):  # a profiler range, as generation.py's phases
+                prompts = [self.family.prepare_prompt(request, index) for index, request in enumerate(requests)]
         except ModelError as error:
             raise RolloutError(str(error)) from error
         budgets = [sampling.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens

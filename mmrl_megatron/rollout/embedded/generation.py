@@ -15,12 +15,17 @@ host) or stop strings need step t's tokens on the host. A sequence that a stop t
 longer active when step t + 1 runs (SlotSampler.finish, queued behind step t), so step t + 1 leaves it as it
 was; once the host has retired it, nothing is in flight and admission and slot moves proceed. Without this
 overlap the GPU idled for the host's bookkeeping between every two steps.
+
+The host's phases are torch.profiler ranges (rollout.admit, rollout.decode_step, rollout.retire): a profile
+attributes the GPU's idle time to them (benchmarks/common.profile_summary).
 """
+import functools
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Deque, List, Optional, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from ...models.common.cached_decoder import CachedDecoder
 from ...models.common.kv_cache import PromptSlots, StaticKVCache
@@ -31,6 +36,18 @@ from .graphs import batch_bucket
 from .prompts import PreparedPrompt, collate_prefill
 from .slot_sampler import ENDED_BY_BUDGET, RUNNING, SlotSampler
 from .stopping import LENGTH, STOP, StopRules
+
+
+def _profiled(name: str) -> Callable[[Callable], Callable]:
+    """The method inside a torch.profiler range `name`, a fresh one per call (a decorating record_function is one
+    object shared by every call, in every thread)."""
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(*args, **kwargs):
+            with record_function(name):
+                return method(*args, **kwargs)
+        return run
+    return wrap
 
 
 @dataclass
@@ -135,6 +152,7 @@ class GenerationRun:
         for finishes in admitted:
             self._retire_finished(finishes)
 
+    @_profiled("rollout.admit")
     def _admit_group(self, waiting: Deque[PreparedPrompt]) -> Optional[_Finishes]:
         """Prefill as many waiting prompts as free slots and the prefill token budget allow, into the lowest free
         slots, and draw their first tokens; returns those draws' finishes (None when no prompt fits)."""
@@ -176,6 +194,7 @@ class GenerationRun:
         codes = to_host(sampler.finish(slots, self.stop_rules, self.cache))
         return _Finishes(slot_list, codes, range(len(slot_list)))
 
+    @_profiled("rollout.decode_step")
     def _launch_step(self, move_slots: bool) -> _Finishes:
         """Queue one decode step over the running sequences (moved down first if `move_slots`, which needs
         nothing in flight) and the copy of its finish flags to the host; returns without waiting for either."""
@@ -212,6 +231,7 @@ class GenerationRun:
             self.running[target], self.running[source] = self.running[source], None
         return list(range(len(active)))
 
+    @_profiled("rollout.retire")
     def _retire_finished(self, finishes: _Finishes) -> bool:
         """Retire the sequences `finishes` reports ended (waiting for its flags) and those a stop string ended;
         returns whether any was retired."""

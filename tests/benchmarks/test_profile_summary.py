@@ -1,0 +1,39 @@
+"""benchmarks/common.py's idle-time attribution: every stretch without a kernel goes to the innermost
+record_function range the host was in, with synthetic profiler events (times in microseconds)."""
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import pytest
+
+COMMON = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "common.py")
+
+
+@pytest.fixture(scope="module")
+def common():
+    spec = importlib.util.spec_from_file_location("benchmark_common", COMMON)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _event(start, end, name="aten::add", annotation=False):
+    return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), name=name,
+                           is_user_annotation=annotation)
+
+
+def test_idle_time_goes_to_the_innermost_range(common):
+    """Invariant: with kernels at [100, 200) and [500, 600) inside a host window [0, 1000): the 100 us before the
+    first kernel lie in no range, the 300 us between them split into rollout.admit (200-300, 400-500) and
+    rollout.retire nested in it (300-400), and the 380 us after the last kernel (620-1000) go to
+    rollout.decode_step; gaps under IDLE_GAP_US (10 us between kernels at 600 and 610) count nowhere."""
+    kernels = [_event(100, 200), _event(500, 600), _event(610, 620)]
+    host = [_event(0, 1000, "aten::empty"), _event(150, 500, "rollout.admit", True),
+            _event(300, 400, "rollout.retire", True), _event(600, 1000, "rollout.decode_step", True)]
+    assert common._idle_by_range(kernels, host) == {"rollout.decode_step": 0.38, "rollout.admit": 0.2,
+                                                    "rollout.retire": 0.1, "outside": 0.1}
+
+
+def test_no_kernels_means_no_idle_time_to_attribute(common):
+    """Invariant: a CPU run (no kernels) reports nothing, not its whole wall time as GPU idle time."""
+    assert common._idle_by_range([], [_event(0, 100, "rollout.admit", True)]) == {}
