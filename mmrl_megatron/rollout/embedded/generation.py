@@ -257,8 +257,9 @@ class GenerationRun:
         lengths = sampler.counters[slots].tolist()
         # only the columns the longest response used: the rows are the cache's length wide (the 3B text
         # benchmark's 256 rows of 512 columns took 34 ms to turn into lists on the CI machine, 16 ms cut to 256)
-        tokens = sampler.tokens[slots, :max(lengths)].tolist()
-        logprobs = sampler.logprobs[slots, :max(lengths)].tolist()
+        width = max(lengths)
+        tokens = sampler.tokens[slots, :width].tolist()
+        logprobs = sampler.logprobs[slots, :width].tolist()
         for row, (slot, reason) in enumerate(finished):
             sequence = self.running[slot]
             self.results.append(RolloutResult(sequence.request_index, sequence.sample_index,
