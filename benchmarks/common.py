@@ -326,6 +326,15 @@ def _top_operators(profiler, top: int) -> Dict[str, float]:
     return {name[:60]: round(seconds, 4) for name, seconds in totals[:top] if seconds > 0}
 
 
+def device_kernels(events) -> list:
+    """The profiled kernels (and copies): the device's events less the GPU-side spans of record_function
+    ranges, which the profiler reports on the device too (a range such as rollout.admit spans the idle time
+    between its kernels, so counting it would hide that time and inflate the busy share)."""
+    from torch.autograd import DeviceType
+
+    return [event for event in events if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
+
+
 def profile_summary(call: Callable[[], object], device: torch.device, top: int = 12) -> Dict[str, object]:
     """Run `call` once under torch.profiler and summarise what a hot path is judged by: wall seconds, kernels
     launched, host synchronisations (stream/device/event waits) and scalar reads (`.item()`, `.tolist()`,
@@ -347,7 +356,7 @@ def profile_summary(call: Callable[[], object], device: torch.device, top: int =
         synchronize(device)
         wall = time.perf_counter() - start
     events = profiler.events()
-    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    kernels = device_kernels(events)
     busy = _busy_seconds([(k.time_range.start / 1e6, k.time_range.end / 1e6) for k in kernels])
     host_events = [event for event in events if event.device_type == DeviceType.CPU]
     device_time: Dict[str, float] = {}

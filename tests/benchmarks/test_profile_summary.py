@@ -1,5 +1,6 @@
-"""benchmarks/common.py's idle-time attribution: every stretch without a kernel goes to the innermost
-record_function range the host was in, with synthetic profiler events (times in microseconds)."""
+"""benchmarks/common.py's profile accounting with synthetic profiler events (times in microseconds): which
+device events are kernels, and the idle-time attribution (every stretch without a kernel goes to the innermost
+record_function range the host was in)."""
 import importlib.util
 import os
 from types import SimpleNamespace
@@ -17,9 +18,21 @@ def common():
     return module
 
 
-def _event(start, end, name="aten::add", annotation=False):
+def _event(start, end, name="aten::add", annotation=False, device_type=None):
     return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), name=name,
-                           is_user_annotation=annotation)
+                           is_user_annotation=annotation, device_type=device_type)
+
+
+def test_a_ranges_device_span_is_not_a_kernel(common):
+    """Invariant: the profiler reports a record_function range on the device as well (GPU user annotations);
+    such a span covers the idle time between its kernels, so only real device work counts as kernels."""
+    from torch.autograd import DeviceType
+
+    kernel = _event(100, 200, "nvjet_gemm", device_type=DeviceType.CUDA)
+    events = [kernel, _event(0, 900, "rollout.admit", True, DeviceType.CUDA),
+              _event(0, 900, "rollout.admit", True, DeviceType.CPU),
+              _event(10, 20, "aten::mm", device_type=DeviceType.CPU)]
+    assert common.device_kernels(events) == [kernel]
 
 
 def test_idle_time_goes_to_the_innermost_range(common):
