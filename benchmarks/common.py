@@ -320,9 +320,10 @@ def scalar_read_sites(call: Callable[[], object], top: int = 5) -> Dict[str, int
 
 def _top_operators(profiler, top: int) -> Dict[str, float]:
     """The operators (aten ops and autograd nodes) whose own kernels took most device time: kernel names
-    such as elementwise_kernel do not say which part of the model launched them."""
-    totals = sorted(((event.key, event.self_device_time_total / 1e6) for event in profiler.key_averages()),
-                    key=lambda item: -item[1])
+    such as elementwise_kernel do not say which part of the model launched them. record_function ranges are
+    not operators: their device-side spans (device_kernels) would rank a range above the work inside it."""
+    totals = sorted(((event.key, event.self_device_time_total / 1e6) for event in profiler.key_averages()
+                     if not event.is_user_annotation), key=lambda item: -item[1])
     return {name[:60]: round(seconds, 4) for name, seconds in totals[:top] if seconds > 0}
 
 

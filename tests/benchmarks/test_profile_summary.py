@@ -35,6 +35,16 @@ def test_a_ranges_device_span_is_not_a_kernel(common):
     assert common.device_kernels(events) == [kernel]
 
 
+def test_a_range_is_not_a_top_operator(common):
+    """Invariant: the operator ranking leaves out record_function ranges (a range's device-side span covered
+    0.59 s of a 0.72 s text call and ranked above the GEMMs inside it)."""
+    averages = [SimpleNamespace(key="rollout.admit", self_device_time_total=590_000, is_user_annotation=True),
+                SimpleNamespace(key="aten::mm", self_device_time_total=460_000, is_user_annotation=False),
+                SimpleNamespace(key="aten::add", self_device_time_total=0, is_user_annotation=False)]
+    profiler = SimpleNamespace(key_averages=lambda: averages)
+    assert common._top_operators(profiler, top=3) == {"aten::mm": 0.46}
+
+
 def test_idle_time_goes_to_the_innermost_range(common):
     """Invariant: with kernels at [100, 200) and [500, 600) inside a host window [0, 1000): the 100 us before the
     first kernel lie in no range, the 300 us between them split into rollout.admit (200-300, 400-500) and
