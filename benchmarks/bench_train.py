@@ -171,17 +171,21 @@ def measure_steps(step: Callable[[], float], clock: PhaseClock, device: torch.de
     state exists by then); `step` returns the mini-batch's mean policy loss, reported for the first step.
     With args.profile_dir one more step runs under torch.profiler: its trace is <name>.json.gz there and
     its operator table is appended to profile.txt."""
-    first_loss = step()
+    def marked_step() -> float:
+        clock.mark("other")  # zeroing gradients, moving batches: whatever precedes the first forward
+        loss = step()
+        clock.stop()
+        return loss
+
+    first_loss = marked_step()
     for _ in range(args.warmup - 1):
-        step()
+        marked_step()
     synchronize(device)
     clock.reset()
     with PeakMemory(device) as memory:
         start = time.perf_counter()
         for _ in range(args.repeats):
-            clock.mark("other")  # zeroing gradients, moving batches: whatever precedes the first forward
-            step()
-        clock.stop()
+            marked_step()
         synchronize(device)
         seconds = (time.perf_counter() - start) / args.repeats
     phases = {f"{phase}_s": total / args.repeats for phase, total in clock.seconds_per_phase().items()}
@@ -189,7 +193,7 @@ def measure_steps(step: Callable[[], float], clock: PhaseClock, device: torch.de
                    **phases)
     print(f"bench_train: {name}: {json.dumps(figures)}", file=sys.stderr, flush=True)  # kept if a later part fails
     if args.profile_dir:
-        profile_one_step(step, device, args.profile_dir, name)
+        profile_one_step(marked_step, device, args.profile_dir, name)
     return figures
 
 

@@ -69,11 +69,18 @@ class PhaseClock:
     synchronise, so the timed work runs as it would untimed), perf_counter on the CPU.
 
     mark(phase) opens a phase and closes the previous one; stop() closes the last. Phases named more
-    than once accumulate (e.g. the forward of every micro-batch)."""
+    than once accumulate (e.g. the forward of every micro-batch). Each phase is also a record_function range
+    (`phase.<name>`), so a profile_summary of the timed work splits its idle time by phase."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._marks: List[Tuple[Optional[str], object]] = []
+        self._range: Optional[torch.profiler.record_function] = None
+
+    def _close_range(self) -> None:
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
 
     def _now(self):
         if self.device.type == "cuda":
@@ -88,9 +95,13 @@ class PhaseClock:
         return end - start
 
     def mark(self, phase: str) -> None:
+        self._close_range()
+        self._range = torch.profiler.record_function(f"phase.{phase}")
+        self._range.__enter__()
         self._marks.append((phase, self._now()))
 
     def stop(self) -> None:
+        self._close_range()
         self._marks.append((None, self._now()))
 
     def reset(self) -> None:

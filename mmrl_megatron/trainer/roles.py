@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .batch import MicroBatch
-from .optim import clipped_step, current_lr
+from .optim import current_lr, queue_clipped_step
 
 # loss_fn(model_output, micro_batch) -> (scalar loss normalised to the whole mini-batch, {stat: (sum, count)}),
 # the statistics as device tensors (or floats); plus any per-token [B, L] outputs named in train_step's keep
@@ -143,7 +143,7 @@ class ModelRole:
         lr_override (the supervised warm-up) steps at that learning rate without advancing the schedule.
         keep: names of per-token [B, L] outputs the loss returns among its statistics (the on-policy update's
         own log-probs), stored as sample.tensors[name] like score's.
-        A non-finite loss on any rank (checked across all ranks before the step) skips the step: stepped=False."""
+        A non-finite loss on any rank (checked across all ranks on the device) skips the step: stepped=False."""
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -152,23 +152,31 @@ class ModelRole:
         def output_fn(output, micro_batch, count):
             loss, stats = loss_fn(output, micro_batch)
             # the schedule divides by the number of micro-batches; our losses are already mini-batch normalised
-            return loss * count, dict(stats, _finite=(torch.isfinite(loss.detach()).float(), 1.0))
+            return loss * count, dict(stats, _finite=torch.isfinite(loss.detach()).float())
 
         results = self._schedule(micro_batches, output_fn, forward_only=False)
+        if lr_override is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_override
+        # the step is queued before anything is read back, so the host prepares it while the GPU finishes
+        # the backward; a non-finite loss on any rank makes it a no-op on every rank
+        read_step = queue_clipped_step(self.optimizer, grad_clip, self._all_finite(results))
         self._store_per_token(results, micro_batches, keep)
         stats = self._read_stats(results)
         stats.update(self._routing_stats)
         self._routing_stats = {}
-        finite_here = stats.pop("_finite", (1.0, 1.0))
-        nonfinite = torch.tensor([float(finite_here[0] < finite_here[1])], device=self.device)
-        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-        if nonfinite.item() > 0:
-            return stats, float("nan"), False
-        if lr_override is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_override
-        stepped, grad_norm = clipped_step(self.optimizer, self.scheduler if lr_override is None else None, grad_clip)
+        stepped, grad_norm = read_step()
+        if stepped and lr_override is None and self.scheduler is not None:
+            self.scheduler.step(1)
         return stats, grad_norm, stepped
+
+    def _all_finite(self, results: List[Dict]) -> torch.Tensor:
+        """1.0 (a 0-d device tensor, not read) when every micro-batch's loss on every rank is finite; the
+        finite flags leave the results (pipeline fillers and stages without outputs have none)."""
+        flags = [item.pop("_finite") for item in results if "_finite" in item]
+        finite = torch.stack(flags).min() if flags else torch.ones((), device=self.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return finite
 
     def _read_stats(self, results: List[Dict]) -> Dict[str, Tuple[float, float]]:
         """Sum each statistic's (sum, count) over the micro-batches on the device, then read all of them

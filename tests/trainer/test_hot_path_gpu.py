@@ -37,7 +37,7 @@ def _micro_batch(config):
 def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch):
     """Invariant (issue 15, acceptance 5): no host synchronisation inside the layers, the log-probs or the
     loss, in a scoring forward or an update micro-batch (bf16, packed, with images); every layer of the
-    language model and the tower ropes its query and key through the compiled fused RoPE (fused_rope.py)."""
+    language model and the tower ropes its query and key through the fused RoPE (fused_rope.py)."""
     from megatron.core.models.common.embeddings import rope_utils
 
     from mmrl_megatron.models.common import fused_rope
@@ -64,7 +64,7 @@ def test_scoring_and_update_micro_batch_do_not_synchronise(tmp_path, monkeypatch
 
         def counted_rope(t, freqs, **kwargs):
             rope_calls.append(t.shape)
-            return fused_rope.compiled_rotary_pos_emb(t, freqs, **kwargs)
+            return fused_rope.fused_rotary_pos_emb(t, freqs, **kwargs)
 
         monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", counted_rope)
         load_hf_into_model(model, hf_dir, conversion_table(model), dims)

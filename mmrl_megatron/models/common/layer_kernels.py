@@ -1,5 +1,5 @@
-"""Triton kernels for two elementwise steps of the engine's layers: the rotary embedding of queries and keys,
-and SwiGLU.
+"""Triton kernels for two elementwise steps of the engine's layers, the rotary embedding of queries and keys
+and SwiGLU, and for the trainer's rotary embedding (megatron-core's angles in, forward and backward).
 
 torch.compile fuses each into one kernel too (decode_layer.fused), but compiled for dynamic shapes it reads
 the projections' strided outputs without vector loads, and the rotary embedding wrote its outputs in the
@@ -55,6 +55,40 @@ def _rotary_kernel(query, key, cos, sin, query_out, key_out, query_stride_t, que
                   cos_first, cos_second, sin_first, sin_second, BLOCK_H)
     _rotate_heads(key, key_out, token, key_stride_t, key_stride_h, key_heads, half, columns, inside,
                   cos_first, cos_second, sin_first, sin_second, BLOCK_H)
+
+
+@triton.jit
+def _angle_rotary_kernel(source, target, angles, stride_t, stride_h, angle_stride_t, heads, half,
+                         TRANSPOSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Program t: token t's heads rotated by its row of angles (cos and sin taken here, in fp32). TRANSPOSE
+    applies the rotation's transpose, which is its backward: x1 * cos1 + x2 * sin2, x2 * cos2 - x1 * sin1 for
+    the halves x1, x2 (the rotation by the negated angles when both halves hold the same angles, as RoPE's do)."""
+    token = tl.program_id(0).to(tl.int64)
+    columns = tl.arange(0, BLOCK_HALF)
+    inside = columns < half
+    first = tl.load(angles + token * angle_stride_t + columns, mask=inside, other=0.0).to(tl.float32)
+    second = tl.load(angles + token * angle_stride_t + half + columns, mask=inside, other=0.0).to(tl.float32)
+    sin_first, sin_second = tl.sin(first), tl.sin(second)
+    if TRANSPOSE:
+        sin_first, sin_second = -sin_second, -sin_first
+    _rotate_heads(source, target, token, stride_t, stride_h, heads, half, columns, inside, tl.cos(first),
+                  tl.cos(second), sin_first, sin_second, BLOCK_H)
+
+
+def rotate_by_angles(x: torch.Tensor, angles: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """x [T, heads, D] (any token and head strides, unit column stride) rotated by angles [T, D] as
+    megatron-core's unfused RoPE does (x * cos + rotate_half(x) * sin) -> a contiguous tensor of x's shape and
+    dtype; transpose: the rotation's transpose (the backward of the rotation)."""
+    tokens, heads, width = x.shape
+    x, angles = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, angles))
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if tokens:
+        # one warp per token: on an H200 at 4,096 tokens the 16 x 128 query took 15.0 us with one warp, 18.2
+        # with two, 35.0 with four (a copy of it 13.7 us); the 2 x 128 key 8.0 / 7.8 / 9.6
+        _angle_rotary_kernel[(tokens,)](
+            x, out, angles, x.stride(0), x.stride(1), angles.stride(0), heads, width // 2, TRANSPOSE=transpose,
+            BLOCK_H=triton.next_power_of_2(heads), BLOCK_HALF=triton.next_power_of_2(width // 2), num_warps=1)
+    return out
 
 
 def rotate_query_key(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,

@@ -16,12 +16,14 @@ def recompute_settings(recompute: str) -> dict:
                 recompute_num_layers=1 if recompute == "full" else None)
 
 
-def dense_settings(model_config, tensor_parallel: int, fused: bool) -> dict:
+def dense_settings(model_config, tensor_parallel: int, fused: bool, linear_bias: bool) -> dict:
     """Settings shared by a dense language model and its vision tower, split over `tensor_parallel` ranks;
-    `fused`: Transformer Engine on a GPU."""
+    `fused`: Transformer Engine on a GPU; `linear_bias`: the linear layers have biases (add_bias_linear)."""
     dtype = DTYPES[model_config.dtype]
     # megatron-core's SwiGLU and bias-dropout-add fusions are torch.compile'd: one kernel each way instead of
     # an eager chain, and the SwiGLU keeps only its input for backward. On GPUs only (Triton compiles them).
+    # Without a bias (and with no dropout) the residual sum is one add either way, and the compiled call only
+    # adds its guard checks to the host's work in every layer.
     compiled = torch.cuda.is_available()
     if compiled:
         allow_compiled_variants()
@@ -30,5 +32,6 @@ def dense_settings(model_config, tensor_parallel: int, fused: bool) -> dict:
         bf16=dtype == torch.bfloat16, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not torch.cuda.is_available(),
         bias_activation_fusion=compiled, masked_softmax_fusion=fused, persist_layer_norm=fused,
-        bias_dropout_fusion=compiled, apply_rope_fusion=fused_rope_available(), gradient_accumulation_fusion=False,
+        add_bias_linear=linear_bias, bias_dropout_fusion=compiled and linear_bias,
+        apply_rope_fusion=fused_rope_available(), gradient_accumulation_fusion=False,
         **recompute_settings(model_config.recompute))

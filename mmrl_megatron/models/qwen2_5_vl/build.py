@@ -22,9 +22,9 @@ def language_config(shape: Qwen25VLShape, model_config, dims: ParallelDims, fuse
     return TransformerConfig(
         num_layers=text.num_layers, hidden_size=text.hidden_size, ffn_hidden_size=text.intermediate_size,
         num_attention_heads=text.num_heads, num_query_groups=text.num_kv_heads, kv_channels=text.head_dim,
-        layernorm_epsilon=text.rms_norm_eps, add_bias_linear=False, add_qkv_bias=True,
+        layernorm_epsilon=text.rms_norm_eps, add_qkv_bias=True,
         mrope_section=text.mrope_section, pipeline_model_parallel_size=dims.pipeline,
-        **dense_settings(model_config, dims.tensor, fused))
+        **dense_settings(model_config, dims.tensor, fused, linear_bias=False))
 
 
 def vision_config(shape: Qwen25VLShape, model_config, dims: ParallelDims, fused: bool) -> TransformerConfig:
@@ -33,8 +33,8 @@ def vision_config(shape: Qwen25VLShape, model_config, dims: ParallelDims, fused:
     return TransformerConfig(
         num_layers=vision.depth, hidden_size=vision.hidden_size, ffn_hidden_size=vision.intermediate_size,
         num_attention_heads=vision.num_heads, num_query_groups=vision.num_heads, kv_channels=vision.head_dim,
-        layernorm_epsilon=1e-6, add_bias_linear=True, add_qkv_bias=True, pipeline_model_parallel_size=1,
-        **dense_settings(model_config, dims.tensor, fused))
+        layernorm_epsilon=1e-6, add_qkv_bias=True, pipeline_model_parallel_size=1,
+        **dense_settings(model_config, dims.tensor, fused, linear_bias=True))
 
 
 def _encode(modules, pixel_values, image_grid_thw, pads):

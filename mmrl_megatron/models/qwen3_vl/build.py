@@ -32,21 +32,21 @@ def language_config(geometry: Qwen3VLGeometry, model_config, dims: ParallelDims,
     return TransformerConfig(
         num_layers=text.num_layers, hidden_size=text.hidden_size, ffn_hidden_size=text.intermediate_size,
         num_attention_heads=text.num_heads, num_query_groups=text.num_kv_heads, kv_channels=text.head_dim,
-        layernorm_epsilon=text.rms_norm_eps, add_bias_linear=False, add_qkv_bias=False, qk_layernorm=True,
+        layernorm_epsilon=text.rms_norm_eps, add_qkv_bias=False, qk_layernorm=True,
         mrope_section=list(text.mrope_section), pipeline_model_parallel_size=dims.pipeline,
-        **dense_settings(model_config, dims.tensor, fused))
+        **dense_settings(model_config, dims.tensor, fused, linear_bias=False))
 
 
 def vision_config(geometry: Qwen3VLGeometry, model_config, dims: ParallelDims, fused: bool) -> TransformerConfig:
     """The tower lives whole on the first pipeline stage, so it sees a pipeline size of 1."""
     vision = geometry.vision
-    settings = dict(dense_settings(model_config, dims.tensor, fused), normalization="LayerNorm",
+    settings = dict(dense_settings(model_config, dims.tensor, fused, linear_bias=True), normalization="LayerNorm",
                     gated_linear_unit=False, activation_func=VISION_ACTIVATIONS[vision.hidden_act],
                     bias_activation_fusion=False)
     return TransformerConfig(
         num_layers=vision.depth, hidden_size=vision.hidden_size, ffn_hidden_size=vision.intermediate_size,
         num_attention_heads=vision.num_heads, num_query_groups=vision.num_heads, kv_channels=vision.head_dim,
-        layernorm_epsilon=1e-6, add_bias_linear=True, add_qkv_bias=True, pipeline_model_parallel_size=1,
+        layernorm_epsilon=1e-6, add_qkv_bias=True, pipeline_model_parallel_size=1,
         **settings)
 
 
