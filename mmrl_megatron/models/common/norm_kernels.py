@@ -4,9 +4,9 @@ read of the input and the output's gradient.
 torch's CUDA backward of F.rms_norm reads both twice, once for the input's gradient and once more for the
 weight's (on an H200, 4,096 x 2,048 in bf16: 37.5 us + 19.9 us per call in a profiled 3B update step, 17 ms of
 it). Here each program walks a block of rows, writes their input gradients and keeps its share of the
-weight gradient in registers; one small sum over the programs finishes it (the kernel 19.7 us, the sum 10.6).
-The forward stays torch's fused kernel. Forward + backward on the same GPU: 61.5 -> 56.2 us at 4,096 x 2,048,
-214 -> 175 us at 16,384 x 2,048, equal (98.3 / 97.9 us) at 4,096 x 3,584. Computes in fp32 and rounds once, as torch's kernels do. Runs on CUDA
+weight gradient in registers; one small sum over the programs finishes it (at 4,096 x 2,048 the kernel 19.7 us,
+the sum 10.6). The forward stays torch's fused kernel. Forward + backward on the same GPU: 61 -> 56 us at
+4,096 x 2,048, 212 -> 174 us at 16,384 x 2,048, 98 -> 86 us at 4,096 x 3,584, 233 -> 188 us at 4,096 x 8,192. Computes in fp32 and rounds once, as torch's kernels do. Runs on CUDA
 tensors, and under TRITON_INTERPRET=1 on CPU tensors (the tests).
 """
 from typing import Tuple
@@ -15,7 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-PROGRAMS_PER_SM = 4  # enough rows in flight per multiprocessor to hide the loads' latency
+# Programs per multiprocessor: enough rows in flight to hide the loads' latency, few enough that the weight's
+# partial sums (programs x columns in fp32) stay small. Forward + backward on an H200, bf16, 1 / 2 / 4 / 8 per
+# SM (torch's): 4,096 x 2,048 79.2 / 61.8 / 55.6 / 54.3 us (60.9); 16,384 x 2,048 282 / 208 / 174 / 170 (212);
+# 4,096 x 3,584 107 / 86.4 / 97.2 / 93.7 (97.6); 4,096 x 8,192 188 / 195 / 208 / 210 (233).
+PARTIAL_COLUMNS_PER_SM = 8192
 
 
 @triton.jit
@@ -42,9 +46,9 @@ def _rms_norm_backward_kernel(x, grad, weight, grad_x, weight_partials, rows, co
     tl.store(weight_partials + program * columns + cells, weight_sum, mask=inside)
 
 
-def _programs(rows: int, device: torch.device) -> int:
+def _programs(rows: int, columns: int, device: torch.device) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(rows, PROGRAMS_PER_SM * sms))
+    return max(1, min(rows, max(1, PARTIAL_COLUMNS_PER_SM // columns) * sms))
 
 
 def rms_norm_backward(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor,
@@ -56,7 +60,7 @@ def rms_norm_backward(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor,
     x_rows, grad_rows = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_rows, grad_rows))
     rows = x_rows.shape[0]
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    programs = _programs(rows, x.device)
+    programs = _programs(rows, columns, x.device)
     partials = torch.empty(programs, columns, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(columns)
     _rms_norm_backward_kernel[(programs,)](
