@@ -31,6 +31,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from ..parallel.memory_plan import rollout_offload
+from .optim import optimizer_parts
 
 MAX_BLOCK_BYTES = 1 << 30
 
@@ -145,11 +146,6 @@ def _synchronize(storages) -> None:
         torch.cuda.synchronize()
 
 
-def _optimizer_parts(optimizer):
-    """megatron optimizers: a ChainedOptimizer (dense + experts, or several chunks) or a single one."""
-    return getattr(optimizer, "chained_optimizers", [optimizer])
-
-
 def model_parameters(chunks) -> List[torch.nn.Parameter]:
     return [parameter for chunk in chunks for parameter in chunk.parameters()]
 
@@ -165,7 +161,7 @@ def optimizer_state_tensors(optimizer) -> List[torch.Tensor]:
     model; for an fp32 model the model's own parameters, which optimizer_state_storages leaves out) and
     every tensor of their per-parameter state (Adam: exp_avg, exp_avg_sq, step)."""
     tensors = []
-    for part in _optimizer_parts(optimizer):
+    for part in optimizer_parts(optimizer):
         inner = getattr(part, "optimizer", None)
         if inner is None:  # a stub optimizer for a rank without parameters of this kind
             continue

@@ -35,11 +35,15 @@ def distributed_optimizer_allowed(config: OptimizerConfig, device: torch.device)
     return config.use_distributed_optimizer and device.type == "cuda"
 
 
+def optimizer_parts(optimizer) -> list:
+    """megatron optimizers: a ChainedOptimizer's parts (dense + experts, or several chunks) or the single one."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
 def _inner_optimizers(optimizer) -> list:
-    """The torch optimizers inside a megatron optimizer (a ChainedOptimizer's parts for MoE models); ranks
-    that own no parameters of a part hold none for it."""
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [part.optimizer for part in parts if getattr(part, "optimizer", None) is not None]
+    """The torch optimizers inside a megatron optimizer; ranks that own no parameters of a part hold none
+    for it."""
+    return [part.optimizer for part in optimizer_parts(optimizer) if getattr(part, "optimizer", None) is not None]
 
 
 def _use_fused_adam(optimizer) -> None:
@@ -78,7 +82,7 @@ def build_optimizer(model_chunks, config: OptimizerConfig, total_steps: int, bf1
 
 def _stepped_parameters(optimizer) -> List[torch.nn.Parameter]:
     """Every parameter a megatron optimizer steps; MoE models get a ChainedOptimizer (dense + experts)."""
-    return [p for part in getattr(optimizer, "chained_optimizers", [optimizer]) for p in part.get_parameters()]
+    return [p for part in optimizer_parts(optimizer) for p in part.get_parameters()]
 
 
 def _grad_norm_on_device(optimizer, device: torch.device) -> torch.Tensor:
@@ -86,7 +90,7 @@ def _grad_norm_on_device(optimizer, device: torch.device) -> torch.Tensor:
     arithmetic (squared norms summed over each part's grad-stats group: the model-parallel ranks, and the
     data-parallel ones under the distributed optimizer), without its read to the host."""
     squares = torch.zeros((), dtype=torch.float32, device=device)
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for part in optimizer_parts(optimizer):
         grads = part.get_main_grads_for_grad_norm()
         part_squares = (torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads
                         else torch.zeros((), dtype=torch.float32, device=device))
