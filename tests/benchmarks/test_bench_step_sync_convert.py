@@ -25,7 +25,7 @@ def test_step_reports_every_phase_and_the_throughput_they_add_up_to(runs):
     assert [row["step"] for row in steps] == [1, 2]
     phases = ("generate_and_reward_s", "logprob_s", "update_s", "weight_sync_s")
     assert all(summary[phase] > 0 for phase in phases + ("step_s",))
-    for row in steps:  # the summary rounds to 0.01 s, so add up each step's own (unrounded) phases
+    for row in steps:  # the summary rounds to 0.1 ms, so add up each step's own (unrounded) phases
         assert sum(row[f"time/{phase}"] for phase in phases) <= row["time/step_s"] * 1.01
     # the steady state is step 2 alone: its tokens over its time
     assert summary["tokens_per_s_per_gpu"] == pytest.approx(steps[1]["throughput/tokens_per_s_per_gpu"], rel=1e-3)
