@@ -10,8 +10,11 @@ on both sides; its log-probs never materialise fp32 full-vocabulary logits). Wor
             2 x 2048 tokens (the trainer's split_by_token_budget); HF takes them 2 at a time padded to the
             longer, as HF users train (a fixed batch size chosen for the longest case)
 Ours is the trainer's actor update: trainer/build.py build_role (megatron-core DDP with fp32 gradient
-buffers, megatron-core's optimizer with fp32 main weights, which without apex/TE steps torch.optim.AdamW
-(foreach)) and ModelRole.train_step (megatron-core's schedule). HF: bf16 weights and torch fused AdamW,
+buffers, megatron-core's optimizer with fp32 main weights, which without apex/TE steps torch's fused AdamW)
+and ModelRole.train_step (megatron-core's schedule). With --cuda-graphs (a GPU) the fixed workload runs
+with actor.cuda_graphs, as a fixed-length training run can: its micro-batches repeat their shapes, so they
+replay as CUDA graphs (trainer/update_graphs.py). The variable workload always runs eagerly: it stands for
+RL rollouts, whose lengths do not repeat between steps. HF: bf16 weights and torch fused AdamW,
 clip_grad_norm_, use_cache=False. Both: lr 1e-6, weight decay 0.01, gradient clip 1.0, no recompute, no
 Transformer Engine, bf16 on a GPU (fp32 on the CPU). Our model's vision tower is shrunk to one tiny
 frozen block (the workload is text; the actor class always carries a tower).
@@ -214,8 +217,9 @@ def profile_one_step(step: Callable[[], float], device: torch.device, profile_di
 
 
 # -- ours: the trainer's actor update ----------------------------------------------------------------------
-def build_our_actor(config: dict, dtype: str, device: torch.device, dims):
-    """(ModelRole as the trainer builds the actor, its weights under HF names on the CPU)."""
+def build_our_actor(config: dict, dtype: str, device: torch.device, dims, cuda_graphs: bool = False):
+    """(ModelRole as the trainer builds the actor, with actor.cuda_graphs as given; its weights under HF
+    names on the CPU)."""
     from mmrl_megatron.config.schema import Config, ModelConfig, OptimizerConfig
     from mmrl_megatron.convert import iter_hf_tensors
     from mmrl_megatron.models import build_model
@@ -228,7 +232,8 @@ def build_our_actor(config: dict, dtype: str, device: torch.device, dims):
                if not name.startswith("visual.")}
     run_config = Config(model=model_config)
     run_config.actor.optim = OptimizerConfig(lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
-    return build_role("actor", model, run_config, device, dims, run_config.actor.optim), weights
+    role = build_role("actor", model, run_config, device, dims, run_config.actor.optim, cuda_graphs=cuda_graphs)
+    return role, weights
 
 
 def mark_our_phases(role, clock: PhaseClock) -> None:
@@ -255,7 +260,8 @@ def time_ours(config: dict, dtype: str, workloads: List[Workload], vocab_size: i
     from mmrl_megatron.trainer.batch import build_micro_batches
 
     baseline = allocated_bytes(device)
-    role, weights = build_our_actor(config, dtype, device, dims)
+    cuda_graphs = args.cuda_graphs and device.type == "cuda"
+    role, weights = build_our_actor(config, dtype, device, dims, cuda_graphs)
     clock = PhaseClock(device)
     mark_our_phases(role, clock)
     results = {}
@@ -263,9 +269,13 @@ def time_ours(config: dict, dtype: str, workloads: List[Workload], vocab_size: i
         samples = make_samples(workload.lengths, vocab_size, token_limit)
         micro_batches = build_micro_batches(samples, workload.token_budget, pack_sequences)
         loss_fn = marked_actor_loss(samples, clock, dims.tensor_group)
+        # the fixed workload's shapes repeat, as fixed-length training's do; the variable one stands for RL
+        # rollouts, whose lengths do not repeat from step to step, so it runs eagerly
+        loss_key = workload.name if cuda_graphs and workload.name == "fixed" else None
+        replays_before = role.graphs.replays if cuda_graphs else 0
 
         def step() -> float:
-            stats, _, stepped = role.train_step(micro_batches, loss_fn, GRAD_CLIP)
+            stats, _, stepped = role.train_step(micro_batches, loss_fn, GRAD_CLIP, loss_key=loss_key)
             if not stepped:
                 raise RuntimeError(f"{workload.name}: our update was skipped (non-finite loss or gradient norm)")
             total, count = stats["loss/policy"]
@@ -273,7 +283,8 @@ def time_ours(config: dict, dtype: str, workloads: List[Workload], vocab_size: i
 
         results[workload.name] = dict(measure_steps(step, clock, device, args, baseline, f"ours_{workload.name}"),
                                       micro_batches=len(micro_batches),
-                                      tokens_per_step=sum(mb.num_tokens for mb in micro_batches))
+                                      tokens_per_step=sum(mb.num_tokens for mb in micro_batches),
+                                      graph_replays=(role.graphs.replays if cuda_graphs else 0) - replays_before)
     return results, weights
 
 
@@ -347,6 +358,7 @@ def workload_row(workload: Workload, ours: Dict, hf: Dict, flops: float, peak_fl
         row[f"{side}_first_loss"] = figures["first_loss"]
         for key in ("step_s", "peak_gib", "forward_s", "backward_s", "optimizer_s", "other_s"):
             row[f"{side}_{key}"] = round(figures.get(key, 0.0), 4)
+    row["ours_graph_replays"] = ours["graph_replays"]
     row["speedup"] = round(row["ours_tokens_per_s"] / row["hf_tokens_per_s"], 3)
     return row
 
@@ -354,14 +366,16 @@ def workload_row(workload: Workload, ours: Dict, hf: Dict, flops: float, peak_fl
 def results_row(row: Dict, argv: Optional[List[str]]) -> str:
     def figures(side: str) -> str:
         return (f"{row[f'{side}_tokens_per_s']} tok/s, MFU {100 * row[f'{side}_mfu']:.1f}%, "
-                f"{row[f'{side}_peak_gib']:.1f} GiB (fwd/bwd/opt {row[f'{side}_forward_s']:.3f}/"
-                f"{row[f'{side}_backward_s']:.3f}/{row[f'{side}_optimizer_s']:.3f} s)")
+                f"{row[f'{side}_peak_gib']:.1f} GiB (fwd/bwd/opt/other {row[f'{side}_forward_s']:.3f}/"
+                f"{row[f'{side}_backward_s']:.3f}/{row[f'{side}_optimizer_s']:.3f}/{row[f'{side}_other_s']:.3f} s)")
+
+    graphs = f" (CUDA graphs, {row['ours_graph_replays']} micro-batch replays)" if row["ours_graph_replays"] else ""
 
     return markdown_row([
         utc_date(), row["device"],
         f"actor update {row['workload']} ({row['shape']}, {row['dtype']}, {row['tokens_per_step']} tokens/step, "
         f"peak {row['matmul_peak_tflops']} TFLOP/s)",
-        f"ours: {figures('ours')}", f"HF sdpa: {figures('hf')}",
+        f"ours{graphs}: {figures('ours')}", f"HF sdpa: {figures('hf')}",
         f"{row['speedup']}x (target {row['target_speedup']}x)", f"`{command_line('bench_train.py', argv)}`"])
 
 
@@ -377,6 +391,9 @@ def parse_args(argv: Optional[List[str]]):
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per side and workload")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="default: bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="our fixed workload with actor.cuda_graphs (on a GPU): its micro-batches replay as "
+                             "CUDA graphs, forward and backward then count as one phase, other_s")
     parser.add_argument("--profile-dir", default=None,
                         help="also profile one step per side and workload: Chrome traces <side>_<workload>.json.gz "
                              "and the operator tables (by own device time) in profile.txt, here")

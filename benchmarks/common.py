@@ -95,6 +95,8 @@ class PhaseClock:
         return end - start
 
     def mark(self, phase: str) -> None:
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return  # a CUDA-graph capture records work without running it: nothing to time
         self._close_range()
         self._range = torch.profiler.record_function(f"phase.{phase}")
         self._range.__enter__()

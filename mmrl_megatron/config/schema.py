@@ -192,6 +192,11 @@ class ActorConfig:
     mini_batches_per_step: int = 1  # optimizer steps per RL step
     ppo_epochs: int = 1
     offload_reference: bool = False
+    # replay update micro-batches whose shapes repeat as CUDA graphs (trainer/update_graphs.py), skipping the
+    # host's work per layer: for fixed-length sequences (RL lengths rarely repeat). Needs the model on one GPU
+    # (data parallelism only), a dense model, no recompute; text micro-batches only. Not yet run on a GPU
+    # (docs/architecture.md)
+    cuda_graphs: bool = False
 
 
 @dataclass

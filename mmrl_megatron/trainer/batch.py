@@ -9,7 +9,7 @@ its loss_mask keeps them out of the loss, the KL and the advantages (they are 0 
 lets their image pads take images.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -105,6 +105,9 @@ class MicroBatch:
     # [1, T] True on the tokens the model was given (prompt, environment turns): the only ones images may occupy
     prompt_mask: torch.Tensor
     output_rows: Optional[torch.Tensor] = None  # [R] packed positions sent to the output layer; None: all T
+    # stacked()'s results by name, with the sample tensors each was stacked from
+    stacked_tensors: Dict[str, Tuple[Tuple[torch.Tensor, ...], torch.Tensor]] = field(default_factory=dict,
+                                                                                      repr=False)
 
     def to(self, device: torch.device) -> "MicroBatch":
         """Move the model inputs; image_grid_thw stays on the host, where the vision tower reads its shape."""
@@ -122,8 +125,15 @@ class MicroBatch:
         return packed.reshape(-1)[self.response_index] * self.mask
 
     def stacked(self, name: str) -> torch.Tensor:
-        """The samples' response tensor `name` as [B, L] on the mask's device."""
-        return to_device(pad_responses([s.tensors[name] for s in self.samples], self.mask.shape[1]), self.mask.device)
+        """The samples' response tensor `name` as [B, L] on the mask's device, built once while the samples
+        hold the same tensors (a CUDA-graph replay copies it into the captured micro-batch's)."""
+        sources = tuple(s.tensors[name] for s in self.samples)
+        cached = self.stacked_tensors.get(name)
+        if (cached is None or cached[1].device != self.mask.device
+                or any(a is not b for a, b in zip(cached[0], sources))):
+            cached = sources, to_device(pad_responses(sources, self.mask.shape[1]), self.mask.device)
+            self.stacked_tensors[name] = cached
+        return cached[1]
 
     @property
     def num_tokens(self) -> int:

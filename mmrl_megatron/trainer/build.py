@@ -73,12 +73,32 @@ def load_model(config: Config, hf_config, role: str, device: torch.device, dims:
     return model
 
 
+def check_cuda_graphs(transformer_config, config: Config, device: torch.device, dims: ParallelDims) -> None:
+    """actor.cuda_graphs captures a micro-batch's whole forward + backward on one GPU: refuse layouts and
+    models where that is not the whole of it."""
+    from ..config import ConfigError
+
+    problems = [problem for problem, present in (
+        ("a CUDA device", device.type != "cuda"),
+        # megatron-core's schedule scales the loss by the context-parallel size, and tensor-parallel layers
+        # communicate inside the forward: the graph covers a model held whole by one GPU
+        ("the model on one GPU (parallel.tensor, pipeline and context 1; data parallelism is fine)",
+         dims.tensor * dims.pipeline * dims.layout.context > 1),
+        ("a dense model (MoE routing reads token counts on the host)", bool(transformer_config.num_moe_experts)),
+        ("model.recompute=none", config.model.recompute != "none")) if present]
+    if problems:
+        raise ConfigError(f"actor.cuda_graphs=true needs {', '.join(problems)}; set actor.cuda_graphs=false")
+
+
 def build_role(name: str, model, config: Config, device: torch.device, dims: ParallelDims, optim_config=None,
-               offload: bool = False) -> ModelRole:
-    """Frozen when optim_config is None; otherwise DDP-wrapped with megatron-core's optimizer and schedule."""
+               offload: bool = False, cuda_graphs: bool = False) -> ModelRole:
+    """Frozen when optim_config is None; otherwise DDP-wrapped with megatron-core's optimizer and schedule
+    (and with cuda_graphs, update micro-batches whose shapes repeat replay as CUDA graphs)."""
     from megatron.core.utils import get_model_config
 
     transformer_config = get_model_config(model)
+    if cuda_graphs:
+        check_cuda_graphs(transformer_config, config, device, dims)
     transformer_config.variable_seq_lengths = True  # packed micro-batches differ in length between pipeline stages
     if optim_config is None:
         for parameter in model.parameters():
@@ -88,7 +108,7 @@ def build_role(name: str, model, config: Config, device: torch.device, dims: Par
                                     optim_config.use_distributed_optimizer and device.type == "cuda")
     optimizer, scheduler = build_optimizer(chunks, optim_config, _total_optimizer_steps(config),
                                            config.model.dtype == "bfloat16", device)
-    return ModelRole(name, chunks, device, dims, optimizer, scheduler)
+    return ModelRole(name, chunks, device, dims, optimizer, scheduler, cuda_graphs=cuda_graphs)
 
 
 def _unwrapped(chunks):
@@ -141,7 +161,7 @@ def build_trainer(config: Config, dims: ParallelDims, device: torch.device) -> T
     hf_config = read_hf_config(config.model.hf_path)
 
     actor = build_role("actor", load_model(config, hf_config, "actor", device, dims), config, device, dims,
-                       config.actor.optim)
+                       config.actor.optim, cuda_graphs=config.actor.cuda_graphs)
     reference = None
     if algorithm.kl_coef > 0:
         reference = build_role("reference", load_model(config, hf_config, "actor", device, dims), config, device,

@@ -158,7 +158,8 @@ class Trainer:
                     micro_batches,
                     lambda output, mb: losses.actor_loss(output, mb, self.algorithm, temperature, normaliser,
                                                          tensor_group),
-                    self.config.actor.optim.grad_clip, keep=("old_logprobs",) if on_policy else ())
+                    self.config.actor.optim.grad_clip, keep=("old_logprobs",) if on_policy else (),
+                    loss_key=(normaliser.tokens, normaliser.sequences))
                 self.count_nonfinite(stepped, step)
                 add_stats(stats, actor_stats)
                 add_stats(stats, {"actor/grad_norm": (grad_norm, 1.0)} if stepped else {})

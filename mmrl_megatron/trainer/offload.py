@@ -230,6 +230,8 @@ class RoleOffload:
             part = self._parts[kind]
             if not wanted[kind] or part.offloaded:
                 continue
+            if kind != "optimizer states" and role.graphs is not None:
+                role.graphs.clear()  # the storages come back at new addresses, which no captured graph knows
             if kind == "optimizer states":
                 offload_optimizer_states(role.optimizer, role.chunks, role.device, into=part)
             elif kind == "gradients":

@@ -5,13 +5,14 @@ With expert parallelism the MoE layers exchange tokens between data-parallel ran
 so every data-parallel rank runs as many micro-batches as the busiest one: a rank with fewer repeats its
 last micro-batch as a filler whose loss and scores are discarded (zero gradient; its tokens do count in
 the MoE routing metrics)."""
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .batch import MicroBatch
 from .optim import current_lr, queue_clipped_step
+from .update_graphs import UpdateGraphs
 
 # loss_fn(model_output, micro_batch) -> (scalar loss normalised to the whole mini-batch, {stat: (sum, count)}),
 # the statistics as device tensors (or floats); plus any per-token [B, L] outputs named in train_step's keep
@@ -40,9 +41,12 @@ class ModelRole:
     the parallel.ParallelDims they were built under."""
 
     def __init__(self, name: str, chunks: List[torch.nn.Module], device: torch.device, dims, optimizer=None,
-                 scheduler=None, offload_between_uses: bool = False):
+                 scheduler=None, offload_between_uses: bool = False, cuda_graphs: bool = False):
         self.name, self.chunks, self.device, self.dims = name, chunks, device, dims
         self.optimizer, self.scheduler = optimizer, scheduler
+        # update micro-batches whose shapes repeat replay as CUDA graphs (update_graphs.py); build_role checks
+        # the layout allows it
+        self.graphs = UpdateGraphs() if cuda_graphs else None
         self.offload_between_uses = offload_between_uses and device.type == "cuda"
         if self.offload_between_uses:
             self._move_parameters(torch.device("cpu"))
@@ -104,6 +108,24 @@ class ModelRole:
                 self._move_parameters(torch.device("cpu"))
         return outputs[:len(placed)] if self.dims.is_last_stage else []
 
+    def _graphed_schedule(self, micro_batches: List[MicroBatch], output_fn, loss_key) -> List:
+        """The update's forward-backward as megatron-core's one-stage schedule runs it (the loss divided by the
+        micro-batch count, the gradients finalised after the last), each micro-batch through self.graphs."""
+        from megatron.core.utils import get_model_config
+
+        model, count = self.chunks[0], len(micro_batches)
+        self.graphs.begin_update()
+
+        def forward_backward(micro_batch: MicroBatch) -> Dict:
+            loss, stats = output_fn(_model_forward(model, micro_batch), micro_batch, count)
+            (loss / count).backward()
+            return stats
+
+        # the graph holds `count` as a constant, like the loss key's values
+        results = [self.graphs.run(mb.to(self.device), (loss_key, count), forward_backward) for mb in micro_batches]
+        get_model_config(model).finalize_model_grads_func(self.chunks)
+        return results
+
     @torch.no_grad()
     def score(self, micro_batches: List[MicroBatch], score_fn: ScoreFn, name: str) -> None:
         """Store score_fn's per-token values as sample.tensors[name] on every pipeline stage."""
@@ -137,12 +159,15 @@ class ModelRole:
                     sample.tensors[name] = rows[row, :len(sample.response_ids)].clone()
 
     def train_step(self, micro_batches: List[MicroBatch], loss_fn: LossFn, grad_clip: float,
-                   lr_override: Optional[float] = None, keep: Sequence[str] = ()):
+                   lr_override: Optional[float] = None, keep: Sequence[str] = (), loss_key: Hashable = None):
         """One optimizer step over the micro-batches; returns (stats {name: (sum, count)}, grad_norm, stepped).
 
         lr_override (the supervised warm-up) steps at that learning rate without advancing the schedule.
         keep: names of per-token [B, L] outputs the loss returns among its statistics (the on-policy update's
         own log-probs), stored as sample.tensors[name] like score's.
+        loss_key: the host values loss_fn closes over (its normaliser); with it, a role built with cuda_graphs
+        replays the micro-batches whose shapes repeat (images take the eager schedule: the vision tower copies
+        host-side indices to the GPU).
         A non-finite loss on any rank (checked across all ranks on the device) skips the step: stepped=False."""
         for chunk in self.chunks:
             chunk.train()
@@ -154,7 +179,10 @@ class ModelRole:
             # the schedule divides by the number of micro-batches; our losses are already mini-batch normalised
             return loss * count, dict(stats, _finite=torch.isfinite(loss.detach()).float())
 
-        results = self._schedule(micro_batches, output_fn, forward_only=False)
+        graphed = (self.graphs is not None and loss_key is not None
+                    and all(mb.pixel_values is None for mb in micro_batches))
+        results = (self._graphed_schedule(micro_batches, output_fn, loss_key) if graphed
+                   else self._schedule(micro_batches, output_fn, forward_only=False))
         if lr_override is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_override

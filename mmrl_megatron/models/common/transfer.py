@@ -15,6 +15,9 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        # a captured copy would read this pinned block again at every replay, after the allocator reused it
+        raise RuntimeError("a host-to-device copy inside a CUDA-graph capture (trainer/update_graphs.py)")
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
