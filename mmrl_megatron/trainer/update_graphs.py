@@ -1,13 +1,13 @@
 """CUDA-graph replay of update micro-batches whose shapes repeat (`actor.cuda_graphs`).
 
 On one GPU the update's host work (megatron-core's layer code, the kernel launches) leaves the GPU idle for
-16-28% of a 3B step, depending on the host (benchmarks/RESULTS.md, 2026-12-04). A
-micro-batch whose signature was seen before replays its captured forward + loss + backward as one graph
-launch instead. The signature is everything the host reads while building that work: the device tensors'
-shapes and dtypes, every host-side value (packing bounds, CPU tensors, the samples' lengths and which
-response tensors they carry) and the caller's key for what its loss closes over (the normaliser). Before a
-replay, the micro-batch's device tensors are copied into the captured micro-batch's; the gradients
-accumulate into megatron-core's DDP buffers, which never move, so replays add up like eager passes.
+16-28% of a 3B step, depending on the host (benchmarks/RESULTS.md, 2026-12-04). A micro-batch whose
+signature was seen before replays its captured forward + loss + backward as one graph launch instead. The
+signature is everything the host reads while building that work: the device tensors' shapes and dtypes,
+every host-side value (packing bounds, CPU tensors, the samples' lengths and which response tensors they
+carry) and the caller's key for what its loss closes over (the normaliser). Before a replay, the
+micro-batch's device tensors are copied into the captured micro-batch's; the gradients accumulate into
+megatron-core's DDP buffers, which never move, so replays add up like eager passes.
 
 A signature is captured at its second occurrence: the first runs eagerly and compiles, autotunes and
 allocates whatever the capture then records. Lengths that never repeat (RL rollouts) therefore cost a
