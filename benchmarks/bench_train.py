@@ -262,6 +262,10 @@ def time_ours(config: dict, dtype: str, workloads: List[Workload], vocab_size: i
     baseline = allocated_bytes(device)
     cuda_graphs = args.cuda_graphs and device.type == "cuda"
     role, weights = build_our_actor(config, dtype, device, dims, cuda_graphs)
+
+    def graph_replays() -> int:
+        return role.graphs.replays if cuda_graphs else 0
+
     clock = PhaseClock(device)
     mark_our_phases(role, clock)
     results = {}
@@ -272,7 +276,7 @@ def time_ours(config: dict, dtype: str, workloads: List[Workload], vocab_size: i
         # the fixed workload's shapes repeat, as fixed-length training's do; the variable one stands for RL
         # rollouts, whose lengths do not repeat from step to step, so it runs eagerly
         loss_key = workload.name if cuda_graphs and workload.name == "fixed" else None
-        replays_before = role.graphs.replays if cuda_graphs else 0
+        replays_before = graph_replays()
 
         def step() -> float:
             stats, _, stepped = role.train_step(micro_batches, loss_fn, GRAD_CLIP, loss_key=loss_key)
@@ -284,7 +288,7 @@ def time_ours(config: dict, dtype: str, workloads: List[Workload], vocab_size: i
         results[workload.name] = dict(measure_steps(step, clock, device, args, baseline, f"ours_{workload.name}"),
                                       micro_batches=len(micro_batches),
                                       tokens_per_step=sum(mb.num_tokens for mb in micro_batches),
-                                      graph_replays=(role.graphs.replays if cuda_graphs else 0) - replays_before)
+                                      graph_replays=graph_replays() - replays_before)
     return results, weights
 
 

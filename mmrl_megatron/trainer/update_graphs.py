@@ -40,11 +40,17 @@ def _describe(value) -> Hashable:
     return value
 
 
+def _model_input_fields(micro_batch: MicroBatch):
+    """(name, value) of the micro-batch's fields the model and loss read directly: all but its samples and
+    the stacked response tensors built from them."""
+    return [(f.name, getattr(micro_batch, f.name)) for f in dataclasses.fields(micro_batch)
+            if f.name not in ("samples", "stacked_tensors")]
+
+
 def graph_signature(micro_batch: MicroBatch, loss_key: Hashable) -> Hashable:
     """Equal for two micro-batches exactly when one's captured work computes the other's results once its
     device tensors are copied in."""
-    fields = tuple((f.name, _describe(getattr(micro_batch, f.name))) for f in dataclasses.fields(micro_batch)
-                   if f.name not in ("samples", "stacked_tensors"))
+    fields = tuple((name, _describe(value)) for name, value in _model_input_fields(micro_batch))
     samples = tuple((len(s.prompt_ids), len(s.response_ids), tuple(sorted(s.tensors))) for s in micro_batch.samples)
     return loss_key, fields, samples
 
@@ -62,9 +68,8 @@ def _device_tensors(micro_batch: MicroBatch, stacked_names: Sequence[str]) -> Li
             for f in dataclasses.fields(value):
                 collect(getattr(value, f.name))
 
-    for f in dataclasses.fields(micro_batch):
-        if f.name not in ("samples", "stacked_tensors"):
-            collect(getattr(micro_batch, f.name))
+    for _, value in _model_input_fields(micro_batch):
+        collect(value)
     found.extend(micro_batch.stacked(name) for name in stacked_names)
     return found
 
