@@ -4,6 +4,7 @@ The caller has started the processes for the run's layout (parallel.start_proces
 every part that communicates is handed). Order: seeds -> models (actor, reference, critic) with their
 optimizers -> checkpoint resume -> data, rewards, rollout engine, weight bridge -> tracker.
 """
+import contextlib
 import logging
 import os
 from dataclasses import asdict, replace
@@ -23,6 +24,7 @@ from .loop import Trainer, TrainerParts
 from .optim import build_optimizer, wrap_for_data_parallel
 from .roles import ModelRole
 from .state import TrainerState
+from .update_graphs import UpdateGraphs
 from .tracking import build_tracker, progress
 from .evaluation import evaluate, task_metrics_from_config
 from .warmup import supervised_samples, supervised_warmup
@@ -104,11 +106,14 @@ def build_role(name: str, model, config: Config, device: torch.device, dims: Par
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         return ModelRole(name, [model], device, dims, offload_between_uses=offload)
-    chunks = wrap_for_data_parallel([model], transformer_config,
-                                    optim_config.use_distributed_optimizer and device.type == "cuda")
+    graphs = UpdateGraphs(device) if cuda_graphs else None
+    # with graphs, DDP is built on the stream the update runs and is captured on (update_graphs.py says why)
+    with graphs.on_stream() if graphs else contextlib.nullcontext():
+        chunks = wrap_for_data_parallel([model], transformer_config,
+                                        optim_config.use_distributed_optimizer and device.type == "cuda")
     optimizer, scheduler = build_optimizer(chunks, optim_config, _total_optimizer_steps(config),
                                            config.model.dtype == "bfloat16", device)
-    return ModelRole(name, chunks, device, dims, optimizer, scheduler, cuda_graphs=cuda_graphs)
+    return ModelRole(name, chunks, device, dims, optimizer, scheduler, graphs=graphs)
 
 
 def _unwrapped(chunks):

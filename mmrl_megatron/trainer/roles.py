@@ -41,12 +41,12 @@ class ModelRole:
     the parallel.ParallelDims they were built under."""
 
     def __init__(self, name: str, chunks: List[torch.nn.Module], device: torch.device, dims, optimizer=None,
-                 scheduler=None, offload_between_uses: bool = False, cuda_graphs: bool = False):
+                 scheduler=None, offload_between_uses: bool = False, graphs: Optional[UpdateGraphs] = None):
         self.name, self.chunks, self.device, self.dims = name, chunks, device, dims
         self.optimizer, self.scheduler = optimizer, scheduler
-        # update micro-batches whose shapes repeat replay as CUDA graphs (update_graphs.py); build_role checks
-        # the layout allows it
-        self.graphs = UpdateGraphs() if cuda_graphs else None
+        # with graphs, update micro-batches whose shapes repeat replay as CUDA graphs (update_graphs.py) and the
+        # update runs on their stream; build_role checks the layout allows it and builds DDP on that stream
+        self.graphs = graphs
         self.offload_between_uses = offload_between_uses and device.type == "cuda"
         if self.offload_between_uses:
             self._move_parameters(torch.device("cpu"))
@@ -179,10 +179,13 @@ class ModelRole:
             # the schedule divides by the number of micro-batches; our losses are already mini-batch normalised
             return loss * count, dict(stats, _finite=torch.isfinite(loss.detach()).float())
 
-        graphed = (self.graphs is not None and loss_key is not None
-                    and all(mb.pixel_values is None for mb in micro_batches))
-        results = (self._graphed_schedule(micro_batches, output_fn, loss_key) if graphed
-                   else self._schedule(micro_batches, output_fn, forward_only=False))
+        if self.graphs is None:
+            results = self._schedule(micro_batches, output_fn, forward_only=False)
+        else:
+            with self.graphs.on_stream():
+                graphed = loss_key is not None and all(mb.pixel_values is None for mb in micro_batches)
+                results = (self._graphed_schedule(micro_batches, output_fn, loss_key) if graphed
+                           else self._schedule(micro_batches, output_fn, forward_only=False))
         if lr_override is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_override

@@ -13,10 +13,17 @@ A signature is captured at its second occurrence: the first runs eagerly and com
 allocates whatever the capture then records. Lengths that never repeat (RL rollouts) therefore cost a
 dictionary lookup per micro-batch and no capture. Each captured graph keeps its activations' memory in a
 private pool, so at most `capacity` graphs are kept (UpdateGraphs says which).
+
+The role's update runs on a stream of its own, and megatron-core's DDP is built on it (trainer/build.py). DDP
+keeps every parameter's gradient-accumulation node alive from its construction, and autograd runs such a
+node on the stream that was current then: built on the default stream, each parameter's accumulation would
+wait on the default stream from inside the capture, which breaks it (torch warns "The AccumulateGrad node's
+stream does not match ..."). A graph cannot be captured on the default stream itself.
 """
+import contextlib
 import dataclasses
 from collections import OrderedDict
-from typing import Callable, Dict, Hashable, List, Sequence
+from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -88,13 +95,16 @@ def _cloned(value):
 class _CapturedMicroBatch:
     """One graph, the micro-batch it was captured on (its tensors are the graph's inputs) and its outputs."""
 
-    def __init__(self, micro_batch: MicroBatch, stacked_names: Sequence[str], forward_backward: ForwardBackward):
+    def __init__(self, micro_batch: MicroBatch, stacked_names: Sequence[str], forward_backward: ForwardBackward,
+                 stream: torch.cuda.Stream):
         # host-to-device copies cannot be captured: the response tensors the loss reads are stacked first
         self.stacked_names = stacked_names
         self.micro_batch = micro_batch
         self.inputs = _device_tensors(micro_batch, stacked_names)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # a private memory pool: graphs replay in any order
+        # a private memory pool, so graphs replay in any order; thread_local, as megatron-core's full-iteration
+        # graph captures, because other threads (the NCCL watchdog's event queries) may call CUDA meanwhile
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             self.outputs = forward_backward(micro_batch)
         self.replayed = False  # since the last UpdateGraphs.begin_update
 
@@ -114,11 +124,26 @@ class UpdateGraphs:
     give their memory back. While every slot is taken, other repeating signatures run eagerly rather than
     take turns evicting each other (each capture costs an eager pass's host time)."""
 
-    def __init__(self, capacity: int = 1):
+    def __init__(self, device: Optional[torch.device] = None, capacity: int = 1):
+        # the update's own stream (the module docstring says why); none on the CPU, which has no streams
+        self.stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
         self.capacity = capacity
         self._captured: Dict[Hashable, _CapturedMicroBatch] = {}
         self._seen: "OrderedDict[Hashable, tuple]" = OrderedDict()  # signature -> response tensors it stacked
         self.replays = 0  # micro-batches that ran as a graph (tests and benchmarks read it)
+
+    @contextlib.contextmanager
+    def on_stream(self) -> Iterator[None]:
+        """Run the block on the update's stream, ordered after the caller's stream's work so far; the caller's
+        stream waits for the block's work after it, so what it produced is safe to use and free there."""
+        if self.stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield
+        caller.wait_stream(self.stream)
 
     def begin_update(self) -> None:
         for signature in [s for s, captured in self._captured.items() if not captured.replayed]:
@@ -148,7 +173,7 @@ class UpdateGraphs:
     def _capture(self, signature: Hashable, micro_batch: MicroBatch,
                  forward_backward: ForwardBackward) -> _CapturedMicroBatch:
         try:
-            captured = _CapturedMicroBatch(micro_batch, self._seen.pop(signature), forward_backward)
+            captured = _CapturedMicroBatch(micro_batch, self._seen.pop(signature), forward_backward, self.stream)
         except RuntimeError as error:
             raise RuntimeError(f"actor.cuda_graphs: the update's micro-batch could not be captured as a CUDA graph "
                                f"({error}); run with actor.cuda_graphs=false") from error

@@ -55,7 +55,7 @@ class _RecordedCapture:
 
     captures = 0
 
-    def __init__(self, micro_batch, stacked_names, forward_backward):
+    def __init__(self, micro_batch, stacked_names, forward_backward, stream):
         type(self).captures += 1
         self.forward_backward, self.replayed = forward_backward, False
 

@@ -2,6 +2,7 @@
 eager schedule does. Run: pytest -m gpu tests/trainer/test_update_graphs_gpu.py"""
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -69,7 +70,9 @@ def test_replayed_micro_batches_train_as_the_eager_schedule(tmp_path):
     """Invariant: with cuda_graphs the repeated 2 x 40 micro-batch is eager once, then captured and replayed
     (1 + 2 + 2 replays over three steps) while the lone 24 stays eager; every step's policy loss, entropy
     and gradient norm equal the eager schedule's within 1e-4 relative, and the fp32 main weights after three
-    steps within 1e-5 (flash attention's backward accumulates in a varying order, so not bit-exact)."""
+    steps within 1e-5 (flash attention's backward accumulates in a varying order, so not bit-exact); torch
+    never warns that a gradient accumulates on another stream than its producer's (run alone: it warns once
+    per process)."""
     from mmrl_megatron.models.qwen2_5_vl.tiny import build_tiny_checkpoint
     from mmrl_megatron.parallel import ParallelDims, shutdown, start_processes
 
@@ -83,10 +86,14 @@ def test_replayed_micro_batches_train_as_the_eager_schedule(tmp_path):
     model_parallel_cuda_manual_seed(0)
     try:
         eager, eager_weights, eager_replays = _train(hf_dir, config, dims, cuda_graphs=False)
-        graphed, graphed_weights, replays = _train(hf_dir, config, dims, cuda_graphs=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graphed, graphed_weights, replays = _train(hf_dir, config, dims, cuda_graphs=True)
     finally:
         shutdown()
     assert eager_replays == 0 and replays == 5
+    # DDP built on the update's stream: no parameter accumulates its gradient on another stream
+    assert not [w for w in caught if "AccumulateGrad node's stream" in str(w.message)]
     for eager_step, graphed_step in zip(eager, graphed):
         assert graphed_step == pytest.approx(eager_step, rel=1e-4)
     (initial, eager_after), (graphed_initial, graphed_after) = eager_weights, graphed_weights
