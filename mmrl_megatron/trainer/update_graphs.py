@@ -103,7 +103,8 @@ class _CapturedMicroBatch:
         self.inputs = _device_tensors(micro_batch, stacked_names)
         self.graph = torch.cuda.CUDAGraph()
         # a private memory pool, so graphs replay in any order; thread_local, as megatron-core's full-iteration
-        # graph captures, because other threads (the NCCL watchdog's event queries) may call CUDA meanwhile
+        # graph captures: in the default (global) mode a CUDA call from another thread, such as NCCL's watchdog
+        # querying its events, can fail the capture
         with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             self.outputs = forward_backward(micro_batch)
         self.replayed = False  # since the last UpdateGraphs.begin_update
@@ -141,9 +142,11 @@ class UpdateGraphs:
             return
         caller = torch.cuda.current_stream(self.stream.device)
         self.stream.wait_stream(caller)
-        with torch.cuda.stream(self.stream):
-            yield
-        caller.wait_stream(self.stream)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:  # also when the block raises: the caller's stream must not overtake work still queued
+            caller.wait_stream(self.stream)
 
     def begin_update(self) -> None:
         for signature in [s for s, captured in self._captured.items() if not captured.replayed]:
