@@ -4,7 +4,6 @@ The caller has started the processes for the run's layout (parallel.start_proces
 every part that communicates is handed). Order: seeds -> models (actor, reference, critic) with their
 optimizers -> checkpoint resume -> data, rewards, rollout engine, weight bridge -> tracker.
 """
-import contextlib
 import logging
 import os
 from dataclasses import asdict, replace
@@ -24,7 +23,7 @@ from .loop import Trainer, TrainerParts
 from .optim import build_optimizer, wrap_for_data_parallel
 from .roles import ModelRole
 from .state import TrainerState
-from .update_graphs import UpdateGraphs
+from .update_graphs import UpdateGraphs, on_update_stream
 from .tracking import build_tracker, progress
 from .evaluation import evaluate, task_metrics_from_config
 from .warmup import supervised_samples, supervised_warmup
@@ -108,7 +107,7 @@ def build_role(name: str, model, config: Config, device: torch.device, dims: Par
         return ModelRole(name, [model], device, dims, offload_between_uses=offload)
     graphs = UpdateGraphs(device) if cuda_graphs else None
     # with graphs, DDP is built on the stream the update runs and is captured on (update_graphs.py says why)
-    with graphs.on_stream() if graphs else contextlib.nullcontext():
+    with on_update_stream(graphs):
         chunks = wrap_for_data_parallel([model], transformer_config,
                                         optim_config.use_distributed_optimizer and device.type == "cuda")
     optimizer, scheduler = build_optimizer(chunks, optim_config, _total_optimizer_steps(config),

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .batch import MicroBatch
 from .optim import current_lr, queue_clipped_step
-from .update_graphs import UpdateGraphs
+from .update_graphs import UpdateGraphs, on_update_stream
 
 # loss_fn(model_output, micro_batch) -> (scalar loss normalised to the whole mini-batch, {stat: (sum, count)}),
 # the statistics as device tensors (or floats); plus any per-token [B, L] outputs named in train_step's keep
@@ -179,13 +179,11 @@ class ModelRole:
             # the schedule divides by the number of micro-batches; our losses are already mini-batch normalised
             return loss * count, dict(stats, _finite=torch.isfinite(loss.detach()).float())
 
-        if self.graphs is None:
-            results = self._schedule(micro_batches, output_fn, forward_only=False)
-        else:
-            with self.graphs.on_stream():
-                graphed = loss_key is not None and all(mb.pixel_values is None for mb in micro_batches)
-                results = (self._graphed_schedule(micro_batches, output_fn, loss_key) if graphed
-                           else self._schedule(micro_batches, output_fn, forward_only=False))
+        graphed = (self.graphs is not None and loss_key is not None
+                   and all(mb.pixel_values is None for mb in micro_batches))
+        with on_update_stream(self.graphs):
+            results = (self._graphed_schedule(micro_batches, output_fn, loss_key) if graphed
+                       else self._schedule(micro_batches, output_fn, forward_only=False))
         if lr_override is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_override

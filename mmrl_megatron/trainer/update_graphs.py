@@ -93,13 +93,12 @@ def _cloned(value):
 
 
 class _CapturedMicroBatch:
-    """One graph, the micro-batch it was captured on (its tensors are the graph's inputs) and its outputs."""
+    """One graph, the device tensors of the micro-batch it was captured on (the graph's inputs) and its outputs."""
 
     def __init__(self, micro_batch: MicroBatch, stacked_names: Sequence[str], forward_backward: ForwardBackward,
                  stream: torch.cuda.Stream):
         # host-to-device copies cannot be captured: the response tensors the loss reads are stacked first
         self.stacked_names = stacked_names
-        self.micro_batch = micro_batch
         self.inputs = _device_tensors(micro_batch, stacked_names)
         self.graph = torch.cuda.CUDAGraph()
         # a private memory pool, so graphs replay in any order; thread_local, as megatron-core's full-iteration
@@ -116,6 +115,12 @@ class _CapturedMicroBatch:
         self.graph.replay()
         self.replayed = True
         return _cloned(self.outputs)
+
+
+def on_update_stream(graphs: Optional["UpdateGraphs"]):
+    """A context running its block on graphs' update stream (UpdateGraphs.on_stream); without graphs, where
+    it is."""
+    return graphs.on_stream() if graphs is not None else contextlib.nullcontext()
 
 
 class UpdateGraphs:
